@@ -1,0 +1,43 @@
+# basin's build, test and benchmark entry points. Everything a fresh machine
+# needs is installed by scripts/ from Debian's packages and the Go module proxy.
+
+GO        ?= go
+BUF       := $(GO) run github.com/bufbuild/buf/cmd/buf@v1.75.0
+BIN       := bin
+GOFLAGS_TEST ?= -race -count=1
+
+.PHONY: all build test unit lint generate bench bench-bbs up clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# test is what .ci/run calls and what the README tells a newcomer to run.
+test:
+	bash scripts/test.sh
+
+unit:
+	$(GO) test $(GOFLAGS_TEST) ./...
+
+lint:
+	gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$') | (! grep .)
+	$(GO) vet ./...
+	$(BUF) lint
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+		$(BUF) breaking --against '.git#branch=main'; fi
+
+generate:
+	$(BUF) generate
+
+# up starts the whole platform on this machine.
+up: build
+	$(BIN)/basin dev up
+
+bench: bench-bbs
+
+bench-bbs:
+	$(GO) run ./bbs/bench
+
+clean:
+	rm -rf $(BIN)
