@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command (make test, called by .ci/run): installs what the
+# tests need, then runs vet, unit tests with -race and the integration tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -eq 0 ]; then
+	bash scripts/setup.sh
+else
+	echo "basin test: not root; tests that need root or containerd will skip and say so"
+fi
+
+echo "== go vet"
+go vet ./...
+go vet -tags integration ./integration/...
+
+echo "== unit tests (-race)"
+go test -race -count=1 -timeout 20m ./...
+
+echo "== integration tests (-race)"
+go test -race -count=1 -timeout 30m -tags integration ./integration/...
