@@ -1,0 +1,88 @@
+// Command basin-launcher is the first process of every app container: it
+// enters the app directory, sources the environment the buildpacks left
+// (../profile.d/*, .profile.d/*, .profile) and execs the start command, the
+// way Cloud Foundry's launcher does. It is built statically (CGO_ENABLED=0)
+// and mounted read-only into containers, so it must not depend on the stack.
+//
+// Usage: basin-launcher [-dir DIR] START_COMMAND
+//
+// Without a start command it uses staging_info.yml's start_command.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+)
+
+// script runs in the shell that sources the profiles, so functions and
+// unexported variables they define are visible to the start command, which
+// then replaces that shell. $1 is the app dir, $2 the shell, $3 the command.
+const script = `cd "$1" || exit 1
+for f in ../profile.d/*; do [ -f "$f" ] && . "$f"; done
+for f in .profile.d/*; do [ -f "$f" ] && . "$f"; done
+[ -f .profile ] && . ./.profile
+exec "$2" -c "$3"
+`
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintf(os.Stderr, "basin-launcher: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	fs := flag.NewFlagSet("basin-launcher", flag.ContinueOnError)
+	dir := fs.String("dir", "/home/vcap/app", "app directory")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cmd := strings.Join(fs.Args(), " ")
+	if cmd == "" {
+		c, err := stagedCommand(filepath.Join(filepath.Dir(*dir), "staging_info.yml"))
+		if err != nil {
+			return err
+		}
+		cmd = c
+	}
+	if os.Getenv("PATH") == "" {
+		os.Setenv("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+	}
+	shell := "/bin/sh"
+	for _, s := range []string{"/bin/bash", "/usr/bin/bash"} {
+		if fi, err := os.Stat(s); err == nil && fi.Mode().IsRegular() {
+			shell = s
+			break
+		}
+	}
+	argv := []string{filepath.Base(shell), "-c", script, "basin-launcher", *dir, shell, cmd}
+	if err := syscall.Exec(shell, argv, os.Environ()); err != nil {
+		return fmt.Errorf("exec %s: %w", shell, err)
+	}
+	return nil
+}
+
+// stagedCommand reads the start command from staging_info.yml, which basin
+// (like Cloud Foundry) writes as JSON, a subset of YAML.
+func stagedCommand(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("no start command given and %w", err)
+	}
+	var info struct {
+		StartCommand string `json:"start_command"`
+	}
+	if err := json.Unmarshal(b, &info); err != nil {
+		return "", fmt.Errorf("parse %s: %w", path, err)
+	}
+	if info.StartCommand == "" {
+		return "", errors.New("no start command given and staging_info.yml has none")
+	}
+	return info.StartCommand, nil
+}
