@@ -1,0 +1,184 @@
+package bbs
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// maxTxnOps is etcd's default per-transaction limit (--max-txn-ops) on each
+// of a transaction's compares, success ops and failure ops.
+const maxTxnOps = 128
+
+// txnItem is one guarded write: if every compare holds, apply ops; else read
+// elses so the caller can see why.
+type txnItem struct {
+	cmps   []clientv3.Cmp
+	ops    []clientv3.Op
+	elses  []clientv3.Op
+	writes []string // keys ops put or delete: two items touching one key never share a transaction
+	res    chan txnResult
+}
+
+type txnResult struct {
+	succeeded bool
+	rev       int64
+	elses     *clientv3.TxnResponse // set when the item ran alone and failed
+	err       error
+}
+
+// committer is group commit for guarded writes. Concurrent items are merged
+// into one etcd transaction (all compares, then all ops), which costs etcd one
+// raft entry and one fsync for the lot. If the merged transaction fails, some
+// compare did not hold: each item then runs alone with its own else branch, so
+// one conflict never makes an unrelated write fail.
+type committer struct {
+	kv      clientv3.KV
+	queue   chan *txnItem
+	workers int
+	metrics *metrics
+}
+
+func newCommitter(kv clientv3.KV, workers int, m *metrics) *committer {
+	if workers <= 0 {
+		workers = 4
+	}
+	return &committer{kv: kv, queue: make(chan *txnItem, 4096), workers: workers, metrics: m}
+}
+
+func (c *committer) run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for range c.workers {
+		wg.Go(func() { c.work(ctx) })
+	}
+	wg.Wait()
+	return nil
+}
+
+// do submits it and waits for its outcome. When ctx ends first the write may
+// still happen, as with any request whose reply is lost.
+func (c *committer) do(ctx context.Context, it *txnItem) txnResult {
+	if len(it.cmps) > maxTxnOps || len(it.ops) > maxTxnOps || len(it.elses) > maxTxnOps {
+		return txnResult{err: fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), maxTxnOps)}
+	}
+	it.res = make(chan txnResult, 1)
+	select {
+	case c.queue <- it:
+	case <-ctx.Done():
+		return txnResult{err: ctx.Err()}
+	}
+	select {
+	case r := <-it.res:
+		return r
+	case <-ctx.Done():
+		return txnResult{err: ctx.Err()}
+	}
+}
+
+func (c *committer) work(ctx context.Context) {
+	var carry []*txnItem
+	for {
+		if len(carry) == 0 {
+			select {
+			case it := <-c.queue:
+				carry = append(carry, it)
+			case <-ctx.Done():
+				return
+			}
+		}
+		batch, rest := c.gather(carry)
+		carry = rest
+		c.commit(ctx, batch)
+	}
+}
+
+// gather builds a batch from carried items, then whatever is queued, keeping
+// within etcd's limits and never putting two writes to one key together.
+// Items that do not fit are carried to the next batch.
+func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
+	written := make(map[string]struct{})
+	var ncmp, nops int
+	add := func(it *txnItem) bool {
+		if len(batch) > 0 {
+			if ncmp+len(it.cmps) > maxTxnOps || nops+len(it.ops) > maxTxnOps {
+				return false
+			}
+			for _, k := range it.writes {
+				if _, dup := written[k]; dup {
+					return false
+				}
+			}
+		}
+		for _, k := range it.writes {
+			written[k] = struct{}{}
+		}
+		ncmp += len(it.cmps)
+		nops += len(it.ops)
+		batch = append(batch, it)
+		return true
+	}
+	for _, it := range carry {
+		if !add(it) {
+			rest = append(rest, it)
+		}
+	}
+	// Drain what is waiting, bounded so carried items cannot pile up.
+	for len(rest) < maxTxnOps {
+		select {
+		case it := <-c.queue:
+			if !add(it) {
+				rest = append(rest, it)
+			}
+		default:
+			return batch, rest
+		}
+	}
+	return batch, rest
+}
+
+func (c *committer) commit(ctx context.Context, batch []*txnItem) {
+	c.metrics.batchSize.Observe(float64(len(batch)))
+	if len(batch) == 1 {
+		batch[0].res <- c.single(ctx, batch[0])
+		return
+	}
+	var cmps []clientv3.Cmp
+	var ops []clientv3.Op
+	for _, it := range batch {
+		cmps = append(cmps, it.cmps...)
+		ops = append(ops, it.ops...)
+	}
+	resp, err := c.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	if err != nil {
+		for _, it := range batch {
+			it.res <- txnResult{err: fmt.Errorf("etcd txn: %w", err)}
+		}
+		return
+	}
+	if resp.Succeeded {
+		for _, it := range batch {
+			it.res <- txnResult{succeeded: true, rev: resp.Header.Revision}
+		}
+		return
+	}
+	// Some compare failed: find out which by running each alone.
+	c.metrics.batchSplits.Inc()
+	var wg sync.WaitGroup
+	for _, it := range batch {
+		wg.Go(func() { it.res <- c.single(ctx, it) })
+	}
+	wg.Wait()
+}
+
+func (c *committer) single(ctx context.Context, it *txnItem) txnResult {
+	resp, err := c.kv.Txn(ctx).If(it.cmps...).Then(it.ops...).Else(it.elses...).Commit()
+	if err != nil {
+		return txnResult{err: fmt.Errorf("etcd txn: %w", err)}
+	}
+	if resp.Succeeded {
+		return txnResult{succeeded: true, rev: resp.Header.Revision}
+	}
+	return txnResult{elses: resp}
+}

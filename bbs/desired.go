@@ -1,0 +1,302 @@
+package bbs
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/proto"
+)
+
+// actualsPerTxn: each new instance is two puts (record + queue key).
+const actualsPerTxn = maxTxnOps / 2
+
+func (s *Store) newActual(guid, domain string, idx int32) *basinv1.ActualLRP {
+	return &basinv1.ActualLRP{
+		Key:           &basinv1.ActualLRPKey{ProcessGuid: guid, Index: idx, Domain: domain},
+		State:         stateUnclaimed,
+		SinceUnixNano: s.now().UnixNano(),
+	}
+}
+
+// actualCreateOps returns the puts that create UNCLAIMED instances [from, to).
+func (s *Store) actualCreateOps(guid, domain string, from, to int32) (ops []clientv3.Op, writes []string, cmps []clientv3.Cmp) {
+	for i := from; i < to; i++ {
+		k := s.keys.Actual(guid, i)
+		q := s.keys.Unclaimed(guid, i)
+		ops = append(ops, clientv3.OpPut(k, string(marshal(s.newActual(guid, domain, i)))), clientv3.OpPut(q, ""))
+		writes = append(writes, k, q)
+		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
+	}
+	return ops, writes, cmps
+}
+
+// DesireLRP stores a new desired LRP and creates its UNCLAIMED instances and
+// their queue keys. The LRP and its first instances are one transaction; the
+// rest follow in batches within etcd's per-transaction limit. If the BBS dies
+// between batches the converger creates what is missing.
+func (s *Store) DesireLRP(ctx context.Context, sched *basinv1.DesiredLRPSchedule, run *basinv1.DesiredLRPRun) (*basinv1.DesiredLRP, error) {
+	sched = proto.Clone(sched).(*basinv1.DesiredLRPSchedule)
+	now := s.now().UnixNano()
+	sched.CreatedAtUnixNano, sched.UpdatedAtUnixNano = now, now
+	guid := sched.GetProcessGuid()
+	sk, rk := s.keys.DesiredSchedule(guid), s.keys.DesiredRun(guid)
+	sval, rval := marshal(sched), marshal(run)
+
+	first := min(sched.GetInstances(), (maxTxnOps-2)/2)
+	ops, writes, _ := s.actualCreateOps(guid, sched.GetDomain(), 0, first)
+	item := &txnItem{
+		cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(sk), "=", 0)},
+		ops:    append([]clientv3.Op{clientv3.OpPut(sk, string(sval)), clientv3.OpPut(rk, string(rval))}, ops...),
+		writes: append([]string{sk, rk}, writes...),
+	}
+	res := s.commit.do(ctx, item)
+	if res.err != nil {
+		return nil, fmt.Errorf("desire LRP %s: %w", guid, res.err)
+	}
+	if !res.succeeded {
+		return nil, fmt.Errorf("desire LRP %s: %w", guid, ErrAlreadyExists)
+	}
+	s.desired.noteWrite(sk, sval, res.rev, false)
+	s.desired.noteWrite(rk, rval, res.rev, false)
+	if err := s.createActuals(ctx, guid, sched.GetDomain(), first, sched.GetInstances()); err != nil {
+		return nil, err
+	}
+	return &basinv1.DesiredLRP{Schedule: sched, Run: run, Revision: res.rev}, nil
+}
+
+// createActuals creates instances [from, to) that do not exist yet.
+func (s *Store) createActuals(ctx context.Context, guid, domain string, from, to int32) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for start := from; start < to; start += actualsPerTxn {
+		end := min(start+actualsPerTxn, to)
+		g.Go(func() error {
+			ops, writes, cmps := s.actualCreateOps(guid, domain, start, end)
+			res := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes})
+			if res.err != nil {
+				return fmt.Errorf("create instances %d-%d of %s: %w", start, end-1, guid, res.err)
+			}
+			if res.succeeded {
+				return nil
+			}
+			// Some already exist: create the others one by one.
+			for i := start; i < end; i++ {
+				ops, writes, cmps := s.actualCreateOps(guid, domain, i, i+1)
+				if r := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes}); r.err != nil {
+					return fmt.Errorf("create instance %d of %s: %w", i, guid, r.err)
+				}
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
+// retireFrom removes every instance of guid with index >= from.
+func (s *Store) retireFrom(ctx context.Context, guid string, from int32, fence *basinv1.Fence) error {
+	actuals, err := s.ListActualLRPs(ctx, ActualFilter{ProcessGUID: guid})
+	if err != nil {
+		return err
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(64)
+	for _, a := range actuals {
+		if a.GetKey().GetIndex() < from {
+			continue
+		}
+		g.Go(func() error {
+			err := s.removeActual(gctx, guid, a.GetKey().GetIndex(), nil, fence, "retire")
+			if isNotFound(err) {
+				return nil
+			}
+			return err
+		})
+	}
+	return g.Wait()
+}
+
+// getDesired reads both parts of a desired LRP in one transaction.
+func (s *Store) getDesired(ctx context.Context, guid string) (d *basinv1.DesiredLRP, schedRev, runRev int64, err error) {
+	sk, rk := s.keys.DesiredSchedule(guid), s.keys.DesiredRun(guid)
+	resp, err := s.cli.Txn(ctx).Then(clientv3.OpGet(sk), clientv3.OpGet(rk)).Commit()
+	if err != nil {
+		return nil, 0, 0, fmt.Errorf("get desired LRP %s: %w", guid, err)
+	}
+	sr, rr := resp.Responses[0].GetResponseRange(), resp.Responses[1].GetResponseRange()
+	if len(sr.Kvs) == 0 || len(rr.Kvs) == 0 {
+		return nil, 0, 0, fmt.Errorf("desired LRP %s: %w", guid, ErrNotFound)
+	}
+	d = decodeDesiredEntries(&kvEntry{val: sr.Kvs[0].Value, modRev: sr.Kvs[0].ModRevision}, &kvEntry{val: rr.Kvs[0].Value, modRev: rr.Kvs[0].ModRevision})
+	if d == nil {
+		return nil, 0, 0, fmt.Errorf("decode desired LRP %s: corrupt record", guid)
+	}
+	return d, sr.Kvs[0].ModRevision, rr.Kvs[0].ModRevision, nil
+}
+
+// GetDesiredLRP reads one desired LRP.
+func (s *Store) GetDesiredLRP(ctx context.Context, guid string) (*basinv1.DesiredLRP, error) {
+	d, _, _, err := s.getDesired(ctx, guid)
+	return d, err
+}
+
+// DesiredUpdate lists the fields UpdateDesiredLRP changes; nil means unchanged.
+type DesiredUpdate struct {
+	Instances    *int32
+	Routes       []*basinv1.Route
+	RoutesSet    bool
+	Env          []*basinv1.EnvVar
+	EnvSet       bool
+	Droplet      *basinv1.DropletRef
+	Annotation   *string
+	StartCommand *string
+	// IfRevision, when non-zero, makes the update conditional on the LRP's
+	// revision; a mismatch is ErrConflict.
+	IfRevision int64
+}
+
+// UpdateDesiredLRP applies u in one transaction guarded by both parts' mod
+// revisions, retrying on a concurrent change unless u.IfRevision pins the
+// revision. Then it creates or retires instances to match a new count.
+func (s *Store) UpdateDesiredLRP(ctx context.Context, guid string, u DesiredUpdate) (*basinv1.DesiredLRP, error) {
+	for range maxAttempts {
+		d, schedRev, runRev, err := s.getDesired(ctx, guid)
+		if err != nil {
+			return nil, err
+		}
+		if u.IfRevision != 0 && u.IfRevision != schedRev {
+			return nil, fmt.Errorf("update desired LRP %s: %w: revision is %d, not %d", guid, ErrConflict, schedRev, u.IfRevision)
+		}
+		oldInstances := d.GetSchedule().GetInstances()
+		sched, run := d.GetSchedule(), d.GetRun()
+		if u.Instances != nil {
+			sched.Instances = *u.Instances
+		}
+		if u.RoutesSet {
+			sched.Routes = u.Routes
+		}
+		if u.Annotation != nil {
+			sched.Annotation = *u.Annotation
+		}
+		if u.EnvSet {
+			run.Env = u.Env
+		}
+		if u.Droplet != nil {
+			run.Droplet = u.Droplet
+		}
+		if u.StartCommand != nil {
+			run.StartCommand = *u.StartCommand
+		}
+		sched.UpdatedAtUnixNano = s.now().UnixNano()
+		sk, rk := s.keys.DesiredSchedule(guid), s.keys.DesiredRun(guid)
+		sval, rval := marshal(sched), marshal(run)
+		res := s.commit.do(ctx, &txnItem{
+			cmps: []clientv3.Cmp{
+				clientv3.Compare(clientv3.ModRevision(sk), "=", schedRev),
+				clientv3.Compare(clientv3.ModRevision(rk), "=", runRev),
+			},
+			ops:    []clientv3.Op{clientv3.OpPut(sk, string(sval)), clientv3.OpPut(rk, string(rval))},
+			elses:  []clientv3.Op{clientv3.OpGet(sk, clientv3.WithKeysOnly())},
+			writes: []string{sk, rk},
+		})
+		if res.err != nil {
+			return nil, fmt.Errorf("update desired LRP %s: %w", guid, res.err)
+		}
+		if !res.succeeded {
+			s.metrics.conflicts.Inc()
+			if u.IfRevision != 0 {
+				return nil, fmt.Errorf("update desired LRP %s: %w: it changed concurrently", guid, ErrConflict)
+			}
+			continue
+		}
+		s.desired.noteWrite(sk, sval, res.rev, false)
+		s.desired.noteWrite(rk, rval, res.rev, false)
+		if n := sched.GetInstances(); n > oldInstances {
+			if err := s.createActuals(ctx, guid, sched.GetDomain(), oldInstances, n); err != nil {
+				return nil, err
+			}
+		} else if n < oldInstances {
+			if err := s.retireFrom(ctx, guid, n, nil); err != nil {
+				return nil, err
+			}
+		}
+		return &basinv1.DesiredLRP{Schedule: sched, Run: run, Revision: res.rev}, nil
+	}
+	return nil, fmt.Errorf("update desired LRP %s: %w after %d attempts", guid, ErrConflict, maxAttempts)
+}
+
+// RemoveDesiredLRP deletes a desired LRP and retires all its instances.
+func (s *Store) RemoveDesiredLRP(ctx context.Context, guid string) error {
+	sk, rk := s.keys.DesiredSchedule(guid), s.keys.DesiredRun(guid)
+	resp, err := s.cli.Txn(ctx).
+		If(clientv3.Compare(clientv3.CreateRevision(sk), ">", 0)).
+		Then(clientv3.OpDelete(sk), clientv3.OpDelete(rk)).
+		Commit()
+	if err != nil {
+		return fmt.Errorf("remove desired LRP %s: %w", guid, err)
+	}
+	if !resp.Succeeded {
+		return fmt.Errorf("desired LRP %s: %w", guid, ErrNotFound)
+	}
+	s.desired.noteWrite(sk, nil, resp.Header.Revision, true)
+	s.desired.noteWrite(rk, nil, resp.Header.Revision, true)
+	return s.retireFrom(ctx, guid, 0, nil)
+}
+
+// ListDesiredLRPs reads every desired LRP, optionally of one domain.
+func (s *Store) ListDesiredLRPs(ctx context.Context, domain string) ([]*basinv1.DesiredLRP, error) {
+	scheds := map[string]*kvEntry{}
+	runs := map[string]*kvEntry{}
+	var order []string
+	if _, err := listPrefix(ctx, s.cli, s.keys.DesiredPrefix(), 0, func(kv kvPair) {
+		guid, part, ok := strings.Cut(strings.TrimPrefix(kv.key, s.keys.DesiredPrefix()), "/")
+		if !ok {
+			return
+		}
+		e := &kvEntry{val: kv.val, modRev: kv.modRev}
+		switch part {
+		case "schedule":
+			scheds[guid] = e
+			order = append(order, guid)
+		case "run":
+			runs[guid] = e
+		}
+	}); err != nil {
+		return nil, err
+	}
+	out := make([]*basinv1.DesiredLRP, 0, len(order))
+	for _, guid := range order {
+		d := decodeDesiredEntries(scheds[guid], runs[guid])
+		if d == nil || (domain != "" && d.GetSchedule().GetDomain() != domain) {
+			continue
+		}
+		out = append(out, d)
+	}
+	return out, nil
+}
+
+// ListDesiredLRPSchedules reads only the schedule parts, which is what the
+// auctioneer and converger need.
+func (s *Store) ListDesiredLRPSchedules(ctx context.Context, domain string) ([]*basinv1.DesiredLRPSchedule, error) {
+	var out []*basinv1.DesiredLRPSchedule
+	var decodeErr error
+	if _, err := listPrefix(ctx, s.cli, s.keys.DesiredPrefix(), 0, func(kv kvPair) {
+		if !strings.HasSuffix(kv.key, "/schedule") {
+			return
+		}
+		sc := &basinv1.DesiredLRPSchedule{}
+		if err := proto.Unmarshal(kv.val, sc); err != nil {
+			decodeErr = fmt.Errorf("decode %s: %w", kv.key, err)
+			return
+		}
+		if domain == "" || sc.GetDomain() == domain {
+			out = append(out, sc)
+		}
+	}); err != nil {
+		return nil, err
+	}
+	return out, decodeErr
+}

@@ -1,0 +1,216 @@
+package bbs
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+)
+
+// Config configures a BBS server.
+type Config struct {
+	// ListenAddress for gRPC, e.g. "127.0.0.1:8889". Ignored when Listener is set.
+	ListenAddress string
+	Listener      net.Listener
+	// DebugAddress serves /metrics; empty disables it.
+	DebugAddress string
+	// TLS: server certificate and key; ClientCAFile turns on verification of
+	// component client certificates. Plaintext when CertFile is empty.
+	CertFile, KeyFile, ClientCAFile string
+	// Token users must send as "authorization: Bearer <token>"; empty
+	// disables the check (loopback development only).
+	Token string
+	// MaxMessageBytes bounds one request or response.
+	MaxMessageBytes int
+	Limits          Limits
+	Store           StoreConfig
+	Logger          *slog.Logger
+}
+
+// Server is a BBS: the gRPC API over a Store, with health, reflection and
+// metrics. Several may serve at once on one etcd: all state is there.
+type Server struct {
+	cfg      Config
+	store    *Store
+	registry *prometheus.Registry
+	grpc     *grpc.Server
+	health   *health.Server
+	lis      net.Listener
+	log      *slog.Logger
+}
+
+// NewServer builds a BBS on cli and binds its gRPC listener, so Addr is known
+// before Run.
+func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.MaxMessageBytes <= 0 {
+		cfg.MaxMessageBytes = 4 << 20
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	cfg.Store.Registerer = reg
+	cfg.Store.Logger = cfg.Logger
+	store := NewStore(cli, cfg.Store)
+	m := store.metrics
+
+	auth := authenticator{token: cfg.Token}
+	opts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(cfg.MaxMessageBytes),
+		grpc.MaxSendMsgSize(64 << 20),
+		grpc.ConnectionTimeout(10 * time.Second),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(metricsUnary(m), unaryStatusInterceptor(cfg.Logger), auth.unary),
+		grpc.ChainStreamInterceptor(streamStatusInterceptor(cfg.Logger), auth.stream),
+	}
+	if cfg.CertFile != "" {
+		tc, err := serverTLS(cfg.CertFile, cfg.KeyFile, cfg.ClientCAFile)
+		if err != nil {
+			return nil, err
+		}
+		opts = append(opts, grpc.Creds(credentials.NewTLS(tc)))
+	}
+	gs := grpc.NewServer(opts...)
+	basinv1.RegisterBBSServiceServer(gs, NewAPI(store, cfg.Limits))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(gs, hs)
+	reflection.Register(gs)
+
+	lis := cfg.Listener
+	if lis == nil {
+		var err error
+		if lis, err = net.Listen("tcp", cfg.ListenAddress); err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddress, err)
+		}
+	}
+	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger}, nil
+}
+
+// Addr is where the gRPC API listens.
+func (s *Server) Addr() string { return s.lis.Addr().String() }
+
+// Store is the server's store.
+func (s *Server) Store() *Store { return s.store }
+
+// Registry holds the server's metrics, for embedding in a shared debug server.
+func (s *Server) Registry() *prometheus.Registry { return s.registry }
+
+// Run serves until ctx is done, then stops gracefully (bounded).
+func (s *Server) Run(ctx context.Context) error {
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.store.Run(gctx) })
+	g.Go(func() error {
+		if err := s.store.WaitReady(gctx); err != nil {
+			return nil
+		}
+		s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		s.health.SetServingStatus(basinv1.BBSService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+		return nil
+	})
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
+	g.Go(func() error {
+		if err := s.grpc.Serve(s.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			return fmt.Errorf("serve gRPC: %w", err)
+		}
+		return nil
+	})
+	if s.cfg.DebugAddress != "" {
+		dbg := &http.Server{Addr: s.cfg.DebugAddress, Handler: DebugHandler(s.registry), ReadHeaderTimeout: 5 * time.Second}
+		g.Go(func() error {
+			if err := dbg.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve debug on %s: %w", s.cfg.DebugAddress, err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			return dbg.Shutdown(sctx)
+		})
+	}
+	g.Go(func() error {
+		<-gctx.Done()
+		s.health.Shutdown()
+		stopped := make(chan struct{})
+		go func() { s.grpc.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(5 * time.Second):
+			s.grpc.Stop()
+		}
+		return nil
+	})
+	s.log.Info("BBS serving", "addr", s.Addr())
+	return g.Wait()
+}
+
+// DebugHandler serves /metrics from reg.
+func DebugHandler(reg *prometheus.Registry) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	return mux
+}
+
+func serverTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("load TLS key pair %s: %w", certFile, err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pool, err := loadPool(caFile)
+		if err != nil {
+			return nil, err
+		}
+		// Users authenticate with a token, components with a certificate:
+		// verify a certificate when given, but do not demand one.
+		tc.ClientCAs = pool
+		tc.ClientAuth = tls.VerifyClientCertIfGiven
+	}
+	return tc, nil
+}
+
+func loadPool(caFile string) (*x509.CertPool, error) {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("read CA %s: %w", caFile, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("CA %s holds no PEM certificate", caFile)
+	}
+	return pool, nil
+}
+
+func metricsUnary(m *metrics) grpc.UnaryServerInterceptor {
+	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+		start := time.Now()
+		resp, err := handler(ctx, req)
+		m.requestSeconds.WithLabelValues(info.FullMethod).Observe(time.Since(start).Seconds())
+		m.requests.WithLabelValues(info.FullMethod, status.Code(toStatus(err)).String()).Inc()
+		return resp, err
+	}
+}

@@ -1,0 +1,236 @@
+package bbs
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"time"
+
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/protobuf/proto"
+)
+
+// StoreConfig holds the Store's optional settings.
+type StoreConfig struct {
+	// Prefix of every key; DefaultPrefix when empty.
+	Prefix string
+	// Now is the clock for "since" times; time.Now when nil.
+	Now func() time.Time
+	// CrashResetAfter: an instance that ran this long before crashing starts
+	// its crash count again (Diego's 5 minutes).
+	CrashResetAfter time.Duration
+	// Workers is how many merged transactions may be in flight at once.
+	Workers int
+	// SubscriberBuffer is how many events a subscriber may fall behind.
+	SubscriberBuffer int
+	Registerer       prometheus.Registerer
+	Logger           *slog.Logger
+}
+
+// Store keeps desired LRPs, actual LRPs and tasks in etcd under the key layout
+// of ARCHITECTURE.md. Every transition is one transaction guarded by the
+// record's mod revision (and the caller's fence), with index keys written in
+// the same transaction as their record.
+//
+// Errors: ErrNotFound, ErrAlreadyExists, ErrConflict (a concurrent write won),
+// ErrTransition (the state machine forbids it), ErrFenceLost, each wrapped
+// with the record it concerns.
+type Store struct {
+	cli     *clientv3.Client
+	keys    Keys
+	now     func() time.Time
+	reset   time.Duration
+	log     *slog.Logger
+	metrics *metrics
+
+	desired *view
+	actual  *view
+	tasks   *view
+	commit  *committer
+	hub     *hub
+}
+
+// NewStore returns a Store on cli. Call Run to keep its views and committer going.
+func NewStore(cli *clientv3.Client, cfg StoreConfig) *Store {
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.CrashResetAfter <= 0 {
+		cfg.CrashResetAfter = 5 * time.Minute
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	m := newMetrics(cfg.Registerer)
+	s := &Store{
+		cli:     cli,
+		keys:    NewKeys(cfg.Prefix),
+		now:     cfg.Now,
+		reset:   cfg.CrashResetAfter,
+		log:     cfg.Logger,
+		metrics: m,
+		commit:  newCommitter(cli.KV, cfg.Workers, m),
+		hub:     newHub(cfg.SubscriberBuffer, m),
+	}
+	s.desired = newView(cli, s.keys.DesiredPrefix(), cfg.Logger, s.onDesiredChange)
+	s.actual = newView(cli, s.keys.ActualPrefix(), cfg.Logger, s.onActualChange)
+	s.tasks = newView(cli, s.keys.TaskPrefix(), cfg.Logger, s.onTaskChange)
+	return s
+}
+
+// Keys returns the store's key layout.
+func (s *Store) Keys() Keys { return s.keys }
+
+// Run keeps the views in step with etcd and commits writes until ctx is done.
+func (s *Store) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.commit.run(ctx) })
+	g.Go(func() error { return s.desired.run(ctx) })
+	g.Go(func() error { return s.actual.run(ctx) })
+	g.Go(func() error { return s.tasks.run(ctx) })
+	return g.Wait()
+}
+
+// WaitReady blocks until every view has listed once.
+func (s *Store) WaitReady(ctx context.Context) error {
+	for _, v := range []*view{s.desired, s.actual, s.tasks} {
+		select {
+		case <-v.ready:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Subscribe starts an event subscription; guid filters to one LRP or task.
+func (s *Store) Subscribe(guid string) *Subscription { return s.hub.subscribe(guid) }
+
+// record is a key's value as a transition sees it.
+type record struct {
+	val    []byte
+	modRev int64
+	exists bool
+}
+
+// plan is what a transition writes: ops on the record and its index keys.
+type plan struct {
+	ops    []clientv3.Op
+	writes []string
+	// val is the record's new value; nil with deleted set when it goes away.
+	val     []byte
+	deleted bool
+	// noop: the record already is what the caller asked for.
+	noop bool
+}
+
+// transition decides, from the record's current value, what to write.
+type transition func(cur record) (plan, error)
+
+const maxAttempts = 4
+
+// mutate runs one guarded write of the record at key. The first attempt
+// guards on the revision this process already knows (from its watch or its
+// own last write), so the common case is one round trip; when that guess is
+// stale the failed transaction returns the current value, and the transition
+// is decided again on it.
+func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, step transition) (record, error) {
+	e, ok := s.actualOrOther(key)
+	cur := record{val: e.val, modRev: e.modRev, exists: ok}
+	for range maxAttempts {
+		p, err := step(cur)
+		if err != nil {
+			return cur, err
+		}
+		if p.noop {
+			return cur, nil
+		}
+		item := &txnItem{
+			cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(key), "=", cur.modRev)},
+			ops:    p.ops,
+			elses:  []clientv3.Op{clientv3.OpGet(key)},
+			writes: p.writes,
+		}
+		if fence != nil {
+			item.cmps = append(item.cmps, clientv3.Compare(clientv3.CreateRevision(fence.GetKey()), "=", fence.GetCreateRevision()))
+			item.elses = append(item.elses, clientv3.OpGet(fence.GetKey(), clientv3.WithKeysOnly()))
+		}
+		res := s.commit.do(ctx, item)
+		if res.err != nil {
+			return cur, fmt.Errorf("write %s: %w", key, res.err)
+		}
+		if res.succeeded {
+			s.viewFor(key).noteWrite(key, p.val, res.rev, p.deleted)
+			return record{val: p.val, modRev: res.rev, exists: !p.deleted}, nil
+		}
+		if fence != nil {
+			fr := res.elses.Responses[1].GetResponseRange()
+			if len(fr.Kvs) == 0 || fr.Kvs[0].CreateRevision != fence.GetCreateRevision() {
+				return cur, fmt.Errorf("write %s: %w: %s is no longer held at create revision %d", key, ErrFenceLost, fence.GetKey(), fence.GetCreateRevision())
+			}
+		}
+		s.metrics.conflicts.Inc()
+		rr := res.elses.Responses[0].GetResponseRange()
+		if len(rr.Kvs) == 0 {
+			cur = record{}
+			s.viewFor(key).noteWrite(key, nil, res.elses.Header.Revision, true)
+		} else {
+			kv := rr.Kvs[0]
+			cur = record{val: kv.Value, modRev: kv.ModRevision, exists: true}
+			s.viewFor(key).noteWrite(key, kv.Value, kv.ModRevision, false)
+		}
+	}
+	return cur, fmt.Errorf("write %s: %w after %d attempts", key, ErrConflict, maxAttempts)
+}
+
+func (s *Store) viewFor(key string) *view {
+	switch {
+	case hasPrefix(key, s.keys.ActualPrefix()):
+		return s.actual
+	case hasPrefix(key, s.keys.TaskPrefix()):
+		return s.tasks
+	default:
+		return s.desired
+	}
+}
+
+func (s *Store) actualOrOther(key string) (kvEntry, bool) {
+	return s.viewFor(key).get(key)
+}
+
+func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
+
+func marshal(m proto.Message) []byte {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		// Only messages with invalid UTF-8 strings fail, and validation
+		// rejects those before they get here.
+		panic(fmt.Sprintf("marshal %T: %v", m, err))
+	}
+	return b
+}
+
+// checkCellFence requires a cell's fence to be its own presence key.
+func (s *Store) checkCellFence(field string, cellID string, f *basinv1.Fence) error {
+	if err := checkFence(field, f, true); err != nil {
+		return err
+	}
+	if want := s.keys.Cell(cellID); f.GetKey() != want {
+		return fieldErr(field+".key", "must be the cell's presence key %q, got %q", want, f.GetKey())
+	}
+	return nil
+}
+
+// checkLeaderFence accepts no fence (user requests) or a leader's election key.
+func (s *Store) checkLeaderFence(field string, f *basinv1.Fence) error {
+	if err := checkFence(field, f, false); err != nil || f == nil {
+		return err
+	}
+	if !hasPrefix(f.GetKey(), s.keys.LeaderPrefix()) && !hasPrefix(f.GetKey(), s.keys.CellPrefix()) {
+		return fieldErr(field+".key", "must be an election key under %q or a presence key under %q, got %q", s.keys.LeaderPrefix(), s.keys.CellPrefix(), f.GetKey())
+	}
+	return nil
+}

@@ -1,0 +1,310 @@
+package bbs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// kvEntry is one key's value as of its mod revision.
+type kvEntry struct {
+	val    []byte
+	modRev int64
+}
+
+// change is one key's move from before to after; nil means absent.
+type change struct {
+	key    string
+	before *kvEntry
+	after  *kvEntry
+}
+
+// overlay holds what this process itself just wrote, until the watch catches
+// up: without it a claim followed at once by a start would guard on a stale
+// revision and pay a second round trip.
+type overlay struct {
+	kvEntry
+	deleted bool
+}
+
+// view mirrors one etcd prefix through list + watch. It serves two purposes:
+// revisions to guard transactions with (a hint: every write still compares in
+// etcd, so a stale view costs a retry, never a wrong write), and the ordered
+// stream of changes the events service publishes.
+//
+// It lists, then watches from the listed revision + 1. When the watch is
+// compacted away or breaks, it lists again and reports the difference between
+// what it had and what it found as changes, so no change is lost or repeated.
+type view struct {
+	cli      *clientv3.Client
+	prefix   string
+	log      *slog.Logger
+	onChange func(rev int64, changes []change)
+
+	mu      sync.RWMutex
+	kvs     map[string]kvEntry
+	rev     int64
+	recent  map[string]overlay
+	ready   chan struct{}
+	readyMu sync.Once
+
+	// relists counts full re-lists after the first, for tests and metrics.
+	relists int
+}
+
+const maxOverlay = 16384
+
+func newView(cli *clientv3.Client, prefix string, log *slog.Logger, onChange func(int64, []change)) *view {
+	return &view{
+		cli:      cli,
+		prefix:   prefix,
+		log:      log,
+		onChange: onChange,
+		kvs:      make(map[string]kvEntry),
+		recent:   make(map[string]overlay),
+		ready:    make(chan struct{}),
+	}
+}
+
+// get returns the freshest value this process knows for key.
+func (v *view) get(key string) (kvEntry, bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	e, ok := v.kvs[key]
+	if o, found := v.recent[key]; found && o.modRev > e.modRev {
+		return o.kvEntry, !o.deleted
+	}
+	return e, ok
+}
+
+// noteWrite records a value this process wrote (or read fresh) at modRev.
+func (v *view) noteWrite(key string, val []byte, modRev int64, deleted bool) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if e, ok := v.kvs[key]; ok && e.modRev >= modRev {
+		return
+	}
+	if o, ok := v.recent[key]; ok && o.modRev >= modRev {
+		return
+	}
+	if len(v.recent) >= maxOverlay {
+		clear(v.recent)
+	}
+	v.recent[key] = overlay{kvEntry: kvEntry{val: val, modRev: modRev}, deleted: deleted}
+}
+
+// revision is the etcd revision the view reflects.
+func (v *view) revision() int64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.rev
+}
+
+func (v *view) size() int {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return len(v.kvs)
+}
+
+// run keeps the view in step with etcd until ctx is done.
+func (v *view) run(ctx context.Context) error {
+	backoff := 50 * time.Millisecond
+	// A view that ran before resumes its watch where it stopped; if etcd has
+	// compacted that revision away, the watch says so and it re-lists.
+	needList := v.revision() == 0
+	for ctx.Err() == nil {
+		if needList {
+			if err := v.relist(ctx); err != nil {
+				if ctx.Err() != nil {
+					break
+				}
+				v.log.Warn("list failed; retrying", "prefix", v.prefix, "err", err, "backoff", backoff)
+				if !sleepCtx(ctx, backoff) {
+					break
+				}
+				backoff = min(backoff*2, 2*time.Second)
+				continue
+			}
+			needList = false
+			backoff = 50 * time.Millisecond
+		}
+		compacted, err := v.watch(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		if compacted {
+			v.log.Info("watch compacted; re-listing", "prefix", v.prefix)
+		} else {
+			v.log.Warn("watch ended; re-listing", "prefix", v.prefix, "err", err)
+			if !sleepCtx(ctx, backoff) {
+				break
+			}
+			backoff = min(backoff*2, 2*time.Second)
+		}
+		// A broken watch may have missed anything: re-list and diff.
+		needList = true
+	}
+	return nil
+}
+
+// watch applies events from rev+1 until the watch ends. It reports whether it
+// ended because the revision was compacted.
+func (v *view) watch(ctx context.Context) (compacted bool, err error) {
+	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	defer cancel()
+	wch := v.cli.Watch(wctx, v.prefix, clientv3.WithPrefix(), clientv3.WithRev(v.revision()+1), clientv3.WithPrevKV())
+	for resp := range wch {
+		if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
+			return true, resp.Err()
+		}
+		if err := resp.Err(); err != nil {
+			return false, err
+		}
+		if len(resp.Events) == 0 {
+			continue
+		}
+		v.apply(resp.Header.Revision, resp.Events)
+	}
+	return false, ctx.Err()
+}
+
+func (v *view) apply(rev int64, events []*clientv3.Event) {
+	changes := make([]change, 0, len(events))
+	v.mu.Lock()
+	for _, ev := range events {
+		key := string(ev.Kv.Key)
+		var before *kvEntry
+		if e, ok := v.kvs[key]; ok {
+			before = &e
+		}
+		var after *kvEntry
+		if ev.Type == clientv3.EventTypePut {
+			e := kvEntry{val: ev.Kv.Value, modRev: ev.Kv.ModRevision}
+			v.kvs[key] = e
+			after = &e
+		} else {
+			delete(v.kvs, key)
+		}
+		if o, ok := v.recent[key]; ok && o.modRev <= ev.Kv.ModRevision {
+			delete(v.recent, key)
+		}
+		changes = append(changes, change{key: key, before: before, after: after})
+	}
+	if rev > v.rev {
+		v.rev = rev
+	}
+	v.mu.Unlock()
+	v.onChange(rev, changes)
+}
+
+// relist reads the whole prefix at one revision, replaces the view with it and
+// reports every difference from the previous view as a change.
+func (v *view) relist(ctx context.Context) error {
+	fresh := make(map[string]kvEntry, len(v.kvs))
+	rev, err := listPrefix(ctx, v.cli, v.prefix, 0, func(kv kvPair) {
+		fresh[kv.key] = kvEntry{val: kv.val, modRev: kv.modRev}
+	})
+	if err != nil {
+		return err
+	}
+	v.mu.Lock()
+	old := v.kvs
+	var changes []change
+	for k, e := range fresh {
+		o, ok := old[k]
+		if ok && o.modRev == e.modRev {
+			continue
+		}
+		after := e
+		var before *kvEntry
+		if ok {
+			before = &o
+		}
+		changes = append(changes, change{key: k, before: before, after: &after})
+	}
+	for k, o := range old {
+		if _, ok := fresh[k]; !ok {
+			before := o
+			changes = append(changes, change{key: k, before: &before})
+		}
+	}
+	v.kvs = fresh
+	v.rev = rev
+	for k, o := range v.recent {
+		if o.modRev <= rev {
+			delete(v.recent, k)
+		}
+	}
+	first := false
+	v.readyMu.Do(func() { first = true; close(v.ready) })
+	if !first {
+		v.relists++
+	}
+	v.mu.Unlock()
+	if !first && len(changes) > 0 {
+		v.onChange(rev, changes)
+	}
+	return nil
+}
+
+type kvPair struct {
+	key    string
+	val    []byte
+	modRev int64
+}
+
+// listPrefix pages through prefix at one revision (rev 0: the current one) and
+// returns that revision.
+func listPrefix(ctx context.Context, cli *clientv3.Client, prefix string, rev int64, fn func(kvPair)) (int64, error) {
+	const page = 1000
+	end := clientv3.GetPrefixRangeEnd(prefix)
+	key := prefix
+	for {
+		opts := []clientv3.OpOption{clientv3.WithRange(end), clientv3.WithLimit(page)}
+		if rev != 0 {
+			opts = append(opts, clientv3.WithRev(rev))
+		}
+		resp, err := cli.Get(ctx, key, opts...)
+		if err != nil {
+			return 0, fmt.Errorf("list %s: %w", prefix, err)
+		}
+		if rev == 0 {
+			rev = resp.Header.Revision
+		}
+		for _, kv := range resp.Kvs {
+			fn(kvPair{key: string(kv.Key), val: kv.Value, modRev: kv.ModRevision})
+		}
+		if !resp.More || len(resp.Kvs) == 0 {
+			return rev, nil
+		}
+		key = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// current returns what the watch last saw for key, ignoring local writes.
+func (v *view) current(key string) (*kvEntry, bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	e, ok := v.kvs[key]
+	if !ok {
+		return nil, false
+	}
+	return &e, true
+}
