@@ -143,13 +143,13 @@ func (bc *backendConn) close(p *Proxy) {
 
 // response is a parsed backend response head.
 type response struct {
-	status     int
-	reason     string
-	headers    []header
-	contentLen int64 // -1 unknown
-	chunked    bool
-	close      bool // backend will close after this response
-	setsSession bool // a Set-Cookie for JSESSIONID
+	status        int
+	reason        string
+	headers       []header
+	contentLen    int64 // -1 unknown
+	chunked       bool
+	close         bool // backend will close after this response
+	setsSession   bool // a Set-Cookie for JSESSIONID
 	sessionCookie string
 }
 

@@ -2,7 +2,7 @@ package proxy
 
 import (
 	"bufio"
-		"errors"
+	"errors"
 	"fmt"
 	"io"
 	"net"

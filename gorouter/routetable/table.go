@@ -138,7 +138,7 @@ type Table struct {
 
 	mu       sync.Mutex // serializes writers
 	byKey    map[string]*Endpoint
-	byHost   map[string]map[string]*Endpoint // route host -> key -> endpoint
+	byHost   map[string]map[string]*Endpoint      // route host -> key -> endpoint
 	counters map[string]map[string]*atomic.Uint64 // host -> path -> round-robin counter
 }
 
