@@ -4,6 +4,7 @@ import (
 	"context"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"google.golang.org/grpc/metadata"
 )
 
 // API serves the BBSService over gRPC: validate, call the store, return.
@@ -400,6 +401,11 @@ func (a *API) SubscribeToEvents(req *basinv1.SubscribeToEventsRequest, stream ba
 	}
 	sub := a.store.Subscribe(req.GetGuid())
 	defer sub.Close()
+	// Headers tell the client it is subscribed: whatever it writes after
+	// receiving them shows up in the stream.
+	if err := stream.SendHeader(metadata.MD{}); err != nil {
+		return err
+	}
 	ctx := stream.Context()
 	for {
 		ev, err := sub.Next(ctx)

@@ -22,16 +22,19 @@ func (s *Store) newActual(guid, domain string, idx int32) *basinv1.ActualLRP {
 	}
 }
 
-// actualCreateOps returns the puts that create UNCLAIMED instances [from, to).
-func (s *Store) actualCreateOps(guid, domain string, from, to int32) (ops []clientv3.Op, writes []string, cmps []clientv3.Cmp) {
+// actualCreateOps returns the puts that create UNCLAIMED instances [from, to),
+// and their values to note in the view once written.
+func (s *Store) actualCreateOps(guid, domain string, from, to int32) (ops []clientv3.Op, writes []string, cmps []clientv3.Cmp, vals [][]byte) {
 	for i := from; i < to; i++ {
 		k := s.keys.Actual(guid, i)
 		q := s.keys.Unclaimed(guid, i)
-		ops = append(ops, clientv3.OpPut(k, string(marshal(s.newActual(guid, domain, i)))), clientv3.OpPut(q, ""))
+		v := marshal(s.newActual(guid, domain, i))
+		vals = append(vals, v)
+		ops = append(ops, clientv3.OpPut(k, string(v)), clientv3.OpPut(q, ""))
 		writes = append(writes, k, q)
 		cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(k), "=", 0))
 	}
-	return ops, writes, cmps
+	return ops, writes, cmps, vals
 }
 
 // DesireLRP stores a new desired LRP and creates its UNCLAIMED instances and
@@ -47,7 +50,7 @@ func (s *Store) DesireLRP(ctx context.Context, sched *basinv1.DesiredLRPSchedule
 	sval, rval := marshal(sched), marshal(run)
 
 	first := min(sched.GetInstances(), (maxTxnOps-2)/2)
-	ops, writes, _ := s.actualCreateOps(guid, sched.GetDomain(), 0, first)
+	ops, writes, _, vals := s.actualCreateOps(guid, sched.GetDomain(), 0, first)
 	item := &txnItem{
 		cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(sk), "=", 0)},
 		ops:    append([]clientv3.Op{clientv3.OpPut(sk, string(sval)), clientv3.OpPut(rk, string(rval))}, ops...),
@@ -62,6 +65,7 @@ func (s *Store) DesireLRP(ctx context.Context, sched *basinv1.DesiredLRPSchedule
 	}
 	s.desired.noteWrite(sk, sval, res.rev, false)
 	s.desired.noteWrite(rk, rval, res.rev, false)
+	s.noteCreated(guid, 0, vals, res.rev)
 	if err := s.createActuals(ctx, guid, sched.GetDomain(), first, sched.GetInstances()); err != nil {
 		return nil, err
 	}
@@ -75,25 +79,36 @@ func (s *Store) createActuals(ctx context.Context, guid, domain string, from, to
 	for start := from; start < to; start += actualsPerTxn {
 		end := min(start+actualsPerTxn, to)
 		g.Go(func() error {
-			ops, writes, cmps := s.actualCreateOps(guid, domain, start, end)
+			ops, writes, cmps, vals := s.actualCreateOps(guid, domain, start, end)
 			res := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes})
 			if res.err != nil {
 				return fmt.Errorf("create instances %d-%d of %s: %w", start, end-1, guid, res.err)
 			}
 			if res.succeeded {
+				s.noteCreated(guid, start, vals, res.rev)
 				return nil
 			}
 			// Some already exist: create the others one by one.
 			for i := start; i < end; i++ {
-				ops, writes, cmps := s.actualCreateOps(guid, domain, i, i+1)
-				if r := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes}); r.err != nil {
+				ops, writes, cmps, vals := s.actualCreateOps(guid, domain, i, i+1)
+				r := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes})
+				if r.err != nil {
 					return fmt.Errorf("create instance %d of %s: %w", i, guid, r.err)
+				}
+				if r.succeeded {
+					s.noteCreated(guid, i, vals, r.rev)
 				}
 			}
 			return nil
 		})
 	}
 	return g.Wait()
+}
+
+func (s *Store) noteCreated(guid string, from int32, vals [][]byte, rev int64) {
+	for i, v := range vals {
+		s.actual.noteWrite(s.keys.Actual(guid, from+int32(i)), v, rev, false)
+	}
 }
 
 // retireFrom removes every instance of guid with index >= from.

@@ -138,10 +138,19 @@ const maxAttempts = 4
 // stale the failed transaction returns the current value, and the transition
 // is decided again on it.
 func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, step transition) (record, error) {
-	e, ok := s.actualOrOther(key)
+	e, ok := s.viewFor(key).get(key)
 	cur := record{val: e.val, modRev: e.modRev, exists: ok}
+	fresh := false
 	for range maxAttempts {
 		p, err := step(cur)
+		if err != nil && !fresh {
+			// The view may lag: decide refusals on what etcd holds now.
+			if cur, err = s.read(ctx, key); err != nil {
+				return cur, err
+			}
+			fresh = true
+			p, err = step(cur)
+		}
 		if err != nil {
 			return cur, err
 		}
@@ -173,6 +182,7 @@ func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, st
 			}
 		}
 		s.metrics.conflicts.Inc()
+		fresh = true
 		rr := res.elses.Responses[0].GetResponseRange()
 		if len(rr.Kvs) == 0 {
 			cur = record{}
@@ -197,8 +207,19 @@ func (s *Store) viewFor(key string) *view {
 	}
 }
 
-func (s *Store) actualOrOther(key string) (kvEntry, bool) {
-	return s.viewFor(key).get(key)
+// read gets key from etcd and notes it in the view.
+func (s *Store) read(ctx context.Context, key string) (record, error) {
+	resp, err := s.cli.Get(ctx, key)
+	if err != nil {
+		return record{}, fmt.Errorf("read %s: %w", key, err)
+	}
+	if len(resp.Kvs) == 0 {
+		s.viewFor(key).noteWrite(key, nil, resp.Header.Revision, true)
+		return record{}, nil
+	}
+	kv := resp.Kvs[0]
+	s.viewFor(key).noteWrite(key, kv.Value, kv.ModRevision, false)
+	return record{val: kv.Value, modRev: kv.ModRevision, exists: true}, nil
 }
 
 func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
