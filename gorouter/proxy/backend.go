@@ -268,7 +268,8 @@ func readResponseHead(br *bufio.Reader, buf []byte, maxBytes int, res *response)
 	if version == "HTTP/1.0" && keepAlive {
 		res.close = false
 	}
-	if connection != "" {
+	if connection != "" && st != 101 {
+		// On a 101 Connection names Upgrade, which must reach the client.
 		markConnectionTokens(res.headers, connection)
 	}
 	return buf, nil

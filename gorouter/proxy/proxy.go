@@ -152,8 +152,8 @@ func New(cfg Config, table *routetable.Table, metrics *Metrics, log *slog.Logger
 
 // Serve accepts plain HTTP/1.x connections on ln until it is closed.
 func (p *Proxy) Serve(ln net.Listener) error {
-	return p.accept(ln, func(c net.Conn) {
-		p.serveH1(c, false)
+	return p.accept(ln, func(c net.Conn, state *atomic.Int32) {
+		p.serveH1(c, state, false)
 	})
 }
 
@@ -162,7 +162,7 @@ func (p *Proxy) Serve(ln net.Listener) error {
 func (p *Proxy) ServeTLS(ln net.Listener, cfg *tls.Config) error {
 	cfg = cfg.Clone()
 	cfg.NextProtos = []string{"h2", "http/1.1"}
-	return p.accept(ln, func(c net.Conn) {
+	return p.accept(ln, func(c net.Conn, state *atomic.Int32) {
 		tc := tls.Server(c, cfg)
 		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ReadHeaderTimeout)
 		err := tc.HandshakeContext(ctx)
@@ -176,11 +176,11 @@ func (p *Proxy) ServeTLS(ln net.Listener, cfg *tls.Config) error {
 			tc.Close()
 			return
 		}
-		p.serveH1(tc, true)
+		p.serveH1(tc, state, true)
 	})
 }
 
-func (p *Proxy) accept(ln net.Listener, serve func(net.Conn)) error {
+func (p *Proxy) accept(ln net.Listener, serve func(net.Conn, *atomic.Int32)) error {
 	var backoff time.Duration
 	for {
 		c, err := ln.Accept()
@@ -210,15 +210,12 @@ func (p *Proxy) accept(ln net.Listener, serve func(net.Conn)) error {
 				delete(p.conns, c)
 				p.mu.Unlock()
 			}()
-			serve(c)
+			serve(c, state)
 		}()
 	}
 }
 
-func (p *Proxy) serveH1(c net.Conn, isTLS bool) {
-	p.mu.Lock()
-	state := p.conns[c]
-	p.mu.Unlock()
+func (p *Proxy) serveH1(c net.Conn, state *atomic.Int32, isTLS bool) {
 	hc := &h1conn{p: p, conn: c, br: p.bufs.getReader(c), bw: p.bufs.getWriter(c), tls: isTLS, state: state}
 	hc.serve()
 }
