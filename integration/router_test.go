@@ -774,4 +774,3 @@ func writeCert(t *testing.T, dir, name, dnsName string) {
 		t.Fatal(err)
 	}
 }
-
