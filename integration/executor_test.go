@@ -376,4 +376,3 @@ func assertGone(t *testing.T, c *client.Client, guid string) {
 		t.Errorf("snapshot %s still exists (err %v)", guid, err)
 	}
 }
-
