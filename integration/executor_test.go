@@ -158,8 +158,22 @@ func startExecutor(t *testing.T, env *cellEnv, protected []int) *testExecutor {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		exec.Command("ip", "link", "del", testBridge).Run()
+		os.RemoveAll(state)
+	})
+	e, stop := runExecutor(t, env, state, protected)
+	t.Cleanup(stop)
+	return e
+}
+
+const testBridge = "basintest0"
+
+// runExecutor runs an executor on state until stop is called; containers
+// outlive it, as they outlive a cell process.
+func runExecutor(t *testing.T, env *cellEnv, state string, protected []int) (*testExecutor, func()) {
+	t.Helper()
 	events := make(chan executor.Event, 64)
-	const bridge = "basintest0"
 	e, err := executor.New(executor.Config{
 		Client:         env.client,
 		LauncherPath:   env.launcher,
@@ -167,7 +181,7 @@ func startExecutor(t *testing.T, env *cellEnv, protected []int) *testExecutor {
 		OnEvent:        func(ev executor.Event) { events <- ev },
 		StateDir:       state,
 		NetworkName:    "basintest",
-		BridgeName:     bridge,
+		BridgeName:     testBridge,
 		Subnet:         "10.219.0.0/24",
 		HostPortLow:    62000,
 		HostPortHigh:   62099,
@@ -180,15 +194,17 @@ func startExecutor(t *testing.T, env *cellEnv, protected []int) *testExecutor {
 	ctx, cancel := context.WithCancel(context.Background())
 	runErr := make(chan error, 1)
 	go func() { runErr <- e.Run(ctx) }()
-	t.Cleanup(func() {
+	var stopped bool
+	return &testExecutor{Executor: e, events: events}, func() {
+		if stopped {
+			return
+		}
+		stopped = true
 		cancel()
 		if err := <-runErr; err != nil {
 			t.Errorf("executor Run: %v", err)
 		}
-		exec.Command("ip", "link", "del", bridge).Run()
-		os.RemoveAll(state)
-	})
-	return &testExecutor{Executor: e, events: events}
+	}
 }
 
 type testLog struct{ t *testing.T }
@@ -375,4 +391,95 @@ func assertGone(t *testing.T, c *client.Client, guid string) {
 	if _, err := c.SnapshotService(stack.Snapshotter).Stat(ctx, guid); !errdefs.IsNotFound(err) {
 		t.Errorf("snapshot %s still exists (err %v)", guid, err)
 	}
+}
+
+func TestExecutorReportsCrash(t *testing.T) {
+	env := startCell(t)
+	e := startExecutor(t, env, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	spec := executor.Spec{
+		InstanceGUID: "it-crash-0", ProcessGUID: "it-crash", Stack: "tiny",
+		Droplet:      droplet(t, map[string]string{"app/README": "crashes\n"}),
+		StartCommand: "echo going down >&2; exit 3", MemoryMB: 32,
+		HealthCheck: executor.HealthCheck{Type: executor.HealthProcess},
+	}
+	if _, err := e.Start(ctx, spec); err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	var ev executor.Event
+	for ev.Type != executor.EventExited {
+		select {
+		case ev = <-e.events:
+		case <-ctx.Done():
+			t.Fatal("no exit reported")
+		}
+	}
+	if ev.Exit.Status != 3 || ev.Exit.OOM || ev.Exit.Stopped || ev.Exit.Reason != "app exited with status 3" {
+		t.Errorf("exit %+v: want a crash with status 3", ev.Exit)
+	}
+	var saw bool
+	for _, l := range ev.Exit.LastLines {
+		saw = saw || (l.Stream == "stderr" && l.Text == "going down")
+	}
+	if !saw {
+		t.Errorf("last lines %+v lack the app's stderr", ev.Exit.LastLines)
+	}
+	assertGone(t, env.client, spec.InstanceGUID)
+}
+
+func TestRestartedExecutorAdoptsInstances(t *testing.T) {
+	env := startCell(t)
+	state, err := os.MkdirTemp("", "basin-exec")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		exec.Command("ip", "link", "del", testBridge).Run()
+		os.RemoveAll(state)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	first, stopFirst := runExecutor(t, env, state, nil)
+	spec := executor.Spec{
+		InstanceGUID: "it-adopt-0", ProcessGUID: "it-adopt", Stack: "tiny",
+		Droplet:      droplet(t, map[string]string{"app/index.html": "still here\n"}),
+		StartCommand: "exec httpd -f -p $PORT -h .", MemoryMB: 32,
+	}
+	info, err := first.Start(ctx, spec)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	if _, err := first.WaitHealthy(ctx, spec.InstanceGUID); err != nil {
+		t.Fatal(err)
+	}
+	stopFirst() // the cell process goes away; its container stays
+
+	second, stopSecond := runExecutor(t, env, state, nil)
+	defer stopSecond()
+	list, err := second.List(ctx)
+	if err != nil || len(list) != 1 || list[0].State != executor.StateRunning || list[0].PID != info.PID {
+		t.Fatalf("List after restart = %+v, %v; want the running instance (pid %d)", list, err, info.PID)
+	}
+	adopted, err := second.Adopt(ctx, spec.InstanceGUID)
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	if _, err := second.WaitHealthy(ctx, spec.InstanceGUID); err != nil {
+		t.Fatal(err)
+	}
+	if adopted.PID != info.PID || adopted.Ports[0] != info.Ports[0] {
+		t.Errorf("adopted %+v, started %+v: want the same process and port", adopted, info)
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/index.html", adopted.Ports[0].HostPort)
+	if code, body := get(t, url); code != 200 || body != "still here\n" {
+		t.Errorf("GET after adoption = %d %q", code, body)
+	}
+	t0 := time.Now()
+	if err := second.Stop(ctx, spec.InstanceGUID, 10*time.Second); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	t.Logf("stopped with SIGTERM in %s", time.Since(t0).Round(time.Millisecond))
+	assertGone(t, env.client, spec.InstanceGUID)
 }

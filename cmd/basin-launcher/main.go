@@ -15,6 +15,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -62,10 +63,54 @@ func run(args []string) error {
 		}
 	}
 	argv := []string{filepath.Base(shell), "-c", script, "basin-launcher", *dir, shell, cmd}
+	if os.Getpid() == 1 {
+		os.Exit(runAsInit(shell, argv))
+	}
 	if err := syscall.Exec(shell, argv, os.Environ()); err != nil {
 		return fmt.Errorf("exec %s: %w", shell, err)
 	}
 	return nil
+}
+
+// runAsInit runs the app as a child when the launcher is a container's
+// PID 1. The kernel drops signals to PID 1 that it has no handler for, so
+// an app running as PID 1 would ignore SIGTERM and always wait out the
+// grace period; as init the launcher forwards signals to the app, reaps
+// orphaned processes and exits with the app's status.
+func runAsInit(shell string, argv []string) int {
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGUSR1, syscall.SIGUSR2)
+	pid, err := syscall.ForkExec(shell, argv, &syscall.ProcAttr{
+		Env:   os.Environ(),
+		Files: []uintptr{0, 1, 2},
+	})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "basin-launcher: start %s: %v\n", shell, err)
+		return 1
+	}
+	go func() {
+		for s := range sigs {
+			_ = syscall.Kill(pid, s.(syscall.Signal))
+		}
+	}()
+	for {
+		var ws syscall.WaitStatus
+		wpid, err := syscall.Wait4(-1, &ws, 0, nil)
+		if errors.Is(err, syscall.EINTR) {
+			continue
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "basin-launcher: wait: %v\n", err)
+			return 1
+		}
+		if wpid != pid {
+			continue // an orphan reaped
+		}
+		if ws.Signaled() {
+			return 128 + int(ws.Signal())
+		}
+		return ws.ExitStatus()
+	}
 }
 
 // stagedCommand reads the start command from staging_info.yml, which basin
