@@ -1,0 +1,183 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+)
+
+type devUpOptions struct {
+	dir        string
+	apiAddress string
+	etcdAddr   string
+	debugAddr  string
+	verbose    bool
+}
+
+func newDevCommand() *cobra.Command {
+	dev := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a basin platform on this machine for development",
+	}
+	var o devUpOptions
+	up := &cobra.Command{
+		Use:   "up",
+		Short: "Start the whole platform on this machine, in the foreground",
+		Long: `Start an embedded etcd and the BBS on this machine and keep them running
+until Ctrl-C. The API address and a bearer token are printed and written to
+the target file that the other basin commands read.`,
+		Example: "  sudo basin dev up\n  basin dev up --dir /tmp/basin --api 127.0.0.1:9000",
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return devUp(cmd.Context(), cmd.OutOrStdout(), o)
+		},
+	}
+	up.Flags().StringVar(&o.dir, "dir", defaultDevDir(), "where the platform keeps its state")
+	up.Flags().StringVar(&o.apiAddress, "api", "127.0.0.1:8889", "address of the BBS gRPC API")
+	up.Flags().StringVar(&o.etcdAddr, "etcd", "127.0.0.1:2379", "client address of the embedded etcd")
+	up.Flags().StringVar(&o.debugAddr, "debug", "127.0.0.1:17017", "address of /metrics")
+	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
+	dev.AddCommand(up)
+	return dev
+}
+
+func defaultDevDir() string {
+	if d := os.Getenv("BASIN_HOME"); d != "" {
+		return filepath.Join(d, "dev")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return ".basin/dev"
+	}
+	return filepath.Join(home, ".basin", "dev")
+}
+
+// target is what `basin dev up` (or `basin login`) leaves for the other commands.
+type target struct {
+	API   string `json:"api"`
+	Token string `json:"token"`
+	CA    string `json:"ca,omitempty"`
+}
+
+func targetPath() string {
+	if d := os.Getenv("BASIN_HOME"); d != "" {
+		return filepath.Join(d, "target.json")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return filepath.Join(".basin", "target.json")
+	}
+	return filepath.Join(home, ".basin", "target.json")
+}
+
+func writeTarget(t target) (string, error) {
+	p := targetPath()
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return "", fmt.Errorf("create %s: %w", filepath.Dir(p), err)
+	}
+	b, _ := json.MarshalIndent(t, "", "  ")
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
+		return "", fmt.Errorf("write target file: %w", err)
+	}
+	return p, os.Rename(tmp, p)
+}
+
+// devToken reuses the token of an earlier run so existing targets keep working.
+func devToken(dir string) (string, error) {
+	p := filepath.Join(dir, "token")
+	if b, err := os.ReadFile(p); err == nil && len(strings.TrimSpace(string(b))) > 0 {
+		return strings.TrimSpace(string(b)), nil
+	}
+	buf := make([]byte, 24)
+	if _, err := rand.Read(buf); err != nil {
+		return "", err
+	}
+	tok := hex.EncodeToString(buf)
+	if err := os.WriteFile(p, []byte(tok+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("write token: %w", err)
+	}
+	return tok, nil
+}
+
+func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
+	step := func(format string, args ...any) { fmt.Fprintf(out, "  ✓ "+format+"\n", args...) }
+	logLevel := slog.LevelWarn
+	if o.verbose {
+		logLevel = slog.LevelInfo
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
+
+	if err := os.MkdirAll(o.dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", o.dir, err)
+	}
+	token, err := devToken(o.dir)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "Starting basin in %s\n", o.dir)
+
+	etcd, err := embeddedetcd.Start(ctx, embeddedetcd.Config{Dir: filepath.Join(o.dir, "etcd"), ClientAddress: o.etcdAddr, Logger: log})
+	if err != nil {
+		return fmt.Errorf("start etcd (is another basin running? --etcd picks another address): %w", err)
+	}
+	defer etcd.Close()
+	step("etcd          %s", etcd.Endpoint())
+	cli, err := etcd.Client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+
+	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Logger: log})
+	if err != nil {
+		return fmt.Errorf("start BBS (--api picks another address): %w", err)
+	}
+	step("BBS API       %s (metrics on http://%s/metrics)", srv.Addr(), o.debugAddr)
+
+	tp, err := writeTarget(target{API: srv.Addr(), Token: token})
+	if err != nil {
+		return err
+	}
+	step("target        %s", tp)
+	fmt.Fprintf(out, `
+basin is up. Ctrl-C stops it.
+
+  API:    %s
+  token:  %s
+
+Try it with grpcurl:
+  grpcurl -plaintext %s list
+  grpcurl -plaintext -H 'authorization: Bearer %s' %s basin.v1.BBSService/ListActualLRPs
+`, srv.Addr(), token, srv.Addr(), token, srv.Addr())
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(func() error {
+		select {
+		case err := <-etcd.Err():
+			return fmt.Errorf("etcd stopped: %w", err)
+		case <-gctx.Done():
+			return nil
+		}
+	})
+	err = g.Wait()
+	fmt.Fprintln(out, "\nbasin stopped.")
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
