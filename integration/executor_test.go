@@ -483,3 +483,34 @@ func TestRestartedExecutorAdoptsInstances(t *testing.T) {
 	t.Logf("stopped with SIGTERM in %s", time.Since(t0).Round(time.Millisecond))
 	assertGone(t, env.client, spec.InstanceGUID)
 }
+
+func TestExecutorKillsAnInstanceThatFailsLiveness(t *testing.T) {
+	env := startCell(t)
+	e := startExecutor(t, env, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	// httpd daemonizes, serves until the marker file appears, then dies;
+	// the shell stays, so only the liveness check can notice.
+	spec := executor.Spec{
+		InstanceGUID: "it-live-0", ProcessGUID: "it-live", Stack: "tiny",
+		Droplet:      droplet(t, map[string]string{"app/index.html": "ok\n"}),
+		StartCommand: "httpd -p $PORT -h .; while [ ! -f /home/vcap/tmp/die ]; do sleep 0.1; done; killall httpd; exec sleep 3600",
+		MemoryMB:     32,
+		HealthCheck:  executor.HealthCheck{Type: executor.HealthPort, Interval: 100 * time.Millisecond},
+	}
+	info, err := e.Start(ctx, spec)
+	if err != nil {
+		t.Fatalf("Start: %v", err)
+	}
+	e.nextEvent(t, spec.InstanceGUID, executor.EventHealthy, time.Minute)
+	// Create the marker from the host, through the instance's own rootfs.
+	if err := os.WriteFile(fmt.Sprintf("/proc/%d/root/home/vcap/tmp/die", info.PID), nil, 0o644); err != nil {
+		t.Fatalf("write marker: %v", err)
+	}
+	ev := e.nextEvent(t, spec.InstanceGUID, executor.EventExited, time.Minute)
+	if ev.Exit.Stopped || !strings.Contains(ev.Exit.Reason, "liveness check failed") {
+		t.Errorf("exit %+v: want a crash by failed liveness", ev.Exit)
+	}
+	t.Logf("exit: %s", ev.Exit.Reason)
+	assertGone(t, env.client, spec.InstanceGUID)
+}

@@ -411,6 +411,14 @@ func (e *Executor) Start(ctx context.Context, spec Spec) (Info, error) {
 func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec) (_ Info, err error) {
 	id := spec.InstanceGUID
 	log := e.log.With("instance", id, "process", spec.ProcessGUID, "index", spec.Index)
+	// A container left by an earlier cell process shares the id (and the
+	// IPAM lease, keyed by id): touching anything of it here would break
+	// it, so refuse before allocating.
+	if _, err := e.c.LoadContainer(ctx, id); err == nil {
+		return Info{}, fmt.Errorf("start %s: container exists in containerd (adopt or destroy it): %w", id, ErrExists)
+	} else if !errdefs.IsNotFound(err) {
+		return Info{}, fmt.Errorf("start %s: look up container: %w", id, err)
+	}
 	inst.logs.Append(SourceCell, "", "Creating container")
 	stackSnap, ok := e.stacks[spec.Stack]
 	if !ok {
@@ -518,7 +526,7 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 	if err := task.Start(ctx); err != nil {
 		return Info{}, fmt.Errorf("start %s: start task: %w", id, err)
 	}
-	info := inst.started(task.Pid())
+	info := inst.started(task)
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
@@ -679,7 +687,7 @@ func (e *Executor) Adopt(ctx context.Context, guid string) (Info, error) {
 	}
 	e.net.reserve(info.Ports)
 	inst.logs.Append(SourceCell, "", "Adopted by a restarted cell")
-	info = inst.started(task.Pid())
+	info = inst.started(task)
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()

@@ -100,10 +100,12 @@ func (i *instance) setMeta(process string, index int, hc HealthCheck, memoryMB i
 	i.info, i.hc, i.memoryMB, i.netnsPath = info, hc, memoryMB, netnsPath
 }
 
-func (i *instance) started(pid uint32) Info {
+// started records the running task, so Stop can signal it from now on.
+func (i *instance) started(task client.Task) Info {
 	i.mu.Lock()
 	defer i.mu.Unlock()
-	i.info.PID = pid
+	i.task = task
+	i.info.PID = task.Pid()
 	return i.info
 }
 
@@ -179,10 +181,11 @@ func (i *instance) stop(ctx context.Context, grace time.Duration) error {
 // ctx ends (the cell shuts down) it returns and leaves the container be.
 func (i *instance) monitor(ctx context.Context, container client.Container, task client.Task, exitC <-chan client.ExitStatus, adopted bool) {
 	i.mu.Lock()
-	i.task = task
-	hc := i.hc
+	hc, stopped := i.hc, i.stopped
 	i.mu.Unlock()
-	if i.stoppedBeforeStart() {
+	if stopped {
+		// Stop came while the container was being created, before there
+		// was a task to signal.
 		_ = i.kill(ctx, "stopped", syscall.SIGKILL, true)
 	}
 
@@ -247,12 +250,6 @@ func (i *instance) monitor(ctx context.Context, container client.Container, task
 	i.e.forget(i)
 	close(i.done)
 	i.e.cfg.OnEvent(Event{Type: EventExited, InstanceGUID: i.id, ProcessGUID: info.ProcessGUID, Index: info.Index, Info: info, Exit: &x})
-}
-
-func (i *instance) stoppedBeforeStart() bool {
-	i.mu.Lock()
-	defer i.mu.Unlock()
-	return i.stopped
 }
 
 func isNotFoundOrStopped(err error) bool {
