@@ -6,7 +6,7 @@ BUF       := $(GO) run github.com/bufbuild/buf/cmd/buf@v1.75.0
 BIN       := bin
 GOFLAGS_TEST ?= -race -count=1
 
-.PHONY: all build test unit lint generate bench bench-bbs up clean
+.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean
 
 all: build
 
@@ -34,10 +34,14 @@ generate:
 up: build
 	$(BIN)/basin dev up
 
-bench: bench-bbs
+bench: bench-bbs bench-router
 
 bench-bbs:
 	$(GO) run ./bbs/bench
+
+# bench-router compares the router with nginx and haproxy and measures churn.
+bench-router:
+	bash scripts/bench-router.sh
 
 clean:
 	rm -rf $(BIN)
