@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -152,14 +153,26 @@ func Start(ctx context.Context, cfg Config) (*Daemon, error) {
 	// Own process group so a terminal's ^C reaches us, not the daemon, and
 	// we stop it in order; Pdeathsig stops it if we die without cleaning up.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start containerd %s: %w", cfg.Binary, err)
-	}
 	d := &Daemon{address: address, cmd: cmd, done: make(chan struct{}), stopped: make(chan struct{})}
+	// Pdeathsig fires when the forking *thread* exits, and Go ends threads
+	// that a goroutine locked and left (basin does that to create network
+	// namespaces). Forking from a locked goroutine that lives as long as the
+	// daemon keeps the signal for when this process really dies.
+	started := make(chan error, 1)
 	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
 		d.waitErr = cmd.Wait()
 		close(d.done)
 	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start containerd %s: %w", cfg.Binary, err)
+	}
 	// The stop goroutine is owned by the daemon: it ends when the process
 	// has exited, which it forces once ctx is done.
 	go func() {
