@@ -6,7 +6,7 @@ BUF       := $(GO) run github.com/bufbuild/buf/cmd/buf@v1.75.0
 BIN       := bin
 GOFLAGS_TEST ?= -race -count=1
 
-.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean
+.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean bench-cell
 
 all: build
 
@@ -34,10 +34,15 @@ generate:
 up: build
 	$(BIN)/basin dev up
 
-bench: bench-bbs bench-router
+bench: bench-bbs bench-router bench-cell
 
 bench-bbs:
 	$(GO) run ./bbs/bench
+
+# bench-cell starts instances on one cell against the raw containerd client
+# (needs root: it runs its own containerd, runc and CNI).
+bench-cell:
+	$(GO) run ./cell/bench
 
 # bench-router compares the router with nginx and haproxy and measures churn.
 bench-router:
