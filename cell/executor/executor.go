@@ -420,6 +420,8 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		return Info{}, fmt.Errorf("start %s: look up container: %w", id, err)
 	}
 	inst.logs.Append(SourceCell, "", "Creating container")
+	t0 := time.Now()
+	var tLayer, tNet, tContainer time.Duration
 	stackSnap, ok := e.stacks[spec.Stack]
 	if !ok {
 		return Info{}, fmt.Errorf("start %s on stack %q: %w", id, spec.Stack, ErrUnknownStack)
@@ -442,6 +444,7 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		}
 	}()
 
+	tLayer = time.Since(t0)
 	hostPorts, err := e.net.allocate(len(spec.Ports))
 	if err != nil {
 		return Info{}, fmt.Errorf("start %s: %w", id, err)
@@ -457,11 +460,32 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		return Info{}, fmt.Errorf("start %s: %w", id, err)
 	}
 	cleanups = append(cleanups, func(context.Context) error { return ns.Remove() })
-	ip, err := e.net.setup(ctx, id, ns.GetPath(), ports)
-	if err != nil {
-		return Info{}, fmt.Errorf("start %s: %w", id, err)
+
+	// CNI (bridge, IPAM, portmap's iptables rules) takes about as long as
+	// creating the container and its task: run both side by side and join
+	// before the process starts, so the app never runs without its network.
+	type netResult struct {
+		ip  string
+		err error
 	}
-	cleanups = append(cleanups, func(c context.Context) error { return e.net.teardown(c, id, ns.GetPath(), ports) })
+	netc := make(chan netResult, 1)
+	go func() {
+		ip, err := e.net.setup(ctx, id, ns.GetPath(), ports)
+		netc <- netResult{ip, err}
+	}()
+	var netr *netResult
+	joinNet := func() netResult {
+		if netr == nil {
+			r := <-netc
+			netr = &r
+			tNet = time.Since(t0) - tLayer
+		}
+		return *netr
+	}
+	cleanups = append(cleanups, func(c context.Context) error {
+		joinNet() // never tear down while the setup still runs
+		return e.net.teardown(c, id, ns.GetPath(), ports)
+	})
 
 	// The lease keeps the new snapshot (and so its parents) from the GC
 	// until the container references it.
@@ -484,7 +508,6 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		LabelIndex:        strconv.Itoa(spec.Index),
 		LabelDroplet:      spec.Droplet.Digest,
 		labelNetNS:        ns.GetPath(),
-		labelIP:           ip,
 		labelPorts:        string(portsJSON),
 		labelHealth:       string(healthJSON),
 		labelMemoryMB:     strconv.FormatInt(spec.MemoryMB, 10),
@@ -497,7 +520,7 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		client.WithSnapshot(id),
 		client.WithRuntime(runtimeName, nil),
 		client.WithContainerLabels(labels),
-		client.WithNewSpec(e.specOpts(spec, ns.GetPath(), ip, ports)...),
+		client.WithNewSpec(e.specOpts(spec, ns.GetPath(), ports)...),
 	)
 	if err != nil {
 		return Info{}, fmt.Errorf("start %s: create container: %w", id, err)
@@ -505,11 +528,7 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 	cleanups = append(cleanups, func(c context.Context) error {
 		return ignoreNotFound(container.Delete(c))
 	})
-
-	inst.setMeta(spec.ProcessGUID, spec.Index, spec.HealthCheck, spec.MemoryMB, Info{
-		InstanceGUID: id, ProcessGUID: spec.ProcessGUID, Index: spec.Index, State: StateStarting,
-		HostIP: e.cfg.AdvertiseAddress, ContainerIP: ip, Ports: ports, Labels: labels,
-	}, ns.GetPath())
+	tContainer = time.Since(t0) - tLayer
 	task, err := container.NewTask(ctx, inst.ioCreator(filepath.Join(e.cfg.StateDir, "fifo")))
 	if err != nil {
 		return Info{}, fmt.Errorf("start %s: create task: %w", id, err)
@@ -518,6 +537,20 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		_, err := task.Delete(c, client.WithProcessKill)
 		return ignoreNotFound(err)
 	})
+
+	nr := joinNet()
+	if nr.err != nil {
+		return Info{}, fmt.Errorf("start %s: %w", id, nr.err)
+	}
+	// The health checks of an adopted instance need its address.
+	labels[labelIP] = nr.ip
+	if _, err := container.SetLabels(ctx, map[string]string{labelIP: nr.ip}); err != nil {
+		return Info{}, fmt.Errorf("start %s: label container: %w", id, err)
+	}
+	inst.setMeta(spec.ProcessGUID, spec.Index, spec.HealthCheck, spec.MemoryMB, Info{
+		InstanceGUID: id, ProcessGUID: spec.ProcessGUID, Index: spec.Index, State: StateStarting,
+		HostIP: e.cfg.AdvertiseAddress, ContainerIP: nr.ip, Ports: ports, Labels: labels,
+	}, ns.GetPath())
 	// Wait before Start so a process that exits at once is not missed.
 	exitC, err := task.Wait(runCtx)
 	if err != nil {
@@ -527,6 +560,8 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 		return Info{}, fmt.Errorf("start %s: start task: %w", id, err)
 	}
 	info := inst.started(task)
+	log.Debug("instance started", "total", time.Since(t0), "layer", tLayer, "network", tNet,
+		"container", tContainer)
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()

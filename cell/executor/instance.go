@@ -27,7 +27,7 @@ import (
 // specOpts is the OCI spec of an app container: basin-launcher as vcap, no
 // capabilities, no new privileges, the default seccomp profile, limits, the
 // CF environment and the instance's network namespace.
-func (e *Executor) specOpts(spec Spec, netnsPath, ip string, ports []PortMapping) []oci.SpecOpts {
+func (e *Executor) specOpts(spec Spec, netnsPath string, ports []PortMapping) []oci.SpecOpts {
 	args := []string{launcherPath}
 	if spec.StartCommand != "" {
 		args = append(args, spec.StartCommand)
@@ -48,7 +48,7 @@ func (e *Executor) specOpts(spec Spec, netnsPath, ip string, ports []PortMapping
 		oci.WithDefaultSpec(),
 		oci.WithProcessArgs(args...),
 		oci.WithProcessCwd("/home/vcap/app"),
-		oci.WithEnv(spec.env(e.cfg.AdvertiseAddress, ports, ip)),
+		oci.WithEnv(spec.env(e.cfg.AdvertiseAddress, ports)),
 		oci.WithUIDGID(stack.VcapUID, stack.VcapGID),
 		oci.WithCapabilities([]string{}),
 		oci.WithAmbientCapabilities([]string{}),

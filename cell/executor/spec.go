@@ -161,7 +161,7 @@ func (s *Spec) validate() error {
 
 // env builds the Cloud Foundry environment (ARCHITECTURE.md) followed by
 // the user's variables.
-func (s *Spec) env(hostIP string, ports []PortMapping, containerIP string) []string {
+func (s *Spec) env(hostIP string, ports []PortMapping) []string {
 	port := strconv.Itoa(int(s.Ports[0]))
 	hostPort := ""
 	if len(ports) > 0 {
@@ -214,7 +214,6 @@ func (s *Spec) env(hostIP string, ports []PortMapping, containerIP string) []str
 		"CF_INSTANCE_GUID=" + s.InstanceGUID,
 		"CF_INSTANCE_INDEX=" + idx,
 		"CF_INSTANCE_IP=" + hostIP,
-		"CF_INSTANCE_INTERNAL_IP=" + containerIP,
 		"CF_INSTANCE_PORT=" + hostPort,
 		"CF_INSTANCE_ADDR=" + hostIP + ":" + hostPort,
 		"CF_INSTANCE_PORTS=" + string(portsJSON),

@@ -62,7 +62,7 @@ func TestSpecEnv(t *testing.T) {
 	s.Env = []string{"PORT=9999", "MINE=1"}
 	s.App = AppInfo{Name: "web", GUID: "app-guid"}
 	s.withDefaults()
-	env := s.env("127.0.0.1", []PortMapping{{ContainerPort: 8080, HostPort: 61001}}, "10.0.0.2")
+	env := s.env("127.0.0.1", []PortMapping{{ContainerPort: 8080, HostPort: 61001}})
 	got := map[string]string{}
 	var order []string
 	for _, kv := range env {
