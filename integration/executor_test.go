@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -291,6 +292,18 @@ exec httpd -f -p $PORT -h /home/vcap/app`, gw, protected, open)
 	if err != nil || !strings.Contains(string(status), "Uid:\t2000\t2000\t2000\t2000") || !strings.Contains(string(status), "CapEff:\t0000000000000000") || !strings.Contains(string(status), "NoNewPrivs:\t1") || !strings.Contains(string(status), "Seccomp:\t2") {
 		t.Errorf("process %d status (uid 2000, no caps, no_new_privs, seccomp filter wanted):\n%s", info.PID, status)
 	}
+	limits := []struct{ controller, file, want string }{
+		{"memory", "memory.limit_in_bytes", strconv.Itoa(64 << 20)},
+		{"cpu", "cpu.shares", "64"},
+		{"pids", "pids.max", "1024"},
+	}
+	for _, l := range limits {
+		if got, err := cgroupV1File(info.PID, l.controller, l.file); err != nil {
+			t.Logf("cgroup v1 %s: %v (not checked)", l.file, err)
+		} else if got != l.want {
+			t.Errorf("%s = %s, want %s", l.file, got, l.want)
+		}
+	}
 	if _, body := get(t, base+"/probe.txt"); body != "protected=closed\nopen=open\n" {
 		t.Errorf("probe.txt = %q: want the protected port closed and the other open", body)
 	}
@@ -513,4 +526,25 @@ func TestExecutorKillsAnInstanceThatFailsLiveness(t *testing.T) {
 	}
 	t.Logf("exit: %s", ev.Exit.Reason)
 	assertGone(t, env.client, spec.InstanceGUID)
+}
+
+// cgroupV1File reads a limit from the cgroup v1 hierarchy a process is in.
+func cgroupV1File(pid uint32, controller, file string) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		for _, c := range strings.Split(parts[1], ",") {
+			if c == controller {
+				v, err := os.ReadFile(filepath.Join("/sys/fs/cgroup", controller, parts[2], file))
+				return strings.TrimSpace(string(v)), err
+			}
+		}
+	}
+	return "", fmt.Errorf("no %s controller for pid %d", controller, pid)
 }
