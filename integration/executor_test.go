@@ -292,6 +292,9 @@ exec httpd -f -p $PORT -h /home/vcap/app`, gw, protected, open)
 	if err != nil || !strings.Contains(string(status), "Uid:\t2000\t2000\t2000\t2000") || !strings.Contains(string(status), "CapEff:\t0000000000000000") || !strings.Contains(string(status), "NoNewPrivs:\t1") || !strings.Contains(string(status), "Seccomp:\t2") {
 		t.Errorf("process %d status (uid 2000, no caps, no_new_privs, seccomp filter wanted):\n%s", info.PID, status)
 	}
+	if l, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", info.PID)); err != nil || !strings.Contains(string(l), "Max open files            16384                16384") {
+		t.Errorf("process %d limits (want 16384 open files):\n%s", info.PID, l)
+	}
 	limits := []struct{ controller, file, want string }{
 		{"memory", "memory.limit_in_bytes", strconv.Itoa(64 << 20)},
 		{"cpu", "cpu.shares", "64"},

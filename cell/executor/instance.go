@@ -59,11 +59,16 @@ func (e *Executor) specOpts(spec Spec, netnsPath string, ports []PortMapping) []
 		oci.WithMemoryLimit(mem),
 		oci.WithCPUShares(spec.CPUShares),
 		oci.WithPidsLimit(spec.PidsLimit),
+		// Cloud Foundry's default file descriptor limit (VCAP_APPLICATION
+		// says so); containerd's default is 1024.
+		oci.WithRlimit(&specs.POSIXRlimit{Type: "RLIMIT_NOFILE", Hard: fdLimit, Soft: fdLimit}),
 		oci.WithHostname(hostname),
 		oci.WithMounts(mounts),
 		oci.WithLinuxNamespace(specs.LinuxNamespace{Type: specs.NetworkNamespace, Path: netnsPath}),
 	}
 }
+
+const fdLimit = 16384
 
 // instance is the executor's record of one container it manages.
 type instance struct {

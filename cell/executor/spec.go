@@ -196,7 +196,7 @@ func (s *Spec) env(hostIP string, ports []PortMapping) []string {
 		"instance_index":      s.Index,
 		"host":                "0.0.0.0",
 		"port":                int(s.Ports[0]),
-		"limits":              map[string]int64{"mem": s.MemoryMB, "disk": s.DiskMB, "fds": 16384},
+		"limits":              map[string]int64{"mem": s.MemoryMB, "disk": s.DiskMB, "fds": fdLimit},
 	})
 	idx := strconv.Itoa(s.Index)
 	env := []string{
