@@ -205,6 +205,9 @@ func runExecutor(t *testing.T, env *cellEnv, state string, protected []int) (*te
 		if err := <-runErr; err != nil {
 			t.Errorf("executor Run: %v", err)
 		}
+		if len(protected) > 0 && exec.Command("iptables", "-w", "5", "-n", "-L", "BASIN-TEST-PROTECT").Run() == nil {
+			t.Errorf("firewall chain still installed after the executor stopped")
+		}
 	}
 }
 
