@@ -342,6 +342,9 @@ exec httpd -f -p $PORT -h /home/vcap/app`, gw, protected, open)
 		t.Errorf("droplet unpacked %d times for two instances, want 1", n)
 	}
 
+	if removed, err := e.PruneDroplets(ctx, nil); err != nil || len(removed) != 0 {
+		t.Errorf("PruneDroplets while instances run = %v, %v; want nothing removed", removed, err)
+	}
 	for _, s := range []executor.Spec{spec, spec2} {
 		if err := e.Stop(ctx, s.InstanceGUID, 5*time.Second); err != nil {
 			t.Fatalf("Stop %s: %v", s.InstanceGUID, err)
@@ -358,6 +361,9 @@ exec httpd -f -p $PORT -h /home/vcap/app`, gw, protected, open)
 	}
 	if list, err := e.List(ctx); err != nil || len(list) != 0 {
 		t.Errorf("List after stop = %+v, %v; want none", list, err)
+	}
+	if removed, err := e.PruneDroplets(ctx, nil); err != nil || len(removed) != 1 || removed[0] != d.Digest {
+		t.Errorf("PruneDroplets after stop = %v, %v; want [%s]", removed, err, d.Digest)
 	}
 }
 

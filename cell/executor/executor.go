@@ -19,6 +19,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -229,7 +230,7 @@ type Executor struct {
 	stacks    map[string]string
 
 	layerMu    sync.Mutex
-	layerLocks map[string]*sync.Mutex
+	layerLocks map[string]*sync.RWMutex
 	unpacks    atomic.Int64
 }
 
@@ -245,7 +246,7 @@ func New(cfg Config) (*Executor, error) {
 	return &Executor{
 		cfg: cfg, c: cfg.Client, log: cfg.Logger, ready: make(chan struct{}),
 		instances: map[string]*instance{}, gone: map[string]*LogBuffer{}, oom: map[string]bool{},
-		stacks: map[string]string{}, layerLocks: map[string]*sync.Mutex{},
+		stacks: map[string]string{}, layerLocks: map[string]*sync.RWMutex{},
 	}, nil
 }
 
@@ -333,20 +334,33 @@ func (e *Executor) waitReady(ctx context.Context) (context.Context, error) {
 // DropletUnpacks counts droplets this executor unpacked into layers.
 func (e *Executor) DropletUnpacks() int64 { return e.unpacks.Load() }
 
-// dropletLayer returns the committed snapshot of droplet on the stack
-// snapshot, unpacking it only the first time (per cell, per digest).
-func (e *Executor) dropletLayer(ctx context.Context, stackSnap string, d Droplet) (string, error) {
-	sum := sha256.Sum256([]byte(stackSnap))
-	name := "basin/droplet/" + d.Digest + "/" + hex.EncodeToString(sum[:8])
+func (e *Executor) layerLock(name string) *sync.RWMutex {
 	e.layerMu.Lock()
+	defer e.layerMu.Unlock()
 	l := e.layerLocks[name]
 	if l == nil {
-		l = &sync.Mutex{}
+		l = &sync.RWMutex{}
 		e.layerLocks[name] = l
 	}
-	e.layerMu.Unlock()
+	return l
+}
+
+// dropletLayer returns the committed snapshot of droplet on the stack
+// snapshot, unpacking it only the first time (per cell, per digest). It
+// returns with the layer read-locked: release once an instance snapshot on
+// it exists, so PruneDroplets cannot remove it in between.
+func (e *Executor) dropletLayer(ctx context.Context, stackSnap string, d Droplet) (string, func(), error) {
+	sum := sha256.Sum256([]byte(stackSnap))
+	name := "basin/droplet/" + d.Digest + "/" + hex.EncodeToString(sum[:8])
+	sn := e.c.SnapshotService(stack.Snapshotter)
+	l := e.layerLock(name)
+	l.RLock()
+	if _, err := sn.Stat(ctx, name); err == nil {
+		return name, l.RUnlock, nil
+	}
+	l.RUnlock()
+
 	l.Lock()
-	defer l.Unlock()
 	labels := map[string]string{LabelDroplet: d.Digest}
 	err := stack.CommitLayer(ctx, e.c, name, stackSnap, labels, func(dir string) error {
 		f, err := os.Open(d.Path)
@@ -366,10 +380,54 @@ func (e *Executor) dropletLayer(ctx context.Context, stackSnap string, d Droplet
 		home := filepath.Join(dir, "home", "vcap")
 		return archive.Extract(ctx, f, size, home, archive.WithOwner(stack.VcapUID, stack.VcapGID))
 	})
+	l.Unlock()
 	if err != nil {
-		return "", fmt.Errorf("droplet layer %s: %w", d.Digest, err)
+		return "", nil, fmt.Errorf("droplet layer %s: %w", d.Digest, err)
 	}
-	return name, nil
+	l.RLock()
+	if _, err := sn.Stat(ctx, name); err != nil {
+		l.RUnlock()
+		return "", nil, fmt.Errorf("droplet layer %s: pruned while starting: %w", d.Digest, err)
+	}
+	return name, l.RUnlock, nil
+}
+
+// PruneDroplets removes the droplet layers no instance runs on, except
+// those whose digest keep reports (nil keep removes every unused layer). It
+// returns the digests it removed. Layers are GC roots, so nothing else
+// frees their disk space.
+func (e *Executor) PruneDroplets(ctx context.Context, keep func(digest string) bool) ([]string, error) {
+	ctx = namespaces.WithNamespace(ctx, stack.Namespace)
+	sn := e.c.SnapshotService(stack.Snapshotter)
+	layers := map[string]string{} // name -> digest
+	err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind == snapshots.KindCommitted && strings.HasPrefix(info.Name, "basin/droplet/") {
+			layers[info.Name] = info.Labels[LabelDroplet]
+		}
+		return nil
+	}, `labels."`+LabelDroplet+`"`)
+	if err != nil {
+		return nil, fmt.Errorf("prune droplets: list layers: %w", err)
+	}
+	var removed []string
+	for name, digest := range layers {
+		if keep != nil && keep(digest) {
+			continue
+		}
+		l := e.layerLock(name)
+		l.Lock()
+		err := sn.Remove(ctx, name)
+		l.Unlock()
+		switch {
+		case err == nil:
+			removed = append(removed, digest)
+		case errdefs.IsFailedPrecondition(err), errdefs.IsNotFound(err):
+			// instances run on it, or someone else removed it
+		default:
+			return removed, fmt.Errorf("prune droplet layer %s: %w", name, err)
+		}
+	}
+	return removed, nil
 }
 
 // Start creates and starts an instance. It returns once the app's process
@@ -426,10 +484,16 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 	if !ok {
 		return Info{}, fmt.Errorf("start %s on stack %q: %w", id, spec.Stack, ErrUnknownStack)
 	}
-	layer, err := e.dropletLayer(ctx, stackSnap, spec.Droplet)
+	layer, releaseLayer, err := e.dropletLayer(ctx, stackSnap, spec.Droplet)
 	if err != nil {
 		return Info{}, fmt.Errorf("start %s: %w", id, err)
 	}
+	layerHeld := true
+	defer func() {
+		if layerHeld {
+			releaseLayer()
+		}
+	}()
 
 	var cleanups []func(context.Context) error
 	defer func() {
@@ -495,7 +559,10 @@ func (e *Executor) create(ctx, runCtx context.Context, inst *instance, spec Spec
 	}
 	defer done(context.WithoutCancel(ctx))
 	sn := e.c.SnapshotService(stack.Snapshotter)
-	if _, err := sn.Prepare(lctx, id, layer, snapshots.WithLabels(map[string]string{LabelInstanceGUID: id})); err != nil {
+	_, err = sn.Prepare(lctx, id, layer, snapshots.WithLabels(map[string]string{LabelInstanceGUID: id}))
+	layerHeld = false
+	releaseLayer()
+	if err != nil {
 		return Info{}, fmt.Errorf("start %s: prepare snapshot on %s: %w", id, layer, err)
 	}
 	cleanups = append(cleanups, func(c context.Context) error { return ignoreNotFound(sn.Remove(c, id)) })
