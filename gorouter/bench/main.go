@@ -55,6 +55,7 @@ type options struct {
 	backendAddr string
 	skipChurn   bool
 	skipCompare bool
+	targets     []string
 	workDir     string
 	benchHost   string
 	etcdPrefix  string
@@ -62,7 +63,7 @@ type options struct {
 
 func main() {
 	var o options
-	var conns string
+	var conns, targets string
 	flag.StringVar(&o.gorouter, "gorouter", "", "path to the gorouter binary (required)")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "wrk measurement per target and connection count")
 	flag.DurationVar(&o.warmup, "warmup", time.Second, "wrk warm-up before each measurement")
@@ -77,6 +78,7 @@ func main() {
 	flag.StringVar(&o.backendAddr, "serve-backend", "", "internal: run as the Go backend on this address")
 	flag.BoolVar(&o.skipChurn, "skip-churn", false, "only the comparison")
 	flag.BoolVar(&o.skipCompare, "skip-compare", false, "only the churn scenario")
+	flag.StringVar(&targets, "targets", "direct,basin,nginx,haproxy", "targets of the comparison")
 	flag.Parse()
 	if o.backendAddr != "" {
 		serveBackend(o.backendAddr)
@@ -89,6 +91,7 @@ func main() {
 		}
 		o.conns = append(o.conns, n)
 	}
+	o.targets = strings.Split(targets, ",")
 	if o.gorouter == "" {
 		log.Fatal("-gorouter: required")
 	}
@@ -119,6 +122,9 @@ type result struct {
 	p50    time.Duration
 	p99    time.Duration
 	errors int64
+	// CPU time per request of the proxy and of the backend, from /proc:
+	// steadier than req/s when other work shares the machine.
+	proxyCPU, backendCPU time.Duration
 }
 
 // procs tracks the processes we started, to stop exactly those.
@@ -223,9 +229,12 @@ func run(ctx context.Context, o options) error {
 	}
 	addr := func(n string) string { return "127.0.0.1:" + strconv.Itoa(ports[n]) }
 
-	if _, err := ps.start("taskset", filepath.Join(dir, "backend.log"), "-c", o.proxyCPU, self, "-serve-backend", addr("backend")); err != nil {
+	pids := map[string]int{}
+	backendCmd, err := ps.start("taskset", filepath.Join(dir, "backend.log"), "-c", o.proxyCPU, self, "-serve-backend", addr("backend"))
+	if err != nil {
 		return err
 	}
+	pids["direct"] = backendCmd.Process.Pid
 	if err := waitListening(ctx, addr("backend")); err != nil {
 		return err
 	}
@@ -244,9 +253,11 @@ func run(ctx context.Context, o options) error {
 		"-etcd-endpoints", etcdEndpoint(etcd), "-prefix", o.etcdPrefix,
 		"-addr", addr("basin"), "-health-addr", "", "-debug-addr", addr("debug"),
 		"-access-log", "", "-drain-wait", "0", "-log-level", "warn"}
-	if _, err := ps.start("taskset", filepath.Join(dir, "gorouter.log"), routerArgs...); err != nil {
+	routerCmd, err := ps.start("taskset", filepath.Join(dir, "gorouter.log"), routerArgs...)
+	if err != nil {
 		return err
 	}
+	pids["basin"] = routerCmd.Process.Pid
 	if err := waitListening(ctx, addr("basin")); err != nil {
 		return err
 	}
@@ -256,12 +267,16 @@ func run(ctx context.Context, o options) error {
 
 	var results []result
 	if !o.skipCompare {
-		if err := startNginx(ps, dir, addr("nginx"), addr("backend"), o.proxyCPU); err != nil {
+		ng, err := startNginx(ps, dir, addr("nginx"), addr("backend"), o.proxyCPU)
+		if err != nil {
 			return err
 		}
-		if err := startHAProxy(ps, dir, addr("haproxy"), addr("backend"), o.proxyCPU); err != nil {
+		pids["nginx"] = ng.Process.Pid
+		hp, err := startHAProxy(ps, dir, addr("haproxy"), addr("backend"), o.proxyCPU)
+		if err != nil {
 			return err
 		}
+		pids["haproxy"] = hp.Process.Pid
 		for _, n := range []string{"nginx", "haproxy"} {
 			if err := waitListening(ctx, addr(n)); err != nil {
 				return fmt.Errorf("%s: %w (log in %s)", n, err, dir)
@@ -269,7 +284,7 @@ func run(ctx context.Context, o options) error {
 		}
 		fmt.Printf("comparison: %d routes in basin's table, wrk on CPU %s, backend and proxy on CPU %s, %s per measurement\n",
 			o.routes+1, o.wrkCPU, o.proxyCPU, o.duration)
-		for _, target := range []string{"direct", "basin", "nginx", "haproxy"} {
+		for _, target := range o.targets {
 			for i, c := range o.conns {
 				a := addr(target)
 				if target == "direct" {
@@ -283,7 +298,20 @@ func run(ctx context.Context, o options) error {
 						prof <- fetchProfile(ctx, "http://"+addr("debug"), o.duration-time.Second, o.profile)
 					}()
 				}
+				if o.warmup > 0 {
+					if _, err := runWrk(ctx, o, a, c, o.warmup); err != nil {
+						return fmt.Errorf("%s warm-up at %d connections: %w", target, c, err)
+					}
+				}
+				proxyBefore, backendBefore := procCPU(pids[target]), procCPU(pids["direct"])
 				r, err := runWrk(ctx, o, a, c, o.duration)
+				if n := r.rps * o.duration.Seconds(); err == nil && n > 0 {
+					r.proxyCPU = (procCPU(pids[target]) - proxyBefore) / time.Duration(n)
+					r.backendCPU = (procCPU(pids["direct"]) - backendBefore) / time.Duration(n)
+					if target == "direct" {
+						r.proxyCPU = 0
+					}
+				}
 				if err != nil {
 					return fmt.Errorf("%s at %d connections: %w", target, c, err)
 				}
@@ -294,8 +322,8 @@ func run(ctx context.Context, o options) error {
 				}
 				r.target = target
 				results = append(results, r)
-				fmt.Printf("  %-8s c=%-4d %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d\n",
-					target, c, r.rps, ms(r.p50), ms(r.p99), r.errors)
+				fmt.Printf("  %-8s c=%-4d %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  CPU/req: proxy %.1f µs, backend %.1f µs\n",
+					target, c, r.rps, ms(r.p50), ms(r.p99), r.errors, us(r.proxyCPU), us(r.backendCPU))
 			}
 		}
 		printTable(results, o.conns)
@@ -324,13 +352,45 @@ func run(ctx context.Context, o options) error {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// procCPU is the user+system CPU time of pid and its descendants (nginx's
+// worker is a child of its master).
+func procCPU(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	var total time.Duration
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil {
+		// Fields after the command name, which is in parentheses.
+		if i := bytes.LastIndexByte(b, ')'); i > 0 {
+			f := strings.Fields(string(b[i+1:]))
+			if len(f) > 12 {
+				ut, _ := strconv.ParseInt(f[11], 10, 64)
+				st, _ := strconv.ParseInt(f[12], 10, 64)
+				total += time.Duration(ut+st) * time.Second / 100 // USER_HZ
+			}
+		}
+	}
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		b, _ := os.ReadFile(t)
+		for _, c := range strings.Fields(string(b)) {
+			if cp, err := strconv.Atoi(c); err == nil {
+				total += procCPU(cp)
+			}
+		}
+	}
+	return total
+}
+
 func printTable(results []result, conns []int) {
 	by := map[string]result{}
 	for _, r := range results {
 		by[r.target+strconv.Itoa(r.conns)] = r
 	}
 	fmt.Println()
-	fmt.Printf("%-8s %6s %10s %9s %9s %12s %12s\n", "target", "conns", "req/s", "p50 ms", "p99 ms", "rps/nginx", "p99/nginx")
+	fmt.Printf("%-8s %6s %10s %9s %9s %12s %12s %14s %16s\n", "target", "conns", "req/s", "p50 ms", "p99 ms", "rps/nginx", "p99/nginx", "proxy µs/req", "backend µs/req")
 	for _, t := range []string{"direct", "basin", "nginx", "haproxy"} {
 		for _, c := range conns {
 			r, ok := by[t+strconv.Itoa(c)]
@@ -345,7 +405,7 @@ func printTable(results []result, conns []int) {
 			if ng.p99 > 0 {
 				pratio = float64(r.p99) / float64(ng.p99)
 			}
-			fmt.Printf("%-8s %6d %10.0f %9.3f %9.3f %12.2f %12.2f\n", t, c, r.rps, ms(r.p50), ms(r.p99), ratio, pratio)
+			fmt.Printf("%-8s %6d %10.0f %9.3f %9.3f %12.2f %12.2f %14.1f %16.1f\n", t, c, r.rps, ms(r.p50), ms(r.p99), ratio, pratio, us(r.proxyCPU), us(r.backendCPU))
 		}
 	}
 	fmt.Println()
@@ -468,10 +528,10 @@ func waitRoutes(ctx context.Context, metricsURL string, atLeast int) error {
 
 // --- the other proxies ---
 
-func startNginx(ps *procs, dir, listen, backend, cpu string) error {
+func startNginx(ps *procs, dir, listen, backend, cpu string) (*exec.Cmd, error) {
 	nd := filepath.Join(dir, "nginx")
 	if err := os.MkdirAll(filepath.Join(nd, "logs"), 0o755); err != nil {
-		return err
+		return nil, err
 	}
 	conf := fmt.Sprintf(`worker_processes 1;
 pid %[1]s/nginx.pid;
@@ -501,16 +561,15 @@ http {
 `, nd, listen, backend)
 	cf := filepath.Join(nd, "nginx.conf")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
-		return err
+		return nil, err
 	}
-	_, err := ps.start("taskset", filepath.Join(nd, "stdout.log"), "-c", cpu, "nginx", "-p", nd, "-e", filepath.Join(nd, "logs/error.log"), "-c", cf, "-g", "daemon off;")
-	return err
+	return ps.start("taskset", filepath.Join(nd, "stdout.log"), "-c", cpu, "nginx", "-p", nd, "-e", filepath.Join(nd, "logs/error.log"), "-c", cf, "-g", "daemon off;")
 }
 
-func startHAProxy(ps *procs, dir, listen, backend, cpu string) error {
+func startHAProxy(ps *procs, dir, listen, backend, cpu string) (*exec.Cmd, error) {
 	hd := filepath.Join(dir, "haproxy")
 	if err := os.MkdirAll(hd, 0o755); err != nil {
-		return err
+		return nil, err
 	}
 	conf := fmt.Sprintf(`global
   maxconn 4096
@@ -530,10 +589,9 @@ backend be
 `, listen, backend)
 	cf := filepath.Join(hd, "haproxy.cfg")
 	if err := os.WriteFile(cf, []byte(conf), 0o644); err != nil {
-		return err
+		return nil, err
 	}
-	_, err := ps.start("taskset", filepath.Join(hd, "haproxy.log"), "-c", cpu, "haproxy", "-db", "-f", cf)
-	return err
+	return ps.start("taskset", filepath.Join(hd, "haproxy.log"), "-c", cpu, "haproxy", "-db", "-f", cf)
 }
 
 // --- wrk ---
@@ -545,6 +603,7 @@ var (
 	sockErrRe = regexp.MustCompile(`Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)`)
 )
 
+// runWrk runs wrk once for d (whole seconds).
 func runWrk(ctx context.Context, o options, addr string, conns int, d time.Duration) (result, error) {
 	wrk := func(d time.Duration) ([]byte, error) {
 		args := []string{"-c", o.wrkCPU, "wrk", "-t1", "-c" + strconv.Itoa(conns), "-d" + strconv.Itoa(int(d.Seconds())) + "s",
@@ -556,11 +615,6 @@ func runWrk(ctx context.Context, o options, addr string, conns int, d time.Durat
 			return out, fmt.Errorf("wrk: %w: %s", err, out)
 		}
 		return out, nil
-	}
-	if o.warmup > 0 {
-		if _, err := wrk(o.warmup); err != nil {
-			return result{}, err
-		}
 	}
 	out, err := wrk(d)
 	if err != nil {

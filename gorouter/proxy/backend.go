@@ -25,6 +25,8 @@ type backendConn struct {
 	reused   bool
 	lastUsed time.Time
 	buf      []byte // response head scratch
+	res      response
+	limited  io.LimitedReader
 }
 
 // backends pools idle connections per endpoint address.
@@ -79,8 +81,9 @@ func (b *backends) dial(ctx context.Context, addr string) (*backendConn, error) 
 
 // put returns a connection whose last response was read completely.
 func (b *backends) put(bc *backendConn) {
+	// The connection keeps its last deadline while idle: nothing reads it
+	// until the next request sets a new one.
 	bc.lastUsed = time.Now()
-	bc.conn.SetDeadline(time.Time{})
 	b.mu.Lock()
 	list := b.idle[bc.addr]
 	if len(list) >= b.p.cfg.MaxIdlePerEndpoint || b.closed {

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -20,12 +21,13 @@ import (
 // refused rather than normalized, so no backend can read a request
 // differently from the router.
 type h1conn struct {
-	p     *Proxy
-	conn  net.Conn
-	br    *bufio.Reader
-	bw    *bufio.Writer
-	tls   bool
-	state *atomic.Int32 // connIdle or connActive, read by the drainer
+	p      *Proxy
+	conn   net.Conn
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	tls    bool
+	remote string        // RemoteAddr().String() once per connection, not per request
+	state  *atomic.Int32 // connIdle or connActive, read by the drainer
 
 	hbuf []byte
 	req  request
@@ -62,7 +64,11 @@ func (c *h1conn) serve() {
 			return
 		}
 		c.state.Store(connActive)
-		c.conn.SetReadDeadline(time.Now().Add(c.p.cfg.ReadHeaderTimeout))
+		if !headBuffered(c.br) {
+			// A slow client gets ReadHeaderTimeout for the rest of the head;
+			// the usual head arrived whole and costs no extra timer update.
+			c.conn.SetReadDeadline(time.Now().Add(c.p.cfg.ReadHeaderTimeout))
+		}
 		c.req.reset()
 		c.chunked, c.closeAfter, c.wroteHead, c.respBytes = false, false, false, 0
 		err := c.readRequest()
@@ -73,7 +79,11 @@ func (c *h1conn) serve() {
 			}
 			return
 		}
-		c.conn.SetReadDeadline(time.Time{})
+		if c.req.body != nil {
+			// Bodies stream at the client's pace, bounded by the endpoint's
+			// timeouts instead.
+			c.conn.SetReadDeadline(time.Time{})
+		}
 		c.p.serve(&c.req, c)
 		if c.hijacked {
 			return
@@ -120,7 +130,7 @@ func (c *h1conn) readRequest() error {
 	r := &c.req
 	r.tls = c.tls
 	r.start = time.Now()
-	r.remoteAddr = c.conn.RemoteAddr().String()
+	r.remoteAddr = c.remote
 
 	line, rest := nextLine(head)
 	method, rest1, ok1 := strings.Cut(line, " ")
@@ -247,6 +257,30 @@ func (c *h1conn) readRequest() error {
 	return nil
 }
 
+// headBuffered reports whether a whole request head is already buffered.
+func headBuffered(br *bufio.Reader) bool {
+	b, _ := br.Peek(br.Buffered())
+	return bytes.Contains(b, []byte("\r\n\r\n")) || bytes.Contains(b, []byte("\n\n"))
+}
+
+// writeInt writes a non-negative n in base 10 or 16 without allocating
+// (strconv.Append* into a stack buffer escapes through bufio.Writer.Write).
+func writeInt(bw *bufio.Writer, n int64, base int64) {
+	var digits [20]byte
+	i := len(digits)
+	for {
+		i--
+		digits[i] = "0123456789abcdef"[n%base]
+		n /= base
+		if n == 0 {
+			break
+		}
+	}
+	for ; i < len(digits); i++ {
+		bw.WriteByte(digits[i])
+	}
+}
+
 func nextLine(s string) (line, rest string) {
 	line, rest, _ = strings.Cut(s, "\n")
 	return strings.TrimSuffix(line, "\r"), rest
@@ -338,8 +372,7 @@ func (c *h1conn) head(status int, reason string, hs []header, length int64, noBo
 	} else {
 		bw.WriteString("HTTP/1.1 ")
 	}
-	var nb [20]byte
-	bw.Write(strconv.AppendInt(nb[:0], int64(status), 10))
+	writeInt(bw, int64(status), 10)
 	bw.WriteByte(' ')
 	if reason == "" {
 		reason = http.StatusText(status)
@@ -360,7 +393,7 @@ func (c *h1conn) head(status int, reason string, hs []header, length int64, noBo
 	case noBody:
 	case length >= 0:
 		bw.WriteString("Content-Length: ")
-		bw.Write(strconv.AppendInt(nb[:0], length, 10))
+		writeInt(bw, length, 10)
 		bw.WriteString("\r\n")
 	case !c.req.proto10:
 		c.chunked = true
@@ -390,8 +423,7 @@ func (c *h1conn) write(p []byte) (int, error) {
 	if !c.chunked {
 		return c.bw.Write(p)
 	}
-	var nb [20]byte
-	c.bw.Write(strconv.AppendUint(nb[:0], uint64(len(p)), 16))
+	writeInt(c.bw, int64(len(p)), 16)
 	c.bw.WriteString("\r\n")
 	n, err := c.bw.Write(p)
 	if err != nil {

@@ -216,7 +216,8 @@ func (p *Proxy) accept(ln net.Listener, serve func(net.Conn, *atomic.Int32)) err
 }
 
 func (p *Proxy) serveH1(c net.Conn, state *atomic.Int32, isTLS bool) {
-	hc := &h1conn{p: p, conn: c, br: p.bufs.getReader(c), bw: p.bufs.getWriter(c), tls: isTLS, state: state}
+	hc := &h1conn{p: p, conn: c, br: p.bufs.getReader(c), bw: p.bufs.getWriter(c), tls: isTLS, state: state,
+		remote: c.RemoteAddr().String()}
 	hc.serve()
 }
 
@@ -350,8 +351,7 @@ func (p *Proxy) route(r *request, s sink) outcome {
 		}
 		tried = append(tried, ep)
 		out, err := p.exchange(r, s, ep)
-		var de *dialError
-		if !errors.As(err, &de) {
+		if _, dialFailed := err.(*dialError); !dialFailed {
 			return out
 		}
 		// Nothing reached this endpoint: skip it for a while, try another.
@@ -514,7 +514,7 @@ func (p *Proxy) roundTrip(r *request, s sink, ep *routetable.Endpoint, bc *backe
 		return p.backendFailed(r, s, ep, err), false
 	}
 
-	res := &response{}
+	res := &bc.res
 	var err error
 	for {
 		bc.buf, err = readResponseHead(bc.br, bc.buf, p.cfg.MaxHeaderBytes, res)
@@ -548,13 +548,18 @@ func (p *Proxy) roundTrip(r *request, s sink, ep *routetable.Endpoint, bc *backe
 		return out, false
 	}
 	if !noBody {
-		bc.conn.SetReadDeadline(time.Now().Add(p.cfg.BackendReadTimeout))
+		if res.contentLen < 0 || int64(bc.br.Buffered()) < res.contentLen {
+			// Still to be read: switch from the head timeout to the
+			// pause timeout. A body already buffered needs no timer.
+			bc.conn.SetReadDeadline(time.Now().Add(p.cfg.BackendReadTimeout))
+		}
 		var src io.Reader = bc.br
 		switch {
 		case res.chunked:
 			src = httputil.NewChunkedReader(bc.br)
 		case res.contentLen >= 0:
-			src = &io.LimitedReader{R: bc.br, N: res.contentLen}
+			bc.limited = io.LimitedReader{R: bc.br, N: res.contentLen}
+			src = &bc.limited
 		}
 		stream := length < 0 || isEventStream(hs)
 		buf := p.bufs.getBuf()
@@ -657,9 +662,8 @@ func (p *Proxy) writeRequestHead(bw *bufio.Writer, r *request) {
 			bw.WriteString("Content-Length: 0\r\n")
 		}
 	case r.contentLen >= 0:
-		var nb [20]byte
 		bw.WriteString("Content-Length: ")
-		bw.Write(strconv.AppendInt(nb[:0], r.contentLen, 10))
+		writeInt(bw, r.contentLen, 10)
 		bw.WriteString("\r\n")
 	default:
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
@@ -685,8 +689,7 @@ func (p *Proxy) copyRequestBody(bw *bufio.Writer, r *request) (readErr, writeErr
 			sent += int64(n)
 			var werr error
 			if chunked {
-				var nb [20]byte
-				bw.Write(strconv.AppendUint(nb[:0], uint64(n), 16))
+				writeInt(bw, int64(n), 16)
 				bw.WriteString("\r\n")
 				bw.Write((*buf)[:n])
 				_, werr = bw.WriteString("\r\n")
