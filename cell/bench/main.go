@@ -100,30 +100,43 @@ func run(ctx context.Context, n, iters int) error {
 		return err
 	}
 	defer raw.close()
-	rawSingle, err := measureSingle(ctx, iters, raw.start)
-	if err != nil {
-		return fmt.Errorf("raw single: %w", err)
-	}
-	rawAll, err := measureBatch(ctx, n, raw.start)
-	if err != nil {
-		return fmt.Errorf("raw batch: %w", err)
-	}
-
 	b, err := newBasin(ctx, c, dir, launcher, drop)
 	if err != nil {
 		return err
 	}
 	defer b.close()
-	basinSingle, err := measureSingle(ctx, iters, b.start)
-	if err != nil {
-		return fmt.Errorf("basin single: %w", err)
-	}
-	basinAll, err := measureBatch(ctx, n, b.start)
-	if err != nil {
-		return fmt.Errorf("basin batch: %w", err)
-	}
 
-	fmt.Printf("raw containerd: one instance p50 %d ms; %d at once %d ms\n", ms(rawSingle), n, ms(rawAll))
+	// Raw and basin alternate, start by start and batch by batch, so both
+	// see the same machine: other work on it shifts both figures alike.
+	var rawDs, basinDs []time.Duration
+	for i := range iters {
+		for _, m := range []struct {
+			start starter
+			ds    *[]time.Duration
+		}{{raw.start, &rawDs}, {b.start, &basinDs}} {
+			d, err := measureOne(ctx, fmt.Sprintf("single-%d", i), m.start)
+			if err != nil {
+				return err
+			}
+			*m.ds = append(*m.ds, d)
+		}
+	}
+	var rawBatches, basinBatches []time.Duration
+	for round := range batchRounds {
+		d, err := measureBatch(ctx, round, n, raw.start)
+		if err != nil {
+			return fmt.Errorf("raw batch: %w", err)
+		}
+		rawBatches = append(rawBatches, d)
+		if d, err = measureBatch(ctx, round, n, b.start); err != nil {
+			return fmt.Errorf("basin batch: %w", err)
+		}
+		basinBatches = append(basinBatches, d)
+	}
+	rawSingle, basinSingle := median(rawDs), median(basinDs)
+	rawAll, basinAll := median(rawBatches), median(basinBatches)
+
+	fmt.Printf("raw containerd: one instance p50 %d ms; %d at once %d ms (median of %d)\n", ms(rawSingle), n, ms(rawAll), batchRounds)
 	fmt.Printf("basin executor: one instance p50 %d ms (%.2fx raw); %d at once %d ms (%.2fx raw)\n",
 		ms(basinSingle), float64(basinSingle)/float64(rawSingle), n, ms(basinAll), float64(basinAll)/float64(rawAll))
 	fmt.Printf("RESULT raw_start_ms_p50 %d\n", ms(rawSingle))
@@ -140,28 +153,33 @@ func ms(d time.Duration) int64 { return d.Milliseconds() }
 // function that removes it (not measured).
 type starter func(ctx context.Context, id string) (cleanup func(), err error)
 
-func measureSingle(ctx context.Context, iters int, start starter) (time.Duration, error) {
-	var ds []time.Duration
-	for i := range iters {
-		t0 := time.Now()
-		cleanup, err := start(ctx, fmt.Sprintf("single-%d", i))
-		if err != nil {
-			return 0, err
-		}
-		ds = append(ds, time.Since(t0))
-		cleanup()
+// batchRounds is how many batches of each kind run; the median counts.
+const batchRounds = 3
+
+func measureOne(ctx context.Context, id string, start starter) (time.Duration, error) {
+	t0 := time.Now()
+	cleanup, err := start(ctx, id)
+	if err != nil {
+		return 0, err
 	}
-	slices.Sort(ds)
-	return ds[len(ds)/2], nil
+	d := time.Since(t0)
+	cleanup()
+	return d, nil
 }
 
-func measureBatch(ctx context.Context, n int, start starter) (time.Duration, error) {
+func median(ds []time.Duration) time.Duration {
+	ds = slices.Clone(ds)
+	slices.Sort(ds)
+	return ds[len(ds)/2]
+}
+
+func measureBatch(ctx context.Context, round, n int, start starter) (time.Duration, error) {
 	var wg sync.WaitGroup
 	errs := make([]error, n)
 	cleanups := make([]func(), n)
 	t0 := time.Now()
 	for i := range n {
-		wg.Go(func() { cleanups[i], errs[i] = start(ctx, fmt.Sprintf("batch-%d", i)) })
+		wg.Go(func() { cleanups[i], errs[i] = start(ctx, fmt.Sprintf("batch-%d-%d", round, i)) })
 	}
 	wg.Wait()
 	took := time.Since(t0)
