@@ -276,6 +276,7 @@ func (e *Executor) Run(ctx context.Context) error {
 	}
 	e.net = n
 	if err := n.installFirewall(ctx); err != nil {
+		_ = n.removeFirewall(context.WithoutCancel(ctx)) // whatever part got in
 		return fmt.Errorf("executor: firewall: %w", err)
 	}
 	defer func() {

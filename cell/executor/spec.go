@@ -146,6 +146,11 @@ func (s *Spec) validate() error {
 	case s.PidsLimit < 0:
 		return bad("pids_limit", "must be >= 0, got %d", s.PidsLimit)
 	}
+	for i, p := range s.Ports {
+		if p == 0 {
+			return bad(fmt.Sprintf("ports[%d]", i), "must be 1-65535")
+		}
+	}
 	switch s.HealthCheck.Type {
 	case HealthPort, HealthHTTP, HealthProcess:
 	default:

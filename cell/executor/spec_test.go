@@ -29,6 +29,7 @@ func TestSpecValidate(t *testing.T) {
 		{"no memory", func(s *Spec) { s.MemoryMB = 0 }, "memory_mb"},
 		{"bad health", func(s *Spec) { s.HealthCheck.Type = "tcp" }, "health_check.type"},
 		{"bad env", func(s *Spec) { s.Env = []string{"NOEQUALS"} }, "env"},
+		{"zero port", func(s *Spec) { s.Ports = []uint16{8080, 0} }, "ports[1]"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
