@@ -125,6 +125,7 @@ type result struct {
 	// CPU time per request of the proxy and of the backend, from /proc:
 	// steadier than req/s when other work shares the machine.
 	proxyCPU, backendCPU time.Duration
+	switches             float64 // context switches of the proxy per request
 }
 
 // procs tracks the processes we started, to stop exactly those.
@@ -304,10 +305,12 @@ func run(ctx context.Context, o options) error {
 					}
 				}
 				proxyBefore, backendBefore := procCPU(pids[target]), procCPU(pids["direct"])
+				csBefore := ctxSwitches(pids[target])
 				r, err := runWrk(ctx, o, a, c, o.duration)
 				if n := r.rps * o.duration.Seconds(); err == nil && n > 0 {
 					r.proxyCPU = (procCPU(pids[target]) - proxyBefore) / time.Duration(n)
 					r.backendCPU = (procCPU(pids["direct"]) - backendBefore) / time.Duration(n)
+					r.switches = float64(ctxSwitches(pids[target])-csBefore) / n
 					if target == "direct" {
 						r.proxyCPU = 0
 					}
@@ -322,8 +325,8 @@ func run(ctx context.Context, o options) error {
 				}
 				r.target = target
 				results = append(results, r)
-				fmt.Printf("  %-8s c=%-4d %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  CPU/req: proxy %.1f µs, backend %.1f µs\n",
-					target, c, r.rps, ms(r.p50), ms(r.p99), r.errors, us(r.proxyCPU), us(r.backendCPU))
+				fmt.Printf("  %-8s c=%-4d %10.0f req/s  p50 %7.3f ms  p99 %7.3f ms  errors %d  CPU/req: proxy %.1f µs, backend %.1f µs; proxy context switches/req %.2f\n",
+					target, c, r.rps, ms(r.p50), ms(r.p99), r.errors, us(r.proxyCPU), us(r.backendCPU), r.switches)
 			}
 		}
 		printTable(results, o.conns)
@@ -353,6 +356,34 @@ func run(ctx context.Context, o options) error {
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// ctxSwitches sums the context switches of pid's threads and descendants.
+func ctxSwitches(pid int) int64 {
+	if pid == 0 {
+		return 0
+	}
+	var total int64
+	statuses, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	for _, st := range statuses {
+		b, _ := os.ReadFile(st)
+		for _, line := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.HasSuffix(k, "ctxt_switches") {
+				n, _ := strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+				total += n
+			}
+		}
+	}
+	children, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range children {
+		b, _ := os.ReadFile(t)
+		for _, c := range strings.Fields(string(b)) {
+			if cp, err := strconv.Atoi(c); err == nil {
+				total += ctxSwitches(cp)
+			}
+		}
+	}
+	return total
+}
 
 // procCPU is the user+system CPU time of pid and its descendants (nginx's
 // worker is a child of its master).

@@ -29,6 +29,10 @@ type Syncer struct {
 	syncedOK atomic.Bool
 	relists  atomic.Int64
 	retry    time.Duration
+
+	// afterList runs between a list and its watch; tests use it to change
+	// and compact etcd in that gap.
+	afterList func(ctx context.Context, rev int64)
 }
 
 // NewSyncer feeds table from the keys under prefix (e.g. bbs.Keys.RoutePrefix()).
@@ -77,6 +81,10 @@ func (s *Syncer) syncOnce(ctx context.Context) error {
 	s.relists.Add(1)
 	if s.syncedOK.CompareAndSwap(false, true) {
 		close(s.synced)
+	}
+
+	if s.afterList != nil {
+		s.afterList(ctx, resp.Header.Revision)
 	}
 
 	// The watch has its own ctx so leaving this function always cancels it.
