@@ -289,9 +289,13 @@ func (e *Executor) Run(ctx context.Context) error {
 	defer stopEvents()
 	envelopes, errs := e.c.Subscribe(evCtx, `topic=="/tasks/oom"`)
 
-	e.ctx = ctx
+	// Monitors run on runCtx: whatever ends Run ends them first (they
+	// leave their containers running), then Run waits for them.
+	runCtx, cancel := context.WithCancel(ctx)
+	e.ctx = runCtx
 	close(e.ready)
-	defer e.wg.Wait() // monitors end with ctx and leave their containers running
+	defer e.wg.Wait()
+	defer cancel()
 
 	for {
 		select {
