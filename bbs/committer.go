@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
@@ -150,7 +151,9 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 		cmps = append(cmps, it.cmps...)
 		ops = append(ops, it.ops...)
 	}
+	start := time.Now()
 	resp, err := c.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	c.metrics.txnSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		for _, it := range batch {
 			it.res <- txnResult{err: fmt.Errorf("etcd txn: %w", err)}
@@ -173,7 +176,9 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 }
 
 func (c *committer) single(ctx context.Context, it *txnItem) txnResult {
+	start := time.Now()
 	resp, err := c.kv.Txn(ctx).If(it.cmps...).Then(it.ops...).Else(it.elses...).Commit()
+	c.metrics.txnSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		return txnResult{err: fmt.Errorf("etcd txn: %w", err)}
 	}

@@ -47,6 +47,13 @@ func (h *hub) subscribe(guid string) *Subscription {
 	return s
 }
 
+// active reports whether anyone listens, so unheard events are not built.
+func (h *hub) active() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.subs) > 0
+}
+
 // publish hands ev to every subscriber interested in guid without blocking.
 func (h *hub) publish(guid string, ev *basinv1.Event) {
 	h.mu.Lock()
@@ -110,6 +117,9 @@ func (s *Subscription) Next(ctx context.Context) (*basinv1.Event, error) {
 // Events turn view changes into API events.
 
 func (s *Store) onActualChange(rev int64, changes []change) {
+	if !s.hub.active() {
+		return
+	}
 	for _, c := range changes {
 		before := decodeActualEntry(c.before)
 		after := decodeActualEntry(c.after)
@@ -144,6 +154,9 @@ func (s *Store) onActualChange(rev int64, changes []change) {
 }
 
 func (s *Store) onTaskChange(rev int64, changes []change) {
+	if !s.hub.active() {
+		return
+	}
 	for _, c := range changes {
 		before := decodeTaskEntry(c.before)
 		after := decodeTaskEntry(c.after)
@@ -161,6 +174,9 @@ func (s *Store) onTaskChange(rev int64, changes []change) {
 // onDesiredChange groups the schedule and run keys of one LRP, which change
 // together in one transaction, into one event.
 func (s *Store) onDesiredChange(rev int64, changes []change) {
+	if !s.hub.active() {
+		return
+	}
 	type parts struct {
 		sched, run       *kvEntry
 		schedSet, runSet bool

@@ -5,6 +5,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type metrics struct {
 	batchSize      prometheus.Histogram
 	batchSplits    prometheus.Counter
+	txnSeconds     prometheus.Histogram
 	conflicts      prometheus.Counter
 	eventsSent     prometheus.Counter
 	subscribers    prometheus.Gauge
@@ -21,6 +22,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		batchSplits: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "basin_bbs_txn_batch_splits_total", Help: "Merged transactions that failed a compare and were re-run item by item.",
+		}),
+		txnSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "basin_bbs_txn_seconds", Help: "Latency of the etcd transactions the committer sends.",
+			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 16),
 		}),
 		conflicts: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "basin_bbs_write_conflicts_total", Help: "Guarded writes that lost to a concurrent write.",
@@ -43,7 +48,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}, []string{"method"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.batchSize, m.batchSplits, m.conflicts, m.eventsSent, m.subscribers, m.droppedSubs, m.requests, m.requestSeconds)
+		reg.MustRegister(m.batchSize, m.batchSplits, m.txnSeconds, m.conflicts, m.eventsSent, m.subscribers, m.droppedSubs, m.requests, m.requestSeconds)
 	}
 	return m
 }

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"time"
 
@@ -167,10 +168,15 @@ func (s *Server) Run(ctx context.Context) error {
 	return g.Wait()
 }
 
-// DebugHandler serves /metrics from reg.
+// DebugHandler serves /metrics from reg and the Go profiler under
+// /debug/pprof/; it belongs on a loopback or otherwise private port.
 func DebugHandler(reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
 

@@ -158,7 +158,7 @@ func (v *view) run(ctx context.Context) error {
 func (v *view) watch(ctx context.Context) (compacted bool, err error) {
 	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 	defer cancel()
-	wch := v.cli.Watch(wctx, v.prefix, clientv3.WithPrefix(), clientv3.WithRev(v.revision()+1), clientv3.WithPrevKV())
+	wch := v.cli.Watch(wctx, v.prefix, clientv3.WithPrefix(), clientv3.WithRev(v.revision()+1))
 	for resp := range wch {
 		if resp.CompactRevision != 0 || errors.Is(resp.Err(), rpctypes.ErrCompacted) {
 			return true, resp.Err()
@@ -200,7 +200,9 @@ func (v *view) apply(rev int64, events []*clientv3.Event) {
 		v.rev = rev
 	}
 	v.mu.Unlock()
-	v.onChange(rev, changes)
+	if v.onChange != nil {
+		v.onChange(rev, changes)
+	}
 }
 
 // relist reads the whole prefix at one revision, replaces the view with it and
@@ -247,7 +249,7 @@ func (v *view) relist(ctx context.Context) error {
 		v.relists++
 	}
 	v.mu.Unlock()
-	if !first && len(changes) > 0 {
+	if !first && len(changes) > 0 && v.onChange != nil {
 		v.onChange(rev, changes)
 	}
 	return nil

@@ -1,0 +1,433 @@
+// Command bench measures the BBS against the raw etcd figure it must beat,
+// in one run on this machine: make bench-bbs.
+//
+// It starts an embedded etcd in this process and the real bbs binary as a
+// child process on it, so the BBS's memory is its own.
+package main
+
+import (
+	"bufio"
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+type options struct {
+	clients  int
+	duration time.Duration
+	actuals  int
+	profile  string
+	workers  int
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.clients, "clients", 64, "concurrent clients")
+	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each throughput measurement")
+	flag.IntVar(&o.actuals, "actuals", 100000, "actual LRPs stored for the memory figure")
+	flag.IntVar(&o.workers, "txn-concurrency", 4, "the BBS's etcd transactions in flight")
+	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the BBS during the transition run to this file")
+	flag.Parse()
+	if err := run(context.Background(), o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-bbs:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, o options) error {
+	dir, err := os.MkdirTemp("", "bench-bbs-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+
+	fmt.Println("building bbs ...")
+	bin := filepath.Join(dir, "bbs")
+	build := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/bbs")
+	build.Stdout, build.Stderr = os.Stdout, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build bbs: %w", err)
+	}
+
+	etcd, err := embeddedetcd.Start(ctx, embeddedetcd.Config{Dir: filepath.Join(dir, "etcd")})
+	if err != nil {
+		return err
+	}
+	defer etcd.Close()
+	cli, err := etcd.Client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+
+	fmt.Printf("raw etcd: get, then Txn(If ModRevision == rev).Then(Put), %d goroutines, %s ...\n", o.clients, o.duration)
+	raw, err := rawGuardedPuts(ctx, cli, o)
+	if err != nil {
+		return err
+	}
+
+	addr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	const token = "bench"
+	debugAddr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	proc := exec.CommandContext(ctx, bin, "-listen", addr, "-debug-listen", debugAddr, "-etcd-endpoints", etcd.Endpoint(),
+		"-prefix", "/bench/", "-log-level", "error", "-txn-concurrency", strconv.Itoa(o.workers))
+	proc.Env = append(os.Environ(), "BASIN_TOKEN="+token)
+	proc.Stderr = os.Stderr
+	if err := proc.Start(); err != nil {
+		return fmt.Errorf("start bbs: %w", err)
+	}
+	defer func() {
+		proc.Process.Signal(os.Interrupt)
+		proc.Wait()
+	}()
+	keys := bbs.NewKeys("/bench/")
+
+	conns := make([]*bbs.Client, o.clients)
+	for i := range conns {
+		if conns[i], err = bbs.Dial(bbs.ClientConfig{Address: addr, Token: token}); err != nil {
+			return err
+		}
+		defer conns[i].Close()
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := conns[0].WaitReady(rctx); err != nil {
+		return err
+	}
+
+	fmt.Printf("BBS: DesireLRP (1 instance), %d clients, %s ...\n", o.clients, o.duration)
+	creations, err := desireRate(ctx, conns, o)
+	if err != nil {
+		return err
+	}
+
+	fmt.Printf("BBS: ClaimActualLRP then StartActualLRP, %d clients (one cell each), %s ...\n", o.clients, o.duration)
+	profDone := make(chan error, 1)
+	if o.profile != "" {
+		go func() { profDone <- fetchProfile(debugAddr, o.profile, o.duration) }()
+	} else {
+		profDone <- nil
+	}
+	if o.profile != "" {
+		f, err := os.Create(o.profile + ".bench")
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		go func() {
+			time.Sleep(2500 * time.Millisecond)
+			pprof.StartCPUProfile(f)
+			time.Sleep(o.duration - time.Second)
+			pprof.StopCPUProfile()
+		}()
+	}
+	transitions, used, err := transitionRate(ctx, cli, keys, conns, o)
+	if perr := <-profDone; perr != nil {
+		fmt.Fprintln(os.Stderr, "profile:", perr)
+	}
+	batch, splits, conflicts := batchStats(debugAddr)
+	if err != nil {
+		return err
+	}
+
+	fmt.Printf("BBS: filling to %d actual LRPs ...\n", o.actuals)
+	stored, err := fill(ctx, conns, o.actuals-used-int(creations*o.duration.Seconds()))
+	if err != nil {
+		return err
+	}
+	total, err := countActuals(ctx, cli, keys)
+	if err != nil {
+		return err
+	}
+	// Let the BBS's watch catch up and its heap settle before reading RSS.
+	time.Sleep(3 * time.Second)
+	rss, err := rssMB(proc.Process.Pid)
+	if err != nil {
+		return err
+	}
+	_ = stored
+
+	ratio := transitions / raw
+	fmt.Println()
+	fmt.Printf("%-62s %12s\n", "measurement", "value")
+	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("raw etcd get + guarded put (%d goroutines)", o.clients), raw)
+	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("BBS claim -> start transitions via gRPC (%d clients)", o.clients), transitions)
+	fmt.Printf("%-62s %12.2f x   (target >= 1.5)\n", "BBS / raw", ratio)
+	fmt.Printf("%-62s %12.1f   (%.0f merged txns split, %.0f guard conflicts)\n", "BBS writes merged per etcd transaction (mean)", batch, splits, conflicts)
+	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("BBS desired-LRP creations (%d clients)", o.clients), creations)
+	fmt.Printf("%-62s %12.0f MB\n", fmt.Sprintf("BBS process RSS with %d actual LRPs stored", total), rss)
+	fmt.Println()
+	fmt.Printf("RESULT raw_guarded_put_per_s %.0f\n", raw)
+	fmt.Printf("RESULT bbs_transitions_per_s %.0f\n", transitions)
+	fmt.Printf("RESULT bbs_rss_mb_100k_actuals %.0f\n", rss)
+	return nil
+}
+
+// rawGuardedPuts is the read-then-write baseline: each op reads a key, then
+// writes it guarded by the revision it read.
+func rawGuardedPuts(ctx context.Context, cli *clientv3.Client, o options) (float64, error) {
+	var ops atomic.Int64
+	var firstErr error
+	var once sync.Once
+	deadline := time.Now().Add(o.duration)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for g := range o.clients {
+		wg.Go(func() {
+			key := fmt.Sprintf("/raw/%d", g)
+			val := strings.Repeat("x", 120)
+			for time.Now().Before(deadline) {
+				resp, err := cli.Get(ctx, key)
+				if err != nil {
+					once.Do(func() { firstErr = err })
+					return
+				}
+				var rev int64
+				if len(resp.Kvs) > 0 {
+					rev = resp.Kvs[0].ModRevision
+				}
+				tr, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(key), "=", rev)).Then(clientv3.OpPut(key, val)).Commit()
+				if err != nil {
+					once.Do(func() { firstErr = err })
+					return
+				}
+				if tr.Succeeded {
+					ops.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ops.Load()) / time.Since(start).Seconds(), firstErr
+}
+
+func schedule(guid string, instances int32) *basinv1.DesiredLRPSchedule {
+	return &basinv1.DesiredLRPSchedule{
+		ProcessGuid: guid, Domain: "bench", Instances: instances, Stack: "tiny",
+		Resources: &basinv1.ResourceLimits{MemoryMb: 256, DiskMb: 1024, Pids: 1024},
+		Routes:    []*basinv1.Route{{Host: guid + ".apps.example.com"}},
+	}
+}
+
+func runPart() *basinv1.DesiredLRPRun {
+	return &basinv1.DesiredLRPRun{StartCommand: "bundle exec rackup -p $PORT", Ports: []uint32{8080},
+		Env: []*basinv1.EnvVar{{Name: "RACK_ENV", Value: "production"}}}
+}
+
+func desireRate(ctx context.Context, conns []*bbs.Client, o options) (float64, error) {
+	var ops atomic.Int64
+	var firstErr error
+	var once sync.Once
+	deadline := time.Now().Add(o.duration)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for c, cl := range conns {
+		wg.Go(func() {
+			for n := 0; time.Now().Before(deadline); n++ {
+				_, err := cl.DesireLRP(ctx, &basinv1.DesireLRPRequest{Schedule: schedule(fmt.Sprintf("create-%d-%d", c, n), 1), Run: runPart()})
+				if err != nil {
+					once.Do(func() { firstErr = err })
+					return
+				}
+				ops.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ops.Load()) / time.Since(start).Seconds(), firstErr
+}
+
+// transitionRate gives each client (a cell) its own LRP and has it claim then
+// start instance after instance; each claim and each start is a transition.
+func transitionRate(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, conns []*bbs.Client, o options) (float64, int, error) {
+	const perClient = 1000
+	fences := make([]*basinv1.Fence, len(conns))
+	for c, cl := range conns {
+		guid := fmt.Sprintf("lrp-%d", c)
+		if _, err := cl.DesireLRP(ctx, &basinv1.DesireLRPRequest{Schedule: schedule(guid, perClient), Run: runPart()}); err != nil {
+			return 0, 0, err
+		}
+		resp, err := cli.Put(ctx, keys.Cell(fmt.Sprintf("cell-%d", c)), "")
+		if err != nil {
+			return 0, 0, err
+		}
+		fences[c] = &basinv1.Fence{Key: keys.Cell(fmt.Sprintf("cell-%d", c)), CreateRevision: resp.Header.Revision}
+	}
+	// Let the BBS's watch see the new instances, as it would in production
+	// where cells claim what the auctioneer placed moments earlier.
+	time.Sleep(2 * time.Second)
+
+	var ops atomic.Int64
+	var firstErr error
+	var once sync.Once
+	deadline := time.Now().Add(o.duration)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for c, cl := range conns {
+		wg.Go(func() {
+			cell := fmt.Sprintf("cell-%d", c)
+			for i := int32(0); i < perClient && time.Now().Before(deadline); i++ {
+				key := &basinv1.ActualLRPKey{ProcessGuid: fmt.Sprintf("lrp-%d", c), Index: i}
+				ik := &basinv1.ActualLRPInstanceKey{InstanceGuid: fmt.Sprintf("%s-%d", cell, i), CellId: cell}
+				if _, err := cl.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{Key: key, InstanceKey: ik, Fence: fences[c]}); err != nil {
+					once.Do(func() { firstErr = fmt.Errorf("claim: %w", err) })
+					return
+				}
+				ops.Add(1)
+				net := &basinv1.ActualLRPNetInfo{Address: "10.0.0.1", InstanceAddress: "10.255.0.2",
+					Ports: []*basinv1.PortMapping{{ContainerPort: 8080, HostPort: uint32(40000 + i)}}}
+				if _, err := cl.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{Key: key, InstanceKey: ik, NetInfo: net, Fence: fences[c]}); err != nil {
+					once.Do(func() { firstErr = fmt.Errorf("start: %w", err) })
+					return
+				}
+				ops.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	return float64(ops.Load()) / time.Since(start).Seconds(), len(conns) * perClient, firstErr
+}
+
+// fill desires LRPs of 100 instances until about n more actuals exist.
+func fill(ctx context.Context, conns []*bbs.Client, n int) (int, error) {
+	const per = 100
+	lrps := max(n, 0) / per
+	var next atomic.Int64
+	var firstErr error
+	var once sync.Once
+	var wg sync.WaitGroup
+	for _, cl := range conns[:min(8, len(conns))] {
+		wg.Go(func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(lrps) {
+					return
+				}
+				if _, err := cl.DesireLRP(ctx, &basinv1.DesireLRPRequest{Schedule: schedule(fmt.Sprintf("fill-%d", i), per), Run: runPart()}); err != nil {
+					once.Do(func() { firstErr = err })
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return lrps * per, firstErr
+}
+
+func countActuals(ctx context.Context, cli *clientv3.Client, keys bbs.Keys) (int64, error) {
+	resp, err := cli.Get(ctx, keys.ActualPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
+	if err != nil {
+		return 0, err
+	}
+	return resp.Count, nil
+}
+
+func rssMB(pid int) (float64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+			if err != nil {
+				return 0, err
+			}
+			return kb / 1024, nil
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS in /proc/%d/status", pid)
+}
+
+func freeAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// fetchProfile saves a CPU profile of the BBS taken while the transitions run.
+func fetchProfile(debugAddr, path string, d time.Duration) error {
+	time.Sleep(2500 * time.Millisecond) // past the pause before the run starts
+	secs := max(int(d.Seconds())-1, 1)
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", debugAddr, secs))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.Copy(f, resp.Body)
+	return err
+}
+
+// batchStats reads the group-commit figures from the BBS's metrics.
+func batchStats(debugAddr string) (mean, splits, conflicts float64) {
+	resp, err := http.Get("http://" + debugAddr + "/metrics")
+	if err != nil {
+		return 0, 0, 0
+	}
+	defer resp.Body.Close()
+	var sum, count, txnSum, txnCount float64
+	defer func() {
+		if txnCount > 0 {
+			fmt.Printf("mean etcd txn latency seen by the BBS: %.2f ms over %.0f txns\n", 1000*txnSum/txnCount, txnCount)
+		}
+	}()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) != 2 {
+			continue
+		}
+		v, _ := strconv.ParseFloat(f[1], 64)
+		switch f[0] {
+		case "basin_bbs_txn_batch_size_sum":
+			sum = v
+		case "basin_bbs_txn_batch_size_count":
+			count = v
+		case "basin_bbs_txn_seconds_sum":
+			txnSum = v
+		case "basin_bbs_txn_seconds_count":
+			txnCount = v
+		case "basin_bbs_txn_batch_splits_total":
+			splits = v
+		case "basin_bbs_write_conflicts_total":
+			conflicts = v
+		}
+	}
+	if count == 0 {
+		return 0, splits, conflicts
+	}
+	return sum / count, splits, conflicts
+}
