@@ -39,6 +39,19 @@ type network struct {
 	portHigh  int
 	next      int
 	allocated map[int]bool
+	free      func(port int) bool // whether nothing else listens there
+}
+
+// listenable reports whether a port on ip is free by listening on it.
+func listenable(ip string) func(int) bool {
+	return func(port int) bool {
+		l, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+		if err != nil {
+			return false
+		}
+		l.Close()
+		return true
+	}
 }
 
 func newNetwork(cfg Config) (*network, error) {
@@ -77,7 +90,7 @@ func newNetwork(cfg Config) (*network, error) {
 	return &network{
 		cni: l, hostIP: cfg.AdvertiseAddress, subnet: cfg.Subnet, chain: cfg.FirewallChain,
 		protected: cfg.ProtectedPorts, portLow: cfg.HostPortLow, portHigh: cfg.HostPortHigh,
-		next: cfg.HostPortLow, allocated: map[int]bool{},
+		next: cfg.HostPortLow, allocated: map[int]bool{}, free: listenable(cfg.AdvertiseAddress),
 	}, nil
 }
 
@@ -97,11 +110,9 @@ func (n *network) allocate(count int) ([]uint16, error) {
 		if n.allocated[p] {
 			continue
 		}
-		l, err := net.Listen("tcp", net.JoinHostPort(n.hostIP, strconv.Itoa(p)))
-		if err != nil {
+		if !n.free(p) {
 			continue
 		}
-		l.Close()
 		n.allocated[p] = true
 		out = append(out, uint16(p))
 	}
