@@ -479,13 +479,36 @@ func TestRestartedExecutorAdoptsInstances(t *testing.T) {
 	if _, err := first.WaitHealthy(ctx, spec.InstanceGUID); err != nil {
 		t.Fatal(err)
 	}
-	stopFirst() // the cell process goes away; its container stays
+	// A second instance that the restarted cell no longer owns.
+	orphan := spec
+	orphan.InstanceGUID, orphan.Index = "it-adopt-1", 1
+	orphanInfo, err := first.Start(ctx, orphan)
+	if err != nil {
+		t.Fatalf("Start orphan: %v", err)
+	}
+	if _, err := first.WaitHealthy(ctx, orphan.InstanceGUID); err != nil {
+		t.Fatal(err)
+	}
+	stopFirst() // the cell process goes away; its containers stay
 
 	second, stopSecond := runExecutor(t, env, state, nil)
 	defer stopSecond()
 	list, err := second.List(ctx)
-	if err != nil || len(list) != 1 || list[0].State != executor.StateRunning || list[0].PID != info.PID {
-		t.Fatalf("List after restart = %+v, %v; want the running instance (pid %d)", list, err, info.PID)
+	if err != nil || len(list) != 2 {
+		t.Fatalf("List after restart = %+v, %v; want both instances", list, err)
+	}
+	for _, in := range list {
+		if in.State != executor.StateRunning || (in.InstanceGUID == spec.InstanceGUID && in.PID != info.PID) {
+			t.Errorf("listed %+v: want running, pid %d for %s", in, info.PID, spec.InstanceGUID)
+		}
+	}
+	if err := second.Destroy(ctx, orphan.InstanceGUID); err != nil {
+		t.Fatalf("Destroy orphan: %v", err)
+	}
+	assertGone(t, env.client, orphan.InstanceGUID)
+	if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", orphanInfo.Ports[0].HostPort), time.Second); err == nil {
+		c.Close()
+		t.Errorf("destroyed instance's host port still answers")
 	}
 	adopted, err := second.Adopt(ctx, spec.InstanceGUID)
 	if err != nil {
