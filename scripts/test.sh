@@ -10,9 +10,13 @@ else
 	echo "basin test: not root; tests that need root or containerd will skip and say so"
 fi
 
-echo "== go vet"
-go vet ./...
+echo "== lint: gofmt, go vet, buf lint, buf breaking"
+make -s lint
 go vet -tags integration ./integration/...
+
+echo "== generated protobuf code matches the .proto files"
+make -s generate
+git diff --exit-code --stat -- proto/
 
 echo "== unit tests (-race)"
 go test -race -count=1 -timeout 20m ./...
