@@ -190,7 +190,7 @@ func (r *Router) Run(ctx context.Context) error {
 	// The table keeps syncing during the drain: requests in flight and new
 	// ones on kept-alive connections still route correctly.
 	goRun(func() error { return r.syncer.Run(bg) })
-	goRun(func() error { r.proxy.SweepIdle(bg); return nil })
+	goRun(func() error { r.proxy.Maintain(bg); return nil })
 
 	var aux []*http.Server
 	if r.healthLn != nil {

@@ -120,7 +120,8 @@ type Proxy struct {
 	conns map[net.Conn]*atomic.Int32 // client connections and their state
 	wg    sync.WaitGroup
 
-	logMu sync.Mutex
+	logMu  sync.Mutex
+	logBuf *bufio.Writer // nil when the access log is off
 }
 
 // New returns a proxy over table. metrics may be nil.
@@ -143,6 +144,10 @@ func New(cfg Config, table *routetable.Table, metrics *Metrics, log *slog.Logger
 		},
 	}
 	p.backends = &backends{p: p, idle: map[string][]*backendConn{}}
+	if cfg.AccessLog != nil {
+		// Buffered: a write per request would cost as much as proxying it.
+		p.logBuf = bufio.NewWriterSize(cfg.AccessLog, 64<<10)
+	}
 	// Registers the graceful GOAWAY hook: h2base.Shutdown drains HTTP/2 clients.
 	if err := http2.ConfigureServer(p.h2base, p.h2); err != nil {
 		return nil, fmt.Errorf("configure http/2: %w", err)
@@ -226,7 +231,8 @@ func (p *Proxy) serveH1(c net.Conn, state *atomic.Int32, isTLS bool) {
 // The listeners must be closed by the caller.
 func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.draining.Store(true)
-	go p.h2base.Shutdown(ctx) //nolint:errcheck // only sends GOAWAY to HTTP/2 clients; it owns no connections
+	// h2base owns no connection: this only sends GOAWAY to HTTP/2 clients.
+	p.h2base.Shutdown(ctx) //nolint:errcheck // nothing of its own to wait for
 	done := make(chan struct{})
 	go func() {
 		p.wg.Wait()
@@ -260,24 +266,42 @@ loop:
 		}
 	}
 	p.backends.closeAll()
+	p.FlushAccessLog()
 	return err
 }
 
 // Draining reports whether Shutdown has begun.
 func (p *Proxy) Draining() bool { return p.draining.Load() }
 
-// SweepIdle closes expired idle endpoint connections until ctx is done.
-func (p *Proxy) SweepIdle(ctx context.Context) {
-	t := time.NewTicker(p.cfg.BackendIdleTimeout / 2)
+// Maintain closes expired idle endpoint connections and flushes the access
+// log every half second until ctx is done.
+func (p *Proxy) Maintain(ctx context.Context) {
+	t := time.NewTicker(500 * time.Millisecond)
 	defer t.Stop()
+	lastSweep := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
+			p.FlushAccessLog()
 			return
 		case now := <-t.C:
-			p.backends.sweep(now)
+			p.FlushAccessLog()
+			if now.Sub(lastSweep) >= p.cfg.BackendIdleTimeout/2 {
+				p.backends.sweep(now)
+				lastSweep = now
+			}
 		}
 	}
+}
+
+// FlushAccessLog writes out buffered access log lines.
+func (p *Proxy) FlushAccessLog() {
+	if p.logBuf == nil {
+		return
+	}
+	p.logMu.Lock()
+	p.logBuf.Flush() //nolint:errcheck // a full disk must not fail requests
+	p.logMu.Unlock()
 }
 
 // sink is where a response goes: an HTTP/1.x connection or net/http's
@@ -844,7 +868,7 @@ func (p *Proxy) finish(r *request, s sink, out outcome) {
 		status = 499
 	}
 	p.metrics.observe(status, d)
-	if p.cfg.AccessLog == nil {
+	if p.logBuf == nil {
 		return
 	}
 	buf := p.bufs.getBuf()
@@ -896,7 +920,7 @@ func (p *Proxy) finish(r *request, s sink, out outcome) {
 	}
 	b = append(b, '\n')
 	p.logMu.Lock()
-	p.cfg.AccessLog.Write(b) //nolint:errcheck // a full disk must not fail requests
+	p.logBuf.Write(b) //nolint:errcheck // a full disk must not fail requests
 	p.logMu.Unlock()
 	*buf = b[:0]
 	p.bufs.putBuf(buf)
