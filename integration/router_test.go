@@ -774,3 +774,75 @@ func writeCert(t *testing.T, dir, name, dnsName string) {
 		t.Fatal(err)
 	}
 }
+
+// syncBuffer collects the access log while the router writes it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestRouterTimeoutIs504AndClientGoneIs499(t *testing.T) {
+	var accessLog syncBuffer
+	env := newRouterEnv(t, func(c *gorouter.Config) {
+		c.Proxy.ResponseHeaderTimeout = 1500 * time.Millisecond
+		c.Proxy.AccessLog = &accessLog
+	})
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	slow := newBackend(t, "slow", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-time.After(time.Duration(len(r.URL.Path)) * 100 * time.Millisecond):
+		}
+		io.WriteString(w, "late")
+	})
+	env.putRoute("slow.apps.test", "", "slow", 0, slow.addr(), 0)
+	env.waitEndpoints("slow.apps.test", "/", 1)
+
+	// /aaaaaaaaaaaaaaaaaaaa: 2.1 s of work, over the 1.5 s head timeout.
+	resp, body := env.get("slow.apps.test", "/"+strings.Repeat("a", 20), http.Header{"X-Request-Id": {"timeout-req"}})
+	if resp.StatusCode != 504 {
+		t.Fatalf("slow endpoint: status %d body %q, want 504", resp.StatusCode, body)
+	}
+
+	// The client hangs up while the endpoint takes 1.2 s.
+	c, err := net.Dial("tcp", env.router.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET /"+strings.Repeat("b", 11)+" HTTP/1.1\r\nHost: slow.apps.test\r\nX-Request-Id: gone-req\r\n\r\n")
+	time.Sleep(200 * time.Millisecond)
+	c.Close()
+
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		log := accessLog.String()
+		if strings.Contains(log, "gone-req") && strings.Contains(log, "timeout-req") {
+			for _, ln := range strings.Split(log, "\n") {
+				switch {
+				case strings.Contains(ln, "timeout-req") && !strings.Contains(ln, `" 504 `):
+					t.Errorf("timeout logged as %q, want 504", ln)
+				case strings.Contains(ln, "gone-req") && !strings.Contains(ln, `" 499 `):
+					t.Errorf("client gone logged as %q, want 499", ln)
+				}
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("access log lacks the requests:\n%s", log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -457,6 +457,17 @@ func (c *h1conn) hijack() (net.Conn, *bufio.Reader, *bufio.Writer, bool) {
 
 func (c *h1conn) markClose() { c.closeAfter = true }
 
+// clientGone peeks with a 1 ms deadline: a closed client reads EOF at once.
+// (A deadline already past would fail before trying the read.)
+func (c *h1conn) clientGone() bool {
+	if c.req.body != nil && !c.body.done() || c.br.Buffered() > 0 {
+		return false
+	}
+	c.conn.SetReadDeadline(time.Now().Add(time.Millisecond))
+	_, err := c.br.Peek(1)
+	return err != nil && !isTimeout(err)
+}
+
 func (c *h1conn) bytesWritten() int64 { return c.respBytes }
 
 func (c *h1conn) headWritten() bool { return c.wroteHead }

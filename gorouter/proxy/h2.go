@@ -39,7 +39,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 		markConnectionTokens(r.headers, r.connection)
 	}
 	r.upgrade = "" // HTTP/2 has no Upgrade; extended CONNECT is not offered
-	s := &stdSink{w: w, rc: http.NewResponseController(w)}
+	s := &stdSink{w: w, rc: http.NewResponseController(w), done: hr.Context().Done()}
 	if hr.Body != nil && hr.Body != http.NoBody {
 		if hr.ContentLength > p.cfg.MaxBodyBytes {
 			p.refuse(r, s, errBodyTooLarge)
@@ -72,6 +72,7 @@ type stdSink struct {
 	rc    *http.ResponseController
 	n     int64
 	wrote bool
+	done  <-chan struct{} // the request's context: closed when the client resets the stream
 }
 
 func (s *stdSink) head(status int, _ string, hs []header, length int64, noBody bool) error {
@@ -104,3 +105,11 @@ func (s *stdSink) hijack() (net.Conn, *bufio.Reader, *bufio.Writer, bool) {
 func (s *stdSink) bytesWritten() int64 { return s.n }
 func (s *stdSink) headWritten() bool   { return s.wrote }
 func (s *stdSink) markClose()          {}
+func (s *stdSink) clientGone() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}

@@ -318,7 +318,14 @@ type sink interface {
 	bytesWritten() int64
 	headWritten() bool
 	markClose()
+	// clientGone reports whether the client hung up; it may cost a syscall,
+	// so it is asked only after slow exchanges.
+	clientGone() bool
 }
+
+// clientCheckAfter is how slow an exchange must be before the proxy checks
+// that the client is still there.
+const clientCheckAfter = time.Second
 
 // outcome is what the access log and metrics record.
 type outcome struct {
@@ -560,6 +567,10 @@ func (p *Proxy) roundTrip(r *request, s sink, ep *routetable.Endpoint, bc *backe
 		return p.tunnel(r, s, ep, bc, res), false
 	}
 
+	if time.Since(r.start) > clientCheckAfter && s.clientGone() {
+		// Nobody is waiting for this response: log 499 and drop it.
+		return outcome{status: http.StatusOK, ep: ep, clientGone: true}, false
+	}
 	hs := p.responseHeaders(r, ep, res)
 	noBody := bodyless(r.method, res.status)
 	length := res.contentLen
