@@ -338,8 +338,8 @@ func run(ctx context.Context, o options) error {
 		if err != nil {
 			return fmt.Errorf("churn: %w", err)
 		}
-		fmt.Printf("churn: %d routes, %d changes/s for %s: traffic %.0f req/s, %d errors; route change → routable p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d probes\n",
-			o.churnRoutes, o.churnRate, o.churnFor, churn.rps, churn.errors, ms(churn.p50), ms(churn.p99), ms(churn.max), churn.samples)
+		fmt.Printf("churn: %d routes, %d changes/s for %s: traffic %.0f req/s, %d errors; route change → routable p50 %.1f ms, p99 %.1f ms, max %.1f ms over %d probes; router RSS %s\n",
+			o.churnRoutes, o.churnRate, o.churnFor, churn.rps, churn.errors, ms(churn.p50), ms(churn.p99), ms(churn.max), churn.samples, rss(pids["basin"]))
 	}
 
 	for _, r := range results {
@@ -356,6 +356,20 @@ func run(ctx context.Context, o options) error {
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// rss is a process's resident memory as /proc reports it.
+func rss(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return "?"
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return "?"
+}
 
 // ctxSwitches sums the context switches of pid's threads and descendants.
 func ctxSwitches(pid int) int64 {
