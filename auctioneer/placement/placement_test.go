@@ -284,9 +284,13 @@ func TestPlace(t *testing.T) {
 			},
 		},
 		{
-			name:  "least loaded first",
-			cells: func() []Cell { a, b := cell("a", "z1", 4096), cell("b", "z1", 4096); a.Available.MemoryMB = 1024; return []Cell{a, b} }(),
-			work:  Work{LRPs: lrps("app", 0, 1, 256)},
+			name: "least loaded first",
+			cells: func() []Cell {
+				a, b := cell("a", "z1", 4096), cell("b", "z1", 4096)
+				a.Available.MemoryMB = 1024
+				return []Cell{a, b}
+			}(),
+			work: Work{LRPs: lrps("app", 0, 1, 256)},
 			check: func(t *testing.T, plan Plan) {
 				if plan.LRPs[0].CellID != "b" {
 					t.Errorf("placed on %s, want the emptier b", plan.LRPs[0].CellID)
