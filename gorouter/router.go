@@ -2,6 +2,20 @@
 // that cells register under routes/ in etcd. It is one process's worth of
 // router: a route table kept by a watch, the proxy, the health and debug
 // endpoints, and a graceful drain.
+//
+// Embedding (basin dev up does this on its embedded etcd):
+//
+//	r, err := gorouter.New(gorouter.Config{
+//		Prefix:        bbs.DefaultPrefix,
+//		DefaultDomain: "apps.localhost",
+//		Addr:          "127.0.0.1:8080", // or ":0", then print r.Addr()
+//	}, etcdClient, logger)
+//	if err != nil { ... }
+//	fmt.Println("apps at http://<app>."+domain+" via", r.Addr())
+//	g.Go(func() error { return r.Run(ctx) }) // returns after ctx is done and the drain
+//
+// A cell's route for app "myapp" under host "myapp.<DefaultDomain>" then
+// answers curl -H 'Host: myapp.apps.localhost' http://<r.Addr()>/.
 package gorouter
 
 import (

@@ -452,6 +452,10 @@ func (p *Proxy) fail(r *request, s sink, status int, code, body string) outcome 
 		{name: "X-Cf-Routererror", value: code},
 		{name: "X-Vcap-Request-Id", value: r.vcapRequestID},
 	}
+	if r.body != nil && !r.bodyDone() {
+		// The unread body would be taken for the next request: say we close.
+		s.markClose()
+	}
 	noBody := r.method == "HEAD"
 	err := s.head(status, "", hs, int64(len(body)), noBody)
 	if err == nil && !noBody {

@@ -49,6 +49,14 @@ type request struct {
 	referer        string
 }
 
+// bodyDone reports whether the body was read to its end.
+func (r *request) bodyDone() bool {
+	if b, ok := r.body.(*bodyReader); ok {
+		return b.done()
+	}
+	return false
+}
+
 func (r *request) reset() {
 	h := r.headers[:0]
 	*r = request{headers: h}
