@@ -84,4 +84,3 @@ func TestStandbyTakesOverAndOldLeaderStops(t *testing.T) {
 		t.Errorf("run: %v", err)
 	}
 }
-
