@@ -604,6 +604,11 @@ func TestRouterTLSWithSNIAndHTTP2(t *testing.T) {
 		c.TLSCertDir = dir
 	})
 	b := newBackend(t, "tls", func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == "POST" {
+			n, _ := io.Copy(io.Discard, r.Body)
+			fmt.Fprintf(w, "posted %d", n)
+			return
+		}
 		fmt.Fprintf(w, "%s %s", r.Header.Get("X-Forwarded-Proto"), r.Host)
 	})
 	env.putRoute("app.two.test", "", "tls", 0, b.addr(), 0)
@@ -643,6 +648,18 @@ func TestRouterTLSWithSNIAndHTTP2(t *testing.T) {
 			}
 			if seen == nil || seen.VerifyHostname(host) != nil {
 				t.Errorf("https %s: certificate for %v served", host, seen.DNSNames)
+			}
+			// A streamed request body (no length) crosses HTTP/2 too.
+			req, _ := http.NewRequest("POST", "https://"+host+"/", io.MultiReader(strings.NewReader(strings.Repeat("z", 300000))))
+			resp, err = (&http.Client{Transport: tr, Timeout: 10 * time.Second}).Do(req)
+			if err != nil {
+				t.Fatalf("POST https %s (h2 %v): %v", host, h2, err)
+			}
+			body, _ = io.ReadAll(resp.Body)
+			resp.Body.Close()
+			tr.CloseIdleConnections()
+			if string(body) != "posted 300000" {
+				t.Errorf("POST https %s (h2 %v): %q", host, h2, body)
 			}
 		}
 	}
