@@ -136,18 +136,52 @@ type Table struct {
 	wildcard sync.Map // ".apps.example.com" (host of "*.apps.example.com" minus "*") -> *hostRoutes
 	routes   atomic.Int64
 
-	mu       sync.Mutex // serializes writers
-	byKey    map[string]*Endpoint
-	byHost   map[string]map[string]*Endpoint      // route host -> key -> endpoint
-	counters map[string]map[string]*atomic.Uint64 // host -> path -> round-robin counter
+	mu     sync.Mutex // serializes writers
+	byKey  map[string]*Endpoint
+	byHost map[string]*hostState // route host -> what the writer knows of it
+}
+
+// hostState is the writer's view of one host. Slices, not maps: most hosts
+// have a handful of endpoints, and per-host maps cost most of the memory of
+// a 100,000-route table.
+type hostState struct {
+	eps      []*Endpoint
+	counters []pathCounter
+}
+
+type pathCounter struct {
+	path string
+	next *atomic.Uint64
+}
+
+func (h *hostState) remove(key string) {
+	for i, e := range h.eps {
+		if e.Key == key {
+			last := len(h.eps) - 1
+			h.eps[i] = h.eps[last]
+			h.eps[last] = nil
+			h.eps = h.eps[:last]
+			return
+		}
+	}
+}
+
+func (h *hostState) counter(path string) *atomic.Uint64 {
+	for _, c := range h.counters {
+		if c.path == path {
+			return c.next
+		}
+	}
+	c := pathCounter{path: path, next: new(atomic.Uint64)}
+	h.counters = append(h.counters, c)
+	return c.next
 }
 
 // New returns an empty table.
 func New() *Table {
 	return &Table{
-		byKey:    map[string]*Endpoint{},
-		byHost:   map[string]map[string]*Endpoint{},
-		counters: map[string]map[string]*atomic.Uint64{},
+		byKey:  map[string]*Endpoint{},
+		byHost: map[string]*hostState{},
 	}
 }
 
@@ -241,9 +275,11 @@ func (t *Table) applyLocked(c Change, dirty map[string]struct{}) {
 	}
 	if old != nil {
 		delete(t.byKey, c.Key)
-		delete(t.byHost[old.Host], c.Key)
-		if len(t.byHost[old.Host]) == 0 {
-			delete(t.byHost, old.Host)
+		if h := t.byHost[old.Host]; h != nil {
+			h.remove(c.Key)
+			if len(h.eps) == 0 {
+				delete(t.byHost, old.Host)
+			}
 		}
 		dirty[old.Host] = struct{}{}
 		t.routes.Add(-1)
@@ -253,12 +289,12 @@ func (t *Table) applyLocked(c Change, dirty map[string]struct{}) {
 		e.Host = NormalizeHost(e.Host)
 		e.Path = NormalizePath(e.Path)
 		t.byKey[c.Key] = e
-		m := t.byHost[e.Host]
-		if m == nil {
-			m = map[string]*Endpoint{}
-			t.byHost[e.Host] = m
+		h := t.byHost[e.Host]
+		if h == nil {
+			h = &hostState{}
+			t.byHost[e.Host] = h
 		}
-		m[c.Key] = e
+		h.eps = append(h.eps, e)
 		dirty[e.Host] = struct{}{}
 		t.routes.Add(1)
 	}
@@ -270,30 +306,28 @@ func (t *Table) publishLocked(dirty map[string]struct{}) {
 		if rest, ok := strings.CutPrefix(host, "*"); ok && strings.HasPrefix(rest, ".") {
 			target, name = &t.wildcard, rest
 		}
-		eps := t.byHost[host]
-		if len(eps) == 0 {
+		h := t.byHost[host]
+		if h == nil {
 			target.Delete(name)
-			delete(t.counters, host)
 			continue
 		}
-		byPath := map[string][]*Endpoint{}
-		for _, e := range eps {
-			byPath[e.Path] = append(byPath[e.Path], e)
-		}
-		hr := &hostRoutes{pools: make([]*Pool, 0, len(byPath))}
-		for path, list := range byPath {
-			sort.Slice(list, func(i, j int) bool { return list[i].Key < list[j].Key })
-			hc := t.counters[host]
-			if hc == nil {
-				hc = map[string]*atomic.Uint64{}
-				t.counters[host] = hc
+		// Group by path in one sorted copy; the pools share it, read-only.
+		list := make([]*Endpoint, len(h.eps))
+		copy(list, h.eps)
+		sort.Slice(list, func(i, j int) bool {
+			if list[i].Path != list[j].Path {
+				return list[i].Path < list[j].Path
 			}
-			ctr := hc[path]
-			if ctr == nil {
-				ctr = new(atomic.Uint64)
-				hc[path] = ctr
+			return list[i].Key < list[j].Key
+		})
+		hr := &hostRoutes{}
+		for i := 0; i < len(list); {
+			j := i + 1
+			for j < len(list) && list[j].Path == list[i].Path {
+				j++
 			}
-			hr.pools = append(hr.pools, &Pool{Host: host, Path: path, Endpoints: list, next: ctr})
+			hr.pools = append(hr.pools, &Pool{Host: host, Path: list[i].Path, Endpoints: list[i:j:j], next: h.counter(list[i].Path)})
+			i = j
 		}
 		sort.Slice(hr.pools, func(i, j int) bool { return len(hr.pools[i].Path) > len(hr.pools[j].Path) })
 		target.Store(name, hr)
