@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -68,9 +69,10 @@ func TestDevUpServesTheBBS(t *testing.T) {
 	bin := basinBinary(t)
 	home := t.TempDir()
 	api := freeLoopbackAddr(t)
+	routerAddr := freeLoopbackAddr(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	cmd := exec.Command(bin, "dev", "up", "--api", api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t))
+	cmd := exec.Command(bin, "dev", "up", "--api", api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t), "--router", routerAddr)
 	cmd.Env = append(os.Environ(), "BASIN_HOME="+home)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -116,6 +118,19 @@ func TestDevUpServesTheBBS(t *testing.T) {
 		t.Errorf("dev up did not print the API address %s:\n%s", api, printed)
 	}
 
+	// The router is up and names a host it has no route for.
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+routerAddr+"/", nil)
+	req.Host = "nosuchapp.apps.localhost"
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("router: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "nosuchapp.apps.localhost") {
+		t.Errorf("router answered %d %q for an unknown host, want 404 naming it", resp.StatusCode, body)
+	}
+
 	var tgt struct{ API, Token string }
 	b, err := os.ReadFile(filepath.Join(home, "target.json"))
 	if err != nil {
@@ -138,12 +153,12 @@ func TestDevUpServesTheBBS(t *testing.T) {
 	if err := rs.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}}); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := rs.Recv()
+	rresp, err := rs.Recv()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var services []string
-	for _, s := range resp.GetListServicesResponse().GetService() {
+	for _, s := range rresp.GetListServicesResponse().GetService() {
 		services = append(services, s.GetName())
 	}
 	if !strings.Contains(strings.Join(services, " "), "basin.v1.BBSService") {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	"github.com/basinpaas/basin/gorouter"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 )
@@ -24,6 +25,8 @@ type devUpOptions struct {
 	apiAddress string
 	etcdAddr   string
 	debugAddr  string
+	routerAddr string
+	domain     string
 	verbose    bool
 }
 
@@ -36,8 +39,8 @@ func newDevCommand() *cobra.Command {
 	up := &cobra.Command{
 		Use:   "up",
 		Short: "Start the whole platform on this machine, in the foreground",
-		Long: `Start an embedded etcd and the BBS on this machine and keep them running
-until Ctrl-C. The API address and a bearer token are printed and written to
+		Long: `Start an embedded etcd, the BBS and the router on this machine and keep
+them running until Ctrl-C. The API address and a bearer token are printed and written to
 the target file that the other basin commands read.`,
 		Example: "  sudo basin dev up\n  basin dev up --dir /tmp/basin --api 127.0.0.1:9000",
 		Args:    cobra.NoArgs,
@@ -49,6 +52,8 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.apiAddress, "api", "127.0.0.1:8889", "address of the BBS gRPC API")
 	up.Flags().StringVar(&o.etcdAddr, "etcd", "127.0.0.1:2379", "client address of the embedded etcd")
 	up.Flags().StringVar(&o.debugAddr, "debug", "127.0.0.1:17017", "address of /metrics")
+	up.Flags().StringVar(&o.routerAddr, "router", "127.0.0.1:8080", "address of the HTTP router apps are reached through")
+	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up)
 	return dev
@@ -148,6 +153,12 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	}
 	step("BBS API       %s (metrics on http://%s/metrics)", srv.Addr(), o.debugAddr)
 
+	router, err := gorouter.New(gorouter.Config{Addr: o.routerAddr, DefaultDomain: o.domain}, cli, log.With("component", "router"))
+	if err != nil {
+		return fmt.Errorf("start router (--router picks another address): %w", err)
+	}
+	step("router        http://%s (apps at NAME.%s)", router.Addr(), o.domain)
+
 	tp, err := writeTarget(target{API: srv.Addr(), Token: token})
 	if err != nil {
 		return err
@@ -158,14 +169,17 @@ basin is up. Ctrl-C stops it.
 
   API:    %s
   token:  %s
+  router: http://%s   domain: %s
 
 Try it with grpcurl:
   grpcurl -plaintext %s list
   grpcurl -plaintext -H 'authorization: Bearer %s' %s basin.v1.BBSService/ListActualLRPs
-`, srv.Addr(), token, srv.Addr(), token, srv.Addr())
+  curl -H 'Host: myapp.%s' http://%s/
+`, srv.Addr(), token, router.Addr(), o.domain, srv.Addr(), token, srv.Addr(), o.domain, router.Addr())
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(func() error { return router.Run(gctx) })
 	g.Go(func() error {
 		select {
 		case err := <-etcd.Err():
