@@ -128,6 +128,7 @@ func (c *h1conn) readRequest() error {
 	// One allocation for the whole head; every field is a substring of it.
 	head := string(c.hbuf)
 	r := &c.req
+	r.ctx = c.p.ctx
 	r.tls = c.tls
 	r.start = time.Now()
 	r.remoteAddr = c.remote

@@ -14,6 +14,7 @@ import (
 // never comes this way; it has its own stricter front end.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, hr *http.Request) {
 	r := &request{
+		ctx:        hr.Context(),
 		method:     hr.Method,
 		target:     hr.RequestURI,
 		host:       hr.Host,

@@ -122,6 +122,11 @@ type Proxy struct {
 
 	logMu  sync.Mutex
 	logBuf *bufio.Writer // nil when the access log is off
+
+	// ctx bounds work that is not tied to a client context (HTTP/1 dials
+	// and handshakes); it ends when a drain runs out of time.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 // New returns a proxy over table. metrics may be nil.
@@ -143,6 +148,7 @@ func New(cfg Config, table *routetable.Table, metrics *Metrics, log *slog.Logger
 			MaxHeaderBytes:    cfg.MaxHeaderBytes,
 		},
 	}
+	p.ctx, p.cancel = context.WithCancel(context.Background())
 	p.backends = &backends{p: p, idle: map[string][]*backendConn{}}
 	if cfg.AccessLog != nil {
 		// Buffered: a write per request would cost as much as proxying it.
@@ -169,7 +175,7 @@ func (p *Proxy) ServeTLS(ln net.Listener, cfg *tls.Config) error {
 	cfg.NextProtos = []string{"h2", "http/1.1"}
 	return p.accept(ln, func(c net.Conn, state *atomic.Int32) {
 		tc := tls.Server(c, cfg)
-		ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ReadHeaderTimeout)
+		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ReadHeaderTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
 		if err != nil {
@@ -255,6 +261,7 @@ loop:
 			break loop
 		case <-ctx.Done():
 			err = fmt.Errorf("drain client connections: %w", ctx.Err())
+			p.cancel()
 			p.mu.Lock()
 			for c := range p.conns {
 				c.Close()
@@ -265,6 +272,7 @@ loop:
 		case <-tick.C:
 		}
 	}
+	p.cancel()
 	p.backends.closeAll()
 	p.FlushAccessLog()
 	return err
@@ -494,7 +502,7 @@ func (p *Proxy) refuse(r *request, s sink, err error) {
 func (p *Proxy) exchange(r *request, s sink, ep *routetable.Endpoint) (outcome, error) {
 	ep.Acquire()
 	defer ep.Release()
-	bc, err := p.backends.get(context.Background(), ep.Addr)
+	bc, err := p.backends.get(r.ctx, ep.Addr)
 	if err != nil {
 		return outcome{}, err
 	}
@@ -502,7 +510,7 @@ func (p *Proxy) exchange(r *request, s sink, ep *routetable.Endpoint) (outcome, 
 	if stale {
 		// The idle connection had been closed by the endpoint before our
 		// request reached it; a fresh one is safe because nothing was read.
-		if bc, err = p.backends.dial(context.Background(), ep.Addr); err != nil {
+		if bc, err = p.backends.dial(r.ctx, ep.Addr); err != nil {
 			return outcome{}, err
 		}
 		out, _ = p.roundTrip(r, s, ep, bc)

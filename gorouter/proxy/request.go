@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"io"
 	"strings"
@@ -17,6 +18,7 @@ type header struct {
 // request is what the proxy core needs from a client request, filled by the
 // HTTP/1.1 front end or by the net/http adapter (HTTP/2).
 type request struct {
+	ctx     context.Context // the client's (HTTP/2) or the proxy's (HTTP/1)
 	method  string
 	target  string // request-target forwarded as is (origin-form)
 	path    string // target without query, for route matching
