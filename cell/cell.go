@@ -1,0 +1,276 @@
+// Package cell wires one cell: a containerd (given or started here), the
+// executor that runs containers on it, the rep that speaks for the cell, its
+// gRPC API and its debug port. cmd/cell runs one; basin dev up can run
+// several in one process against one containerd, each with its own Config.
+package cell
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/containerd/containerd/v2/client"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/cell/containerdproc"
+	"github.com/basinpaas/basin/cell/executor"
+	"github.com/basinpaas/basin/cell/rep"
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+)
+
+// Config configures one cell. Cells sharing a machine (basin dev up --cells
+// N) must differ in ID, ListenAddress, DebugAddress, StateDir and the
+// executor's network: BridgeName, Subnet, FirewallChain and the host port
+// range. They may share Containerd, Etcd and BBSClient.
+type Config struct {
+	ID            string
+	Zone          string
+	Stacks        []string // default ["tiny"]
+	PlacementTags []string
+	Capacity      *basinv1.CellCapacity
+
+	// ListenAddress of the rep's gRPC API (ignored when Listener is set);
+	// RepAddress is what presence advertises, default the bound address.
+	ListenAddress string
+	Listener      net.Listener
+	RepAddress    string
+	// DebugAddress serves /metrics and pprof; empty disables it.
+	DebugAddress string
+	// AdvertiseAddress is where instance ports are mapped; default 127.0.0.1.
+	AdvertiseAddress string
+
+	// BBSClient is used when set; otherwise BBS is dialled.
+	BBSClient rep.BBS
+	BBS       bbs.ClientConfig
+	// Etcd is used when set; otherwise EtcdEndpoints are dialled.
+	Etcd          *clientv3.Client
+	EtcdEndpoints []string
+	Prefix        string
+
+	// Containerd is used when set; otherwise ContainerdAddress is dialled;
+	// when both are empty the cell starts its own containerd under
+	// StateDir/containerd and stops it on exit (containers survive it).
+	Containerd        *client.Client
+	ContainerdAddress string
+	LauncherPath      string
+	// StateDir keeps the executor's state, the droplet cache and an own
+	// containerd. Keep it short when the cell starts containerd: the
+	// socket path must fit in 100 bytes.
+	StateDir string
+
+	// Executor network: see executor.Config.
+	NetworkName, BridgeName, Subnet, FirewallChain string
+	HostPortLow, HostPortHigh                      int
+	ProtectedPorts                                 []int
+	CNIBinDir                                      string
+
+	LeaseTTL          time.Duration
+	StopGrace         time.Duration
+	EvacuationTimeout time.Duration
+	Logger            *slog.Logger
+}
+
+// Cell is one cell, ready to Run.
+type Cell struct {
+	cfg      Config
+	lis      net.Listener
+	registry *prometheus.Registry
+	log      *slog.Logger
+
+	rep     *rep.Rep
+	repDone chan struct{} // closed once the rep exists (or Run failed)
+}
+
+// New binds the gRPC listener, so Addr is known before Run.
+func New(cfg Config) (*Cell, error) {
+	if cfg.ID == "" || cfg.Capacity == nil || cfg.StateDir == "" || cfg.LauncherPath == "" {
+		return nil, errors.New("cell: ID, Capacity, StateDir and LauncherPath are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.AdvertiseAddress == "" {
+		cfg.AdvertiseAddress = "127.0.0.1"
+	}
+	lis := cfg.Listener
+	if lis == nil {
+		var err error
+		if lis, err = net.Listen("tcp", cfg.ListenAddress); err != nil {
+			return nil, fmt.Errorf("cell %s: listen on %s: %w", cfg.ID, cfg.ListenAddress, err)
+		}
+	}
+	if cfg.RepAddress == "" {
+		cfg.RepAddress = lis.Addr().String()
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return &Cell{cfg: cfg, lis: lis, registry: reg, log: cfg.Logger.With("cell", cfg.ID), repDone: make(chan struct{})}, nil
+}
+
+// Addr is the rep's gRPC address.
+func (c *Cell) Addr() string { return c.lis.Addr().String() }
+
+// Rep returns the rep once Run created it, or nil when ctx ends first.
+func (c *Cell) Rep(ctx context.Context) *rep.Rep {
+	select {
+	case <-c.repDone:
+		return c.rep
+	case <-ctx.Done():
+		return nil
+	}
+}
+
+// Registry holds the cell's metrics.
+func (c *Cell) Registry() *prometheus.Registry { return c.registry }
+
+// Run starts everything and serves until ctx ends. Containers keep running
+// when it returns; call Evacuate first to move them away.
+func (c *Cell) Run(ctx context.Context) (err error) {
+	repMade := false
+	defer func() {
+		if !repMade {
+			close(c.repDone)
+		}
+	}()
+	cfg := c.cfg
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("cell %s: state dir: %w", cfg.ID, err)
+	}
+
+	cd := cfg.Containerd
+	if cd == nil {
+		addr := cfg.ContainerdAddress
+		if addr == "" {
+			// Stopped after everything else: the deferred cancel runs last.
+			dctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+			d, err := containerdproc.Start(dctx, containerdproc.Config{Dir: filepath.Join(cfg.StateDir, "containerd"), Logger: c.log})
+			if err != nil {
+				stop()
+				return fmt.Errorf("cell %s: %w", cfg.ID, err)
+			}
+			defer func() { stop(); <-d.Stopped() }()
+			addr = d.Address()
+		}
+		cd, err = client.New(addr)
+		if err != nil {
+			return fmt.Errorf("cell %s: containerd at %s: %w", cfg.ID, addr, err)
+		}
+		defer cd.Close()
+	}
+
+	etcd := cfg.Etcd
+	if etcd == nil {
+		etcd, err = clientv3.New(clientv3.Config{Endpoints: cfg.EtcdEndpoints, DialTimeout: 5 * time.Second,
+			DialKeepAliveTime: 10 * time.Second, DialKeepAliveTimeout: 3 * time.Second})
+		if err != nil {
+			return fmt.Errorf("cell %s: etcd %v: %w", cfg.ID, cfg.EtcdEndpoints, err)
+		}
+		defer etcd.Close()
+	}
+
+	bbsClient := cfg.BBSClient
+	if bbsClient == nil {
+		cl, err := bbs.Dial(cfg.BBS)
+		if err != nil {
+			return fmt.Errorf("cell %s: %w", cfg.ID, err)
+		}
+		defer cl.Close()
+		bbsClient = cl
+	}
+
+	var r *rep.Rep
+	ex, err := executor.New(executor.Config{
+		Client: cd, LauncherPath: cfg.LauncherPath, Logger: c.log,
+		OnEvent:  func(ev executor.Event) { r.OnEvent(ev) }, // r is set before Run starts the executor
+		StateDir: filepath.Join(cfg.StateDir, "executor"), Stacks: cfg.Stacks,
+		CNIBinDir: cfg.CNIBinDir, NetworkName: cfg.NetworkName, BridgeName: cfg.BridgeName, Subnet: cfg.Subnet,
+		AdvertiseAddress: cfg.AdvertiseAddress, HostPortLow: cfg.HostPortLow, HostPortHigh: cfg.HostPortHigh,
+		ProtectedPorts: cfg.ProtectedPorts, FirewallChain: cfg.FirewallChain,
+	})
+	if err != nil {
+		return fmt.Errorf("cell %s: %w", cfg.ID, err)
+	}
+	r, err = rep.New(rep.Config{
+		CellID: cfg.ID, Zone: cfg.Zone, Stacks: cfg.Stacks, PlacementTags: cfg.PlacementTags, Capacity: cfg.Capacity,
+		RepAddress: cfg.RepAddress, AdvertiseAddress: cfg.AdvertiseAddress, Keys: bbs.NewKeys(cfg.Prefix),
+		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
+		DropletDir: filepath.Join(cfg.StateDir, "droplets"), Logger: c.log, Metrics: rep.NewMetrics(c.registry),
+	}, etcd, bbsClient, ex)
+	if err != nil {
+		return fmt.Errorf("cell %s: %w", cfg.ID, err)
+	}
+	c.rep = r
+	repMade = true
+	close(c.repDone)
+
+	// Shutdown in reverse: gRPC and the rep stop first, the executor last.
+	execCtx, stopExec := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopExec()
+	execErr := make(chan error, 1)
+	go func() { execErr <- ex.Run(execCtx) }()
+	defer func() {
+		stopExec()
+		if e := <-execErr; e != nil && err == nil {
+			err = fmt.Errorf("cell %s: %w", cfg.ID, e)
+		}
+	}()
+
+	gs, hs := rep.NewGRPCServer(r)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		select {
+		case e := <-execErr:
+			execErr <- e // for the deferred wait
+			if gctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("executor stopped: %v", e)
+		case <-gctx.Done():
+			return nil
+		}
+	})
+	g.Go(func() error { return r.Run(gctx) })
+	g.Go(func() error { return rep.Serve(gctx, r, gs, hs, c.lis) })
+	if cfg.DebugAddress != "" {
+		dbg := &http.Server{Addr: cfg.DebugAddress, Handler: bbs.DebugHandler(c.registry), ReadHeaderTimeout: 5 * time.Second}
+		g.Go(func() error {
+			if err := dbg.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("serve debug on %s: %w", cfg.DebugAddress, err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			return dbg.Shutdown(sctx)
+		})
+	}
+	c.log.Info("cell serving", "addr", c.Addr(), "debug", cfg.DebugAddress)
+	return g.Wait()
+}
+
+// Evacuate moves the cell's instances elsewhere and stops them here (see
+// rep.Rep.Evacuate); Run keeps running until its ctx ends.
+func (c *Cell) Evacuate(ctx context.Context, timeout time.Duration) error {
+	r := c.Rep(ctx)
+	if r == nil {
+		return fmt.Errorf("evacuate cell %s: %w", c.cfg.ID, ctx.Err())
+	}
+	select {
+	case <-r.Ready():
+	case <-ctx.Done():
+		return fmt.Errorf("evacuate cell %s: not ready: %w", c.cfg.ID, ctx.Err())
+	}
+	return r.Evacuate(ctx, timeout)
+}

@@ -1,0 +1,149 @@
+package rep
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+)
+
+// ErrDroplet wraps every failure to get a droplet onto the cell.
+var ErrDroplet = errors.New("droplet unavailable")
+
+// dropletCache keeps fetched droplets under dir by digest: each digest is
+// downloaded once per cell, however many instances start at once.
+type dropletCache struct {
+	dir     string
+	http    *http.Client
+	max     int64
+	m       *Metrics
+	fetches atomic.Int64
+
+	mu       sync.Mutex
+	inflight map[string]*fetchCall
+}
+
+type fetchCall struct {
+	done chan struct{}
+	path string
+	err  error
+}
+
+func newDropletCache(dir string, hc *http.Client, maxBytes int64, m *Metrics) *dropletCache {
+	return &dropletCache{dir: dir, http: hc, max: maxBytes, m: m, inflight: map[string]*fetchCall{}}
+}
+
+// get returns the local path of the droplet, fetching it if needed. The
+// content is verified against the digest before it is kept.
+func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string, error) {
+	digest := ref.GetDigest()
+	hexSum, ok := strings.CutPrefix(digest, "sha256:")
+	if !ok || len(hexSum) != 64 {
+		return "", fmt.Errorf("%w: digest %q is not sha256:<64 hex>", ErrDroplet, digest)
+	}
+	if _, err := hex.DecodeString(hexSum); err != nil {
+		return "", fmt.Errorf("%w: digest %q is not sha256:<64 hex>", ErrDroplet, digest)
+	}
+	path := filepath.Join(c.dir, "sha256-"+hexSum+".tgz")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	c.mu.Lock()
+	call := c.inflight[digest]
+	if call == nil {
+		call = &fetchCall{done: make(chan struct{})}
+		c.inflight[digest] = call
+		c.mu.Unlock()
+		// Not tied to one caller's ctx: others may wait on the result.
+		call.path, call.err = c.fetch(context.WithoutCancel(ctx), ref, path, hexSum)
+		c.mu.Lock()
+		delete(c.inflight, digest)
+		c.mu.Unlock()
+		close(call.done)
+	} else {
+		c.mu.Unlock()
+	}
+	select {
+	case <-call.done:
+		return call.path, call.err
+	case <-ctx.Done():
+		return "", fmt.Errorf("wait for droplet %s: %w", digest, ctx.Err())
+	}
+}
+
+func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path, hexSum string) (string, error) {
+	if ref.GetUrl() == "" {
+		return "", fmt.Errorf("%w: droplet %s has no url and this cell has no blobstore", ErrDroplet, ref.GetDigest())
+	}
+	u, err := url.Parse(ref.GetUrl())
+	if err != nil {
+		return "", fmt.Errorf("%w: droplet url %q: %v", ErrDroplet, ref.GetUrl(), err)
+	}
+	var body io.ReadCloser
+	switch u.Scheme {
+	case "file":
+		f, err := os.Open(u.Path)
+		if err != nil {
+			return "", fmt.Errorf("%w: open droplet: %v", ErrDroplet, err)
+		}
+		body = f
+	case "http", "https":
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+		if err != nil {
+			return "", fmt.Errorf("%w: droplet request: %v", ErrDroplet, err)
+		}
+		resp, err := c.http.Do(req)
+		if err != nil {
+			return "", fmt.Errorf("%w: fetch droplet %s: %v", ErrDroplet, u.Redacted(), err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			resp.Body.Close()
+			return "", fmt.Errorf("%w: fetch droplet %s: status %d", ErrDroplet, u.Redacted(), resp.StatusCode)
+		}
+		body = resp.Body
+	default:
+		return "", fmt.Errorf("%w: droplet url scheme %q (want file, http or https)", ErrDroplet, u.Scheme)
+	}
+	defer body.Close()
+	c.fetches.Add(1)
+	c.m.dropletFetches.Inc()
+	if err := os.MkdirAll(c.dir, 0o700); err != nil {
+		return "", fmt.Errorf("%w: droplet cache %s: %v", ErrDroplet, c.dir, err)
+	}
+	tmp, err := os.CreateTemp(c.dir, ".fetch-*")
+	if err != nil {
+		return "", fmt.Errorf("%w: droplet cache: %v", ErrDroplet, err)
+	}
+	defer os.Remove(tmp.Name()) // no-op once renamed
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(tmp, h), io.LimitReader(body, c.max+1))
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return "", fmt.Errorf("%w: download droplet %s: %v", ErrDroplet, ref.GetDigest(), err)
+	}
+	if n > c.max {
+		return "", fmt.Errorf("%w: droplet %s is larger than %d bytes", ErrDroplet, ref.GetDigest(), c.max)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != hexSum {
+		return "", fmt.Errorf("%w: droplet from %s is sha256:%s, want %s", ErrDroplet, u.Redacted(), got, ref.GetDigest())
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return "", fmt.Errorf("%w: droplet cache: %v", ErrDroplet, err)
+	}
+	return path, nil
+}

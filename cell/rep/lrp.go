@@ -1,0 +1,548 @@
+package rep
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/basinpaas/basin/cell/executor"
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+)
+
+// lrpPhase is where an instance is in the rep's hands.
+type lrpPhase int
+
+const (
+	phaseReserved lrpPhase = iota // accepted by Perform, not yet claimed
+	phaseClaimed                  // claimed in the BBS; container starting
+	phaseRunning                  // healthy, RUNNING in the BBS, routed
+	phaseStopping                 // being stopped (retired, lost, evacuated)
+)
+
+// lrp is the rep's record of one instance it holds resources for. Fields
+// after mu-protected access are guarded by Rep.mu.
+type lrp struct {
+	key       *basinv1.ActualLRPKey
+	guid      string // instance guid
+	memoryMB  int64
+	diskMB    int64
+	phase     lrpPhase
+	claimRev  int64 // etcd revision of the claim: index-key deletions before it are old news
+	started   bool  // the executor has (or had) a container for it
+	evacuated bool  // unclaimed by evacuation: its index key going is expected
+	routes    []routeKV
+	cancel    context.CancelFunc // ends the start goroutine's work
+	// routeMu orders route writes and deletes of this instance, so a
+	// delete can never be overtaken by a late write.
+	routeMu sync.Mutex
+}
+
+type routeKV struct {
+	key string
+	val string
+}
+
+func (l *lrp) isRunning() bool { return l.phase == phaseRunning }
+
+func (l *lrp) name() string {
+	return fmt.Sprintf("%s/%d", l.key.GetProcessGuid(), l.key.GetIndex())
+}
+
+func (r *Rep) snapshotLRPs() []*lrp {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*lrp, 0, len(r.lrps))
+	for _, l := range r.lrps {
+		out = append(out, l)
+	}
+	return out
+}
+
+// lrpByKey finds the instance of guid/index this cell holds.
+func (r *Rep) lrpByKey(guid string, index int32) *lrp {
+	for _, l := range r.lrps {
+		if l.key.GetProcessGuid() == guid && l.key.GetIndex() == index {
+			return l
+		}
+	}
+	return nil
+}
+
+// allocated sums the resources of everything the cell holds; r.mu held.
+func (r *Rep) allocatedLocked() (mem, disk int64, containers int32) {
+	for _, l := range r.lrps {
+		mem += l.memoryMB
+		disk += l.diskMB
+		containers++
+	}
+	for _, t := range r.tasks {
+		mem += t.memoryMB
+		disk += t.diskMB
+		containers++
+	}
+	return mem, disk, containers
+}
+
+// fits says why a reservation does not fit, or "" when it does; r.mu held.
+func (r *Rep) fitsLocked(stack string, res *basinv1.ResourceLimits) string {
+	if !containsString(r.cfg.Stacks, stack) {
+		return fmt.Sprintf("stack %s not on this cell", stack)
+	}
+	mem, disk, n := r.allocatedLocked()
+	c := r.cfg.Capacity
+	switch {
+	case mem+res.GetMemoryMb() > c.GetMemoryMb():
+		return "insufficient resources: memory"
+	case disk+res.GetDiskMb() > c.GetDiskMb():
+		return "insufficient resources: disk"
+	case n+1 > c.GetContainers():
+		return "insufficient resources: containers"
+	}
+	return ""
+}
+
+func containsString(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// Perform accepts what fits and reserves it at once, so concurrent calls
+// never over-commit, then starts each accepted piece of work on its own.
+func (r *Rep) Perform(ctx context.Context, req *basinv1.PerformRequest) (*basinv1.PerformResponse, error) {
+	resp := &basinv1.PerformResponse{}
+	var startLRPs []*lrp
+	var startTasks []*task
+	r.mu.Lock()
+	ready := r.runCtx != nil && isClosed(r.ready)
+	for _, s := range req.GetLrps() {
+		reason := ""
+		switch {
+		case !ready:
+			reason = "cell is not ready"
+		case r.evacuating:
+			reason = "cell is evacuating"
+		case s.GetKey().GetProcessGuid() == "":
+			reason = "key.process_guid: must be set"
+		case r.lrpByKey(s.GetKey().GetProcessGuid(), s.GetKey().GetIndex()) != nil:
+			reason = "instance already on this cell"
+		default:
+			reason = r.fitsLocked(s.GetStack(), s.GetResources())
+		}
+		if reason != "" {
+			resp.RejectedLrps = append(resp.RejectedLrps, &basinv1.RejectedLRP{Key: s.GetKey(), Reason: reason})
+			r.m.rejected.WithLabelValues("lrp").Inc()
+			continue
+		}
+		l := &lrp{key: proto.Clone(s.GetKey()).(*basinv1.ActualLRPKey), guid: newGUID(),
+			memoryMB: s.GetResources().GetMemoryMb(), diskMB: s.GetResources().GetDiskMb()}
+		r.lrps[l.guid] = l
+		startLRPs = append(startLRPs, l)
+	}
+	for _, s := range req.GetTasks() {
+		reason := ""
+		switch {
+		case !ready:
+			reason = "cell is not ready"
+		case r.evacuating:
+			reason = "cell is evacuating"
+		case s.GetTaskGuid() == "":
+			reason = "task_guid: must be set"
+		case r.tasks[s.GetTaskGuid()] != nil:
+			reason = "task already on this cell"
+		default:
+			reason = r.fitsLocked(s.GetStack(), s.GetResources())
+		}
+		if reason != "" {
+			resp.RejectedTasks = append(resp.RejectedTasks, &basinv1.RejectedTask{TaskGuid: s.GetTaskGuid(), Reason: reason})
+			r.m.rejected.WithLabelValues("task").Inc()
+			continue
+		}
+		t := &task{guid: s.GetTaskGuid(), stack: s.GetStack(), memoryMB: s.GetResources().GetMemoryMb(),
+			diskMB: s.GetResources().GetDiskMb(), exited: make(chan struct{})}
+		r.tasks[t.guid] = t
+		startTasks = append(startTasks, t)
+	}
+	r.mu.Unlock()
+	for _, l := range startLRPs {
+		sctx, cancel := context.WithCancel(context.Background())
+		r.mu.Lock()
+		l.cancel = cancel
+		r.mu.Unlock()
+		if !r.goAttach(func(ctx context.Context) {
+			defer cancel()
+			stop := context.AfterFunc(ctx, cancel)
+			defer stop()
+			r.startLRP(sctx, l)
+		}) {
+			cancel()
+			r.release(l)
+		}
+	}
+	for _, t := range startTasks {
+		if !r.goAttach(func(ctx context.Context) { r.runTask(ctx, t) }) {
+			r.releaseTask(t)
+		}
+	}
+	r.updateGauges()
+	return resp, nil
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+// release forgets an instance and frees its resources.
+func (r *Rep) release(l *lrp) {
+	r.mu.Lock()
+	if r.lrps[l.guid] == l {
+		delete(r.lrps, l.guid)
+		r.gone = append(r.gone, goneInstance{process: l.key.GetProcessGuid(), meta: logMeta{instance: l.guid, index: l.key.GetIndex()}})
+		if len(r.gone) > 256 {
+			r.gone = r.gone[1:]
+		}
+	}
+	r.mu.Unlock()
+	r.updateGauges()
+}
+
+// startLRP claims, fetches, starts, waits for health, marks RUNNING, and only
+// then routes. A failure after the claim is reported as a crash, so the
+// converger's restart policy applies.
+func (r *Rep) startLRP(ctx context.Context, l *lrp) {
+	log := r.log.With("lrp", l.name(), "instance", l.guid)
+	t0 := time.Now()
+	claim, err := r.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{
+		Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+	if err != nil {
+		log.Info("claim refused; releasing the reservation", "err", err)
+		r.release(l)
+		return
+	}
+	r.mu.Lock()
+	if l.phase == phaseReserved {
+		l.phase = phaseClaimed
+	}
+	l.claimRev = claim.GetActualLrp().GetRevision()
+	l.key.Domain = claim.GetActualLrp().GetKey().GetDomain()
+	evacuating := r.evacuating
+	r.mu.Unlock()
+	if evacuating {
+		// Evacuation began while the claim was in flight: give it back.
+		if _, err := r.bbs.UnclaimActualLRP(context.WithoutCancel(ctx), &basinv1.UnclaimActualLRPRequest{
+			Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()}); err != nil {
+			log.Warn("unclaim after evacuation began", "err", err)
+		}
+		r.release(l)
+		return
+	}
+
+	spec, routes, err := r.lrpSpec(ctx, l)
+	if err != nil {
+		r.failStart(ctx, l, err)
+		return
+	}
+	r.mu.Lock()
+	if l.phase == phaseStopping {
+		r.mu.Unlock()
+		r.release(l)
+		return
+	}
+	l.started = true
+	r.mu.Unlock()
+	info, err := r.exec.Start(ctx, spec)
+	if err != nil {
+		r.mu.Lock()
+		l.started = false
+		r.mu.Unlock()
+		r.failStart(ctx, l, err)
+		return
+	}
+	r.mu.Lock()
+	stopping := l.phase == phaseStopping
+	r.mu.Unlock()
+	if stopping {
+		// Retired while the container was created: whoever set the phase
+		// saw started and stops it.
+		return
+	}
+	info, err = r.exec.WaitHealthy(ctx, l.guid)
+	if err != nil {
+		// The exit event reports the crash (or the stop, if one came).
+		log.Debug("not healthy", "err", err)
+		return
+	}
+	net := &basinv1.ActualLRPNetInfo{Address: r.cfg.AdvertiseAddress, InstanceAddress: info.ContainerIP}
+	for _, p := range info.Ports {
+		net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
+	}
+	if _, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
+		Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()}); err != nil {
+		// Not ours any more (retired, moved after a lost lease): stop it.
+		log.Warn("mark running refused; stopping the instance", "err", err)
+		r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
+		return
+	}
+	r.mu.Lock()
+	if l.phase != phaseClaimed {
+		r.mu.Unlock()
+		return
+	}
+	l.phase = phaseRunning
+	l.routes = routeKVs(r, l, routes, info)
+	r.mu.Unlock()
+	if err := r.writeRoutes(ctx, l); err != nil {
+		log.Error("write routes", "err", err)
+	}
+	r.m.starts.Inc()
+	r.m.startSeconds.Observe(time.Since(t0).Seconds())
+	r.updateGauges()
+	log.Info("instance running", "took", time.Since(t0).Round(time.Millisecond), "ports", net.GetPorts())
+}
+
+// failStart reports a start that failed after the claim as a crash.
+func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
+	r.log.Warn("start failed", "lrp", l.name(), "instance", l.guid, "err", cause)
+	r.mu.Lock()
+	stopping := l.phase == phaseStopping
+	r.mu.Unlock()
+	if !stopping && ctx.Err() == nil {
+		r.reportCrash(context.WithoutCancel(ctx), l, "failed to start: "+cause.Error())
+	}
+	r.release(l)
+}
+
+// lrpSpec reads the desired LRP and fetches its droplet.
+func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, []*basinv1.Route, error) {
+	d, err := r.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: l.key.GetProcessGuid()})
+	if err != nil {
+		return executor.Spec{}, nil, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
+	}
+	sched, run := d.GetDesiredLrp().GetSchedule(), d.GetDesiredLrp().GetRun()
+	path, err := r.drops.get(ctx, run.GetDroplet())
+	if err != nil {
+		return executor.Spec{}, nil, err
+	}
+	spec := executor.Spec{
+		InstanceGUID: l.guid, ProcessGUID: l.key.GetProcessGuid(), Index: int(l.key.GetIndex()),
+		Stack:        sched.GetStack(),
+		Droplet:      executor.Droplet{Digest: run.GetDroplet().GetDigest(), Path: path},
+		StartCommand: run.GetStartCommand(),
+		MemoryMB:     sched.GetResources().GetMemoryMb(), DiskMB: sched.GetResources().GetDiskMb(),
+		CPUShares: uint64(max(sched.GetResources().GetCpuWeight(), 0)),
+		PidsLimit: sched.GetResources().GetPids(),
+		Labels:    map[string]string{LabelCellID: r.cfg.CellID},
+		App:       executor.AppInfo{GUID: l.key.GetProcessGuid(), Name: run.GetAppName()},
+	}
+	for _, e := range run.GetEnv() {
+		spec.Env = append(spec.Env, e.GetName()+"="+e.GetValue())
+	}
+	for _, p := range run.GetPorts() {
+		spec.Ports = append(spec.Ports, uint16(p))
+	}
+	for _, rt := range sched.GetRoutes() {
+		spec.App.URIs = append(spec.App.URIs, rt.GetHost()+rt.GetPath())
+	}
+	hc := run.GetHealthCheck()
+	switch hc.GetType() {
+	case basinv1.HealthCheckType_HEALTH_CHECK_TYPE_HTTP:
+		spec.HealthCheck.Type = executor.HealthHTTP
+	case basinv1.HealthCheckType_HEALTH_CHECK_TYPE_PROCESS:
+		spec.HealthCheck.Type = executor.HealthProcess
+	default:
+		spec.HealthCheck.Type = executor.HealthPort
+	}
+	spec.HealthCheck.Path = hc.GetHttpEndpoint()
+	spec.HealthCheck.StartTimeout = time.Duration(hc.GetStartTimeoutMs()) * time.Millisecond
+	spec.HealthCheck.Interval = time.Duration(hc.GetIntervalMs()) * time.Millisecond
+	return spec, sched.GetRoutes(), nil
+}
+
+// routeKVs builds the route keys and values of a running instance.
+func routeKVs(r *Rep, l *lrp, routes []*basinv1.Route, info executor.Info) []routeKV {
+	var out []routeKV
+	for _, rt := range routes {
+		var port uint16
+		for i, p := range info.Ports {
+			if (rt.GetPort() == 0 && i == 0) || uint32(p.ContainerPort) == rt.GetPort() {
+				port = p.HostPort
+				break
+			}
+		}
+		if port == 0 {
+			r.log.Warn("route targets a port the instance does not expose", "lrp", l.name(), "host", rt.GetHost(), "port", rt.GetPort())
+			continue
+		}
+		ep := &basinv1.RouteEndpoint{
+			Host: rt.GetHost(), Path: rt.GetPath(), ProcessGuid: l.key.GetProcessGuid(), Index: l.key.GetIndex(),
+			InstanceGuid: l.guid, Address: r.cfg.AdvertiseAddress, Port: uint32(port),
+			Tags: map[string]string{"cell_id": r.cfg.CellID},
+		}
+		val, _ := proto.MarshalOptions{Deterministic: true}.Marshal(ep)
+		out = append(out, routeKV{key: r.cfg.Keys.Route(rt.GetHost(), rt.GetPath(), l.key.GetProcessGuid(), l.key.GetIndex()), val: string(val)})
+	}
+	return out
+}
+
+// writeRoutes puts the instance's routes under the current lease.
+func (r *Rep) writeRoutes(ctx context.Context, l *lrp) error {
+	l.routeMu.Lock()
+	defer l.routeMu.Unlock()
+	r.mu.Lock()
+	routes, lease := l.routes, r.lease
+	r.mu.Unlock()
+	for _, rt := range routes {
+		if _, err := r.etcd.Put(ctx, rt.key, rt.val, clientv3.WithLease(lease)); err != nil {
+			return fmt.Errorf("write route %s: %w", rt.key, err)
+		}
+	}
+	return nil
+}
+
+// deleteRoutes removes the instance's routes, each only while it still holds
+// this instance's value: a replacement elsewhere writes the same key.
+func (r *Rep) deleteRoutes(ctx context.Context, l *lrp) error {
+	l.routeMu.Lock()
+	defer l.routeMu.Unlock()
+	r.mu.Lock()
+	routes := l.routes
+	l.routes = nil
+	r.mu.Unlock()
+	var errs []error
+	for _, rt := range routes {
+		_, err := r.etcd.Txn(ctx).If(clientv3.Compare(clientv3.Value(rt.key), "=", rt.val)).
+			Then(clientv3.OpDelete(rt.key)).Commit()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", rt.key, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reportCrash tells the BBS an instance of this cell ended.
+func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
+	if len(reason) > maxReasonBytes {
+		reason = reason[:maxReasonBytes-3] + "..."
+	}
+	_, err := r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
+		Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
+	if err != nil {
+		r.log.Warn("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
+		return
+	}
+	r.m.crashes.Inc()
+}
+
+// maxReasonBytes keeps a crash reason under the BBS's 10 KiB result limit.
+const maxReasonBytes = 8 << 10
+
+// OnEvent takes the executor's events; it hands the work to a goroutine so
+// the executor is never blocked by the BBS.
+func (r *Rep) OnEvent(ev executor.Event) {
+	if ev.Type != executor.EventExited {
+		return
+	}
+	r.goAttach(func(ctx context.Context) { r.handleExit(ctx, ev) })
+}
+
+func (r *Rep) handleExit(ctx context.Context, ev executor.Event) {
+	r.mu.Lock()
+	l := r.lrps[ev.InstanceGUID]
+	t := r.taskByInstanceLocked(ev.InstanceGUID)
+	r.mu.Unlock()
+	if l == nil {
+		if t != nil {
+			r.completeTask(ctx, t, ev.Exit)
+		}
+		return
+	}
+	r.mu.Lock()
+	crashed := !ev.Exit.Stopped && l.phase != phaseStopping && !l.evacuated
+	l.phase = phaseStopping
+	l.started = false
+	r.mu.Unlock()
+	// Route first: the router must stop sending before anyone is told.
+	if err := r.deleteRoutes(ctx, l); err != nil {
+		r.log.Error("delete routes of exited instance", "lrp", l.name(), "err", err)
+	}
+	if crashed {
+		r.reportCrash(ctx, l, crashReason(ev.Exit))
+	}
+	r.release(l)
+}
+
+// crashReason is the exit reason and the last lines of output.
+func crashReason(x *executor.ExitInfo) string {
+	var b strings.Builder
+	b.WriteString(x.Reason)
+	if len(x.LastLines) > 0 {
+		b.WriteString("; last output:")
+		for _, ln := range x.LastLines {
+			if ln.Source != executor.SourceApp {
+				continue
+			}
+			b.WriteString("\n")
+			b.WriteString(ln.Text)
+		}
+	}
+	return b.String()
+}
+
+// stopLRP takes an instance off the router, then stops its container. It is
+// safe to call more than once; the exit event releases the resources.
+func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
+	r.mu.Lock()
+	if l.phase == phaseStopping {
+		r.mu.Unlock()
+		return
+	}
+	l.phase = phaseStopping
+	started := l.started
+	cancel := l.cancel
+	r.mu.Unlock()
+	r.log.Info("stopping instance", "lrp", l.name(), "instance", l.guid, "why", why)
+	// Bounded: a container whose creation failed never reports its end.
+	ctx, cancelStop := context.WithTimeout(ctx, r.cfg.StopGrace+30*time.Second)
+	defer cancelStop()
+	if err := r.deleteRoutes(ctx, l); err != nil {
+		r.log.Error("delete routes", "lrp", l.name(), "err", err)
+	}
+	if !started {
+		// Still claiming or fetching: the start goroutine sees the phase
+		// and releases the reservation; cancel ends its waiting.
+		if cancel != nil {
+			cancel()
+		}
+		return
+	}
+	if err := r.exec.Stop(ctx, l.guid, r.cfg.StopGrace); err != nil {
+		if errors.Is(err, executor.ErrNotFound) {
+			r.release(l)
+			return
+		}
+		r.log.Error("stop instance", "lrp", l.name(), "instance", l.guid, "err", err)
+	}
+}
+
+// isGone reports whether the BBS said the record or transition is no
+// longer there for this cell.
+func isGone(err error) bool {
+	c := status.Code(err)
+	return c == codes.NotFound || c == codes.FailedPrecondition
+}
