@@ -17,6 +17,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -35,6 +36,7 @@ type options struct {
 	actuals  int
 	profile  string
 	workers  int
+	rounds   int
 }
 
 func main() {
@@ -42,6 +44,7 @@ func main() {
 	flag.IntVar(&o.clients, "clients", 64, "concurrent clients")
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each throughput measurement")
 	flag.IntVar(&o.actuals, "actuals", 100000, "actual LRPs stored for the memory figure")
+	flag.IntVar(&o.rounds, "rounds", 3, "alternating raw/BBS rounds; medians are reported, so load from elsewhere hits both alike")
 	flag.IntVar(&o.workers, "txn-concurrency", 4, "the BBS's etcd transactions in flight")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the BBS during the transition run to this file")
 	flag.Parse()
@@ -77,46 +80,19 @@ func run(ctx context.Context, o options) error {
 	}
 	defer cli.Close()
 
-	fmt.Printf("raw etcd: get, then Txn(If ModRevision == rev).Then(Put), %d goroutines, %s ...\n", o.clients, o.duration)
-	raw, err := rawGuardedPuts(ctx, cli, o)
-	if err != nil {
-		return err
-	}
-
-	addr, err := freeAddr()
-	if err != nil {
-		return err
-	}
 	const token = "bench"
-	debugAddr, err := freeAddr()
+	bbsProc, err := startBBS(ctx, bin, etcd.Endpoint(), "/bench/", token, o)
 	if err != nil {
 		return err
 	}
-	proc := exec.CommandContext(ctx, bin, "-listen", addr, "-debug-listen", debugAddr, "-etcd-endpoints", etcd.Endpoint(),
-		"-prefix", "/bench/", "-log-level", "error", "-txn-concurrency", strconv.Itoa(o.workers))
-	proc.Env = append(os.Environ(), "BASIN_TOKEN="+token)
-	proc.Stderr = os.Stderr
-	if err := proc.Start(); err != nil {
-		return fmt.Errorf("start bbs: %w", err)
-	}
-	defer func() {
-		proc.Process.Signal(os.Interrupt)
-		proc.Wait()
-	}()
+	defer bbsProc.stop()
+	debugAddr := bbsProc.debugAddr
 	keys := bbs.NewKeys("/bench/")
-
-	conns := make([]*bbs.Client, o.clients)
-	for i := range conns {
-		if conns[i], err = bbs.Dial(bbs.ClientConfig{Address: addr, Token: token}); err != nil {
-			return err
-		}
-		defer conns[i].Close()
-	}
-	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if err := conns[0].WaitReady(rctx); err != nil {
+	conns, closeConns, err := dialAll(ctx, bbsProc.addr, token, o.clients)
+	if err != nil {
 		return err
 	}
+	defer closeConns()
 
 	fmt.Printf("BBS: DesireLRP (1 instance), %d clients, %s ...\n", o.clients, o.duration)
 	creations, err := desireRate(ctx, conns, o)
@@ -124,13 +100,6 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 
-	fmt.Printf("BBS: ClaimActualLRP then StartActualLRP, %d clients (one cell each), %s ...\n", o.clients, o.duration)
-	profDone := make(chan error, 1)
-	if o.profile != "" {
-		go func() { profDone <- fetchProfile(debugAddr, o.profile, o.duration) }()
-	} else {
-		profDone <- nil
-	}
 	if o.profile != "" {
 		f, err := os.Create(o.profile + ".bench")
 		if err != nil {
@@ -138,44 +107,73 @@ func run(ctx context.Context, o options) error {
 		}
 		defer f.Close()
 		go func() {
-			time.Sleep(2500 * time.Millisecond)
+			// The first BBS round starts after the first raw round and the
+			// pause that lets the BBS's watch see the new instances.
+			time.Sleep(o.duration + 2500*time.Millisecond)
 			pprof.StartCPUProfile(f)
 			time.Sleep(o.duration - time.Second)
 			pprof.StopCPUProfile()
 		}()
+		go func() {
+			time.Sleep(o.duration)
+			if err := fetchProfile(debugAddr, o.profile, o.duration); err != nil {
+				fmt.Fprintln(os.Stderr, "profile:", err)
+			}
+		}()
 	}
-	transitions, used, err := transitionRate(ctx, cli, keys, conns, o)
-	if perr := <-profDone; perr != nil {
-		fmt.Fprintln(os.Stderr, "profile:", perr)
+	var raws, bbss, ratios []float64
+	for r := range o.rounds {
+		fmt.Printf("round %d/%d: raw etcd get, then Txn(If ModRevision == rev).Then(Put), %d goroutines, %s ...\n", r+1, o.rounds, o.clients, o.duration)
+		raw, err := rawGuardedPuts(ctx, cli, o)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("round %d/%d: BBS ClaimActualLRP then StartActualLRP, %d clients (one cell each), %s ...\n", r+1, o.rounds, o.clients, o.duration)
+		tr, err := transitionRate(ctx, cli, keys, conns, o, r)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("round %d/%d: raw %.0f/s, BBS %.0f/s, ratio %.2f\n", r+1, o.rounds, raw, tr, tr/raw)
+		raws, bbss, ratios = append(raws, raw), append(bbss, tr), append(ratios, tr/raw)
 	}
+	raw, transitions, ratio := median(raws), median(bbss), median(ratios)
 	batch, splits, conflicts := batchStats(debugAddr)
-	if err != nil {
-		return err
-	}
 
-	fmt.Printf("BBS: filling to %d actual LRPs ...\n", o.actuals)
-	stored, err := fill(ctx, conns, o.actuals-used-int(creations*o.duration.Seconds()))
+	bbsProc.stop()
+	closeConns()
+
+	// Memory is measured on a fresh BBS over its own prefix holding exactly
+	// the asked-for number of actual LRPs, not what the throughput runs left.
+	fmt.Printf("BBS: a fresh BBS with %d actual LRPs ...\n", o.actuals)
+	memProc, err := startBBS(ctx, bin, etcd.Endpoint(), "/rss/", token, o)
 	if err != nil {
 		return err
 	}
-	total, err := countActuals(ctx, cli, keys)
+	defer memProc.stop()
+	memConns, closeMem, err := dialAll(ctx, memProc.addr, token, 8)
+	if err != nil {
+		return err
+	}
+	defer closeMem()
+	if _, err := fill(ctx, memConns, o.actuals); err != nil {
+		return err
+	}
+	total, err := countActuals(ctx, cli, bbs.NewKeys("/rss/"))
 	if err != nil {
 		return err
 	}
 	// Let the BBS's watch catch up and its heap settle before reading RSS.
 	time.Sleep(3 * time.Second)
-	rss, err := rssMB(proc.Process.Pid)
+	rss, err := rssMB(memProc.cmd.Process.Pid)
 	if err != nil {
 		return err
 	}
-	_ = stored
 
-	ratio := transitions / raw
 	fmt.Println()
 	fmt.Printf("%-62s %12s\n", "measurement", "value")
-	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("raw etcd get + guarded put (%d goroutines)", o.clients), raw)
-	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("BBS claim -> start transitions via gRPC (%d clients)", o.clients), transitions)
-	fmt.Printf("%-62s %12.2f x   (target >= 1.5)\n", "BBS / raw", ratio)
+	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("raw etcd get + guarded put (%d goroutines, median)", o.clients), raw)
+	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("BBS claim -> start transitions via gRPC (%d clients, median)", o.clients), transitions)
+	fmt.Printf("%-62s %12.2f x   (median of rounds; target >= 1.5)\n", "BBS / raw", ratio)
 	fmt.Printf("%-62s %12.1f   (%.0f merged txns split, %.0f guard conflicts)\n", "BBS writes merged per etcd transaction (mean)", batch, splits, conflicts)
 	fmt.Printf("%-62s %12.0f /s\n", fmt.Sprintf("BBS desired-LRP creations (%d clients)", o.clients), creations)
 	fmt.Printf("%-62s %12.0f MB\n", fmt.Sprintf("BBS process RSS with %d actual LRPs stored", total), rss)
@@ -262,19 +260,32 @@ func desireRate(ctx context.Context, conns []*bbs.Client, o options) (float64, e
 
 // transitionRate gives each client (a cell) its own LRP and has it claim then
 // start instance after instance; each claim and each start is a transition.
-func transitionRate(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, conns []*bbs.Client, o options) (float64, int, error) {
-	const perClient = 1000
+func transitionRate(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, conns []*bbs.Client, o options, round int) (float64, error) {
+	// Enough instances that no client runs out before the deadline, even at
+	// well over 10,000 transitions/s.
+	perClient := int32(max(300, 200*o.duration.Seconds()))
 	fences := make([]*basinv1.Fence, len(conns))
 	for c, cl := range conns {
-		guid := fmt.Sprintf("lrp-%d", c)
+		guid := fmt.Sprintf("lrp-%d-%d", round, c)
 		if _, err := cl.DesireLRP(ctx, &basinv1.DesireLRPRequest{Schedule: schedule(guid, perClient), Run: runPart()}); err != nil {
-			return 0, 0, err
+			return 0, err
 		}
-		resp, err := cli.Put(ctx, keys.Cell(fmt.Sprintf("cell-%d", c)), "")
+		cellKey := keys.Cell(fmt.Sprintf("cell-%d", c))
+		resp, err := cli.Get(ctx, cellKey)
 		if err != nil {
-			return 0, 0, err
+			return 0, err
 		}
-		fences[c] = &basinv1.Fence{Key: keys.Cell(fmt.Sprintf("cell-%d", c)), CreateRevision: resp.Header.Revision}
+		rev := int64(0)
+		if len(resp.Kvs) > 0 {
+			rev = resp.Kvs[0].CreateRevision
+		} else {
+			pr, err := cli.Put(ctx, cellKey, "")
+			if err != nil {
+				return 0, err
+			}
+			rev = pr.Header.Revision
+		}
+		fences[c] = &basinv1.Fence{Key: cellKey, CreateRevision: rev}
 	}
 	// Let the BBS's watch see the new instances, as it would in production
 	// where cells claim what the auctioneer placed moments earlier.
@@ -290,7 +301,7 @@ func transitionRate(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, co
 		wg.Go(func() {
 			cell := fmt.Sprintf("cell-%d", c)
 			for i := int32(0); i < perClient && time.Now().Before(deadline); i++ {
-				key := &basinv1.ActualLRPKey{ProcessGuid: fmt.Sprintf("lrp-%d", c), Index: i}
+				key := &basinv1.ActualLRPKey{ProcessGuid: fmt.Sprintf("lrp-%d-%d", round, c), Index: i}
 				ik := &basinv1.ActualLRPInstanceKey{InstanceGuid: fmt.Sprintf("%s-%d", cell, i), CellId: cell}
 				if _, err := cl.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{Key: key, InstanceKey: ik, Fence: fences[c]}); err != nil {
 					once.Do(func() { firstErr = fmt.Errorf("claim: %w", err) })
@@ -308,10 +319,10 @@ func transitionRate(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, co
 		})
 	}
 	wg.Wait()
-	return float64(ops.Load()) / time.Since(start).Seconds(), len(conns) * perClient, firstErr
+	return float64(ops.Load()) / time.Since(start).Seconds(), firstErr
 }
 
-// fill desires LRPs of 100 instances until about n more actuals exist.
+// fill desires LRPs of 100 instances until n more actuals exist.
 func fill(ctx context.Context, conns []*bbs.Client, n int) (int, error) {
 	const per = 100
 	lrps := max(n, 0) / per
@@ -398,10 +409,11 @@ func batchStats(debugAddr string) (mean, splits, conflicts float64) {
 		return 0, 0, 0
 	}
 	defer resp.Body.Close()
-	var sum, count, txnSum, txnCount float64
+	var sum, count, txnSum, txnCount, reqSum, reqCount float64
 	defer func() {
-		if txnCount > 0 {
-			fmt.Printf("mean etcd txn latency seen by the BBS: %.2f ms over %.0f txns\n", 1000*txnSum/txnCount, txnCount)
+		if txnCount > 0 && reqCount > 0 {
+			fmt.Printf("mean latency in the BBS: claim/start request %.2f ms, etcd txn %.2f ms (%.0f txns)\n",
+				1000*reqSum/reqCount, 1000*txnSum/txnCount, txnCount)
 		}
 	}()
 	sc := bufio.NewScanner(resp.Body)
@@ -411,6 +423,14 @@ func batchStats(debugAddr string) (mean, splits, conflicts float64) {
 			continue
 		}
 		v, _ := strconv.ParseFloat(f[1], 64)
+		if strings.Contains(f[0], "ClaimActualLRP") || strings.Contains(f[0], "StartActualLRP") {
+			switch {
+			case strings.HasPrefix(f[0], "basin_bbs_request_seconds_sum"):
+				reqSum += v
+			case strings.HasPrefix(f[0], "basin_bbs_request_seconds_count"):
+				reqCount += v
+			}
+		}
 		switch f[0] {
 		case "basin_bbs_txn_batch_size_sum":
 			sum = v
@@ -430,4 +450,77 @@ func batchStats(debugAddr string) (mean, splits, conflicts float64) {
 		return 0, splits, conflicts
 	}
 	return sum / count, splits, conflicts
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+type bbsProcess struct {
+	cmd             *exec.Cmd
+	addr, debugAddr string
+	stopped         bool
+}
+
+// startBBS runs the bbs binary on etcd under prefix.
+func startBBS(ctx context.Context, bin, endpoint, prefix, token string, o options) (*bbsProcess, error) {
+	addr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	debugAddr, err := freeAddr()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.CommandContext(ctx, bin, "-listen", addr, "-debug-listen", debugAddr, "-etcd-endpoints", endpoint,
+		"-prefix", prefix, "-log-level", "error", "-txn-concurrency", strconv.Itoa(o.workers))
+	cmd.Env = append(os.Environ(), "BASIN_TOKEN="+token)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start bbs: %w", err)
+	}
+	return &bbsProcess{cmd: cmd, addr: addr, debugAddr: debugAddr}, nil
+}
+
+func (p *bbsProcess) stop() {
+	if p.stopped {
+		return
+	}
+	p.stopped = true
+	p.cmd.Process.Signal(os.Interrupt)
+	p.cmd.Wait()
+}
+
+// dialAll opens n client connections and waits until the BBS answers.
+func dialAll(ctx context.Context, addr, token string, n int) ([]*bbs.Client, func(), error) {
+	conns := make([]*bbs.Client, 0, n)
+	closeAll := func() {
+		for _, c := range conns {
+			c.Close()
+		}
+		conns = conns[:0]
+	}
+	for range n {
+		c, err := bbs.Dial(bbs.ClientConfig{Address: addr, Token: token})
+		if err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		conns = append(conns, c)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := conns[0].WaitReady(rctx); err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	return conns, closeAll, nil
 }
