@@ -76,7 +76,8 @@ func (b *backends) dial(ctx context.Context, addr string) (*backendConn, error) 
 	if err != nil {
 		return nil, &dialError{fmt.Errorf("dial endpoint %s: %w", addr, err)}
 	}
-	return &backendConn{conn: c, br: b.p.bufs.getReader(c), bw: b.p.bufs.getWriter(c), addr: addr}, nil
+	rw := newRawIO(c)
+	return &backendConn{conn: c, br: b.p.bufs.getReader(rw), bw: b.p.bufs.getWriter(rw), addr: addr}, nil
 }
 
 // put returns a connection whose last response was read completely.

@@ -227,7 +227,8 @@ func (p *Proxy) accept(ln net.Listener, serve func(net.Conn, *atomic.Int32)) err
 }
 
 func (p *Proxy) serveH1(c net.Conn, state *atomic.Int32, isTLS bool) {
-	hc := &h1conn{p: p, conn: c, br: p.bufs.getReader(c), bw: p.bufs.getWriter(c), tls: isTLS, state: state,
+	rw := newRawIO(c)
+	hc := &h1conn{p: p, conn: c, br: p.bufs.getReader(rw), bw: p.bufs.getWriter(rw), tls: isTLS, state: state,
 		remote: c.RemoteAddr().String()}
 	hc.serve()
 }
