@@ -3,7 +3,9 @@ package bbs
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
+	"io"
 	"time"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -27,7 +29,8 @@ type ClientConfig struct {
 // Client is a BBS connection.
 type Client struct {
 	basinv1.BBSServiceClient
-	conn *grpc.ClientConn
+	Blobs basinv1.BlobstoreServiceClient
+	conn  *grpc.ClientConn
 }
 
 // Dial connects to a BBS. The connection is lazy: the first call dials.
@@ -64,7 +67,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to BBS at %s: %w", cfg.Address, err)
 	}
-	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), conn: conn}, nil
+	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), Blobs: basinv1.NewBlobstoreServiceClient(conn), conn: conn}, nil
 }
 
 // Close closes the connection.
@@ -83,4 +86,70 @@ func (c *Client) WaitReady(ctx context.Context) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// UploadBlob streams r to the blobstore; want, when set, is the digest the
+// content must have.
+func (c *Client) UploadBlob(ctx context.Context, r io.Reader, want string) (digest string, size int64, err error) {
+	stream, err := c.Blobs.UploadBlob(ctx)
+	if err != nil {
+		return "", 0, fmt.Errorf("upload blob: %w", err)
+	}
+	if err := stream.Send(&basinv1.UploadBlobRequest{Part: &basinv1.UploadBlobRequest_Header{Header: &basinv1.BlobHeader{Digest: want}}}); err != nil {
+		_, rerr := stream.CloseAndRecv()
+		return "", 0, fmt.Errorf("upload blob: %w", errors.Join(err, rerr))
+	}
+	buf := make([]byte, 256<<10)
+	for {
+		n, rerr := r.Read(buf)
+		if n > 0 {
+			if err := stream.Send(&basinv1.UploadBlobRequest{Part: &basinv1.UploadBlobRequest_Chunk{Chunk: buf[:n]}}); err != nil {
+				// The server ended the stream; its reason comes with CloseAndRecv.
+				_, cerr := stream.CloseAndRecv()
+				return "", 0, fmt.Errorf("upload blob: %w", cerr)
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			stream.CloseSend()
+			return "", 0, fmt.Errorf("read blob to upload: %w", rerr)
+		}
+	}
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		return "", 0, fmt.Errorf("upload blob: %w", err)
+	}
+	return resp.GetDigest(), resp.GetSize(), nil
+}
+
+// DownloadBlob writes the blob to w and returns its size.
+func (c *Client) DownloadBlob(ctx context.Context, digest string, w io.Writer) (int64, error) {
+	stream, err := c.Blobs.DownloadBlob(ctx, &basinv1.DownloadBlobRequest{Digest: digest})
+	if err != nil {
+		return 0, fmt.Errorf("download blob %s: %w", digest, err)
+	}
+	var n, size int64
+	for {
+		msg, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return n, fmt.Errorf("download blob %s: %w", digest, err)
+		}
+		if msg.GetSize() > 0 {
+			size = msg.GetSize()
+		}
+		m, err := w.Write(msg.GetChunk())
+		n += int64(m)
+		if err != nil {
+			return n, fmt.Errorf("write blob %s: %w", digest, err)
+		}
+	}
+	if n != size {
+		return n, fmt.Errorf("download blob %s: got %d of %d bytes", digest, n, size)
+	}
+	return n, nil
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/basinpaas/basin/bbs/blobstore"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -45,7 +46,14 @@ type Config struct {
 	MaxMessageBytes int
 	Limits          Limits
 	Store           StoreConfig
-	Logger          *slog.Logger
+	// Blobs, when set, is served as the BlobstoreService; blobs larger than
+	// MaxBlobBytes are refused, and blobs nothing references are deleted
+	// after BlobGrace (checked every BlobGCInterval).
+	Blobs          blobstore.Store
+	MaxBlobBytes   int64
+	BlobGrace      time.Duration
+	BlobGCInterval time.Duration
+	Logger         *slog.Logger
 }
 
 // Server is a BBS: the gRPC API over a Store, with health, reflection and
@@ -95,6 +103,18 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 	}
 	gs := grpc.NewServer(opts...)
 	basinv1.RegisterBBSServiceServer(gs, NewAPI(store, cfg.Limits))
+	if cfg.Blobs != nil {
+		if cfg.MaxBlobBytes <= 0 {
+			cfg.MaxBlobBytes = 2 << 30
+		}
+		if cfg.BlobGrace <= 0 {
+			cfg.BlobGrace = time.Hour
+		}
+		if cfg.BlobGCInterval <= 0 {
+			cfg.BlobGCInterval = 10 * time.Minute
+		}
+		basinv1.RegisterBlobstoreServiceServer(gs, NewBlobAPI(cfg.Blobs, cfg.MaxBlobBytes))
+	}
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -137,6 +157,9 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		return nil
 	})
+	if s.cfg.Blobs != nil {
+		g.Go(func() error { s.collectBlobs(gctx); return nil })
+	}
 	if s.cfg.DebugAddress != "" {
 		dbg := &http.Server{Addr: s.cfg.DebugAddress, Handler: DebugHandler(s.registry), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
@@ -166,6 +189,24 @@ func (s *Server) Run(ctx context.Context) error {
 	})
 	s.log.Info("BBS serving", "addr", s.Addr())
 	return g.Wait()
+}
+
+// collectBlobs deletes unreferenced blobs every BlobGCInterval. Several BBS
+// replicas sharing a blobstore may all do it: deleting is idempotent and
+// every replica sees the same references in etcd.
+func (s *Server) collectBlobs(ctx context.Context) {
+	t := time.NewTicker(s.cfg.BlobGCInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if _, err := collectBlobs(ctx, s.store, s.cfg.Blobs, s.cfg.BlobGrace, time.Now(), s.log); err != nil && ctx.Err() == nil {
+			s.log.Warn("blob garbage collection failed", "err", err)
+		}
+	}
 }
 
 // DebugHandler serves /metrics from reg and the Go profiler under

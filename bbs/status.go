@@ -5,6 +5,8 @@ import (
 	"errors"
 	"log/slog"
 
+	"github.com/basinpaas/basin/bbs/blobstore"
+
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -22,9 +24,11 @@ func toStatus(err error) error {
 	}
 	var code codes.Code
 	switch {
-	case errors.Is(err, ErrInvalid):
+	case errors.Is(err, ErrInvalid), errors.Is(err, blobstore.ErrDigestMismatch), errors.Is(err, blobstore.ErrBadDigest):
 		code = codes.InvalidArgument
-	case errors.Is(err, ErrNotFound):
+	case errors.Is(err, blobstore.ErrTooLarge):
+		code = codes.ResourceExhausted
+	case errors.Is(err, ErrNotFound), errors.Is(err, blobstore.ErrNotFound):
 		code = codes.NotFound
 	case errors.Is(err, ErrAlreadyExists):
 		code = codes.AlreadyExists

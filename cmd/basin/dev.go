@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	"github.com/basinpaas/basin/gorouter"
 	"github.com/spf13/cobra"
@@ -147,7 +148,11 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	}
 	defer cli.Close()
 
-	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Logger: log})
+	blobs, err := blobstore.NewLocal(filepath.Join(o.dir, "blobs"))
+	if err != nil {
+		return err
+	}
+	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs, Logger: log})
 	if err != nil {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}

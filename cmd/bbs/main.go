@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
@@ -28,6 +29,7 @@ type config struct {
 	etcdCA, etcdCert, etcdKey string
 	embeddedDir               string
 	tokenFile                 string
+	blobDir                   string
 	logLevel                  string
 }
 
@@ -45,6 +47,7 @@ func main() {
 	fs.StringVar(&c.server.CertFile, "tls-cert", "", "server certificate (plaintext when empty)")
 	fs.StringVar(&c.server.KeyFile, "tls-key", "", "server key")
 	fs.StringVar(&c.server.ClientCAFile, "client-ca", "", "CA that signs component client certificates")
+	fs.StringVar(&c.blobDir, "blob-dir", "", "serve the local blobstore (droplets, app bits) from this directory")
 	fs.StringVar(&c.tokenFile, "token-file", "", "file holding the users' bearer token (BASIN_TOKEN also works)")
 	var maxInstances int
 	fs.IntVar(&maxInstances, "max-instances", int(bbs.DefaultLimits.MaxInstances), "most instances one LRP may ask for")
@@ -113,6 +116,13 @@ func run(ctx context.Context, c config) error {
 	}
 	defer cli.Close()
 
+	if c.blobDir != "" {
+		blobs, err := blobstore.NewLocal(c.blobDir)
+		if err != nil {
+			return err
+		}
+		c.server.Blobs = blobs
+	}
 	srv, err := bbs.NewServer(cli, c.server)
 	if err != nil {
 		return err
