@@ -361,10 +361,14 @@ func TestLeadersKilledWhileScaling(t *testing.T) {
 	al, cl := env.leader("auctioneer"), env.leader("converger")
 	start := time.Now()
 	env.scale("scale", 16)
-	auctioneers[al].kill()
-	convergers[cl].kill()
-	// A cell dies too, so the new converger has instances to requeue.
-	env.killCell("cell-d")
+	// Both leaders die at once, and a cell too, so the new converger has
+	// instances to requeue. (kill waits for the replica's Run, whose
+	// shutdown on a closed connection is slow: run them side by side.)
+	var wg sync.WaitGroup
+	wg.Go(auctioneers[al].kill)
+	wg.Go(convergers[cl].kill)
+	wg.Go(func() { env.killCell("cell-d") })
+	defer wg.Wait()
 	perCell := env.waitRunning("scale", 16, 20*time.Second, "cell-d")
 	t.Logf("scale to 16 with both leaders and a cell killed: done in %s, per cell %v", time.Since(start).Round(time.Millisecond), perCell)
 	if got := env.leader("auctioneer"); got == al {
