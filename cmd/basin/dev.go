@@ -135,6 +135,10 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	fmt.Fprintf(out, "Starting basin in %s\n", o.dir)
+	if err := ensurePackages(ctx, out); err != nil {
+		return err
+	}
+	step("Debian packages: %s", strings.Join(debianPackages, ", "))
 
 	etcd, err := embeddedetcd.Start(ctx, embeddedetcd.Config{Dir: filepath.Join(o.dir, "etcd"), ClientAddress: o.etcdAddr, Logger: log})
 	if err != nil {
