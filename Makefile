@@ -32,7 +32,6 @@ generate:
 
 # up starts the whole platform on this machine.
 up: build
-	bash scripts/setup.sh
 	$(BIN)/basin dev up
 
 bench: bench-bbs bench-router bench-cell
