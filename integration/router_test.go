@@ -813,7 +813,7 @@ func (s *syncBuffer) String() string {
 func TestRouterTimeoutIs504AndClientGoneIs499(t *testing.T) {
 	var accessLog syncBuffer
 	env := newRouterEnv(t, func(c *gorouter.Config) {
-		c.Proxy.ResponseHeaderTimeout = 1500 * time.Millisecond
+		c.Proxy.ResponseHeaderTimeout = 2 * time.Second
 		c.Proxy.AccessLog = &accessLog
 	})
 	release := make(chan struct{})
@@ -828,18 +828,19 @@ func TestRouterTimeoutIs504AndClientGoneIs499(t *testing.T) {
 	env.putRoute("slow.apps.test", "", "slow", 0, slow.addr(), 0)
 	env.waitEndpoints("slow.apps.test", "/", 1)
 
-	// /aaaaaaaaaaaaaaaaaaaa: 2.1 s of work, over the 1.5 s head timeout.
-	resp, body := env.get("slow.apps.test", "/"+strings.Repeat("a", 20), http.Header{"X-Request-Id": {"timeout-req"}})
+	// The path length sets the work: 3.1 s, over the 2 s head timeout.
+	resp, body := env.get("slow.apps.test", "/"+strings.Repeat("a", 30), http.Header{"X-Request-Id": {"timeout-req"}})
 	if resp.StatusCode != 504 {
 		t.Fatalf("slow endpoint: status %d body %q, want 504", resp.StatusCode, body)
 	}
 
-	// The client hangs up while the endpoint takes 1.2 s.
+	// The client hangs up while the endpoint takes 1.3 s (more than the 1 s
+	// after which the router checks on its client, less than the timeout).
 	c, err := net.Dial("tcp", env.router.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	io.WriteString(c, "GET /"+strings.Repeat("b", 11)+" HTTP/1.1\r\nHost: slow.apps.test\r\nX-Request-Id: gone-req\r\n\r\n")
+	io.WriteString(c, "GET /"+strings.Repeat("b", 12)+" HTTP/1.1\r\nHost: slow.apps.test\r\nX-Request-Id: gone-req\r\n\r\n")
 	time.Sleep(200 * time.Millisecond)
 	c.Close()
 

@@ -42,7 +42,9 @@ if [ -n "$profile" ] && [ -s "$profile" ]; then
 	echo
 	echo "== where basin's router spends CPU (top 25, $profile)"
 	go tool pprof -top -nodecount=25 "$out/gorouter" "$profile" 2>/dev/null | tail -n 26
-	# The table and RESULT lines stay last.
-	grep -A100 '^target ' "$out/result.txt" | grep -v '^RESULT' || true
+	# The table, the churn line and the RESULT lines stay last.
+	echo
+	awk '/^target /{p=1} p&&/^$/{exit} p' "$out/result.txt"
+	grep '^churn: [0-9]' "$out/result.txt" || true
 	grep '^RESULT' "$out/result.txt"
 fi
