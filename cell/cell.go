@@ -204,7 +204,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 		CellID: cfg.ID, Zone: cfg.Zone, Stacks: cfg.Stacks, PlacementTags: cfg.PlacementTags, Capacity: cfg.Capacity,
 		RepAddress: cfg.RepAddress, AdvertiseAddress: cfg.AdvertiseAddress, Keys: bbs.NewKeys(cfg.Prefix),
 		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
-		DropletDir: filepath.Join(cfg.StateDir, "droplets"), Logger: c.log, Metrics: rep.NewMetrics(c.registry),
+		DropletDir: filepath.Join(cfg.StateDir, "droplets"), Logger: cfg.Logger, Metrics: rep.NewMetrics(c.registry),
 	}, etcd, bbsClient, ex)
 	if err != nil {
 		return fmt.Errorf("cell %s: %w", cfg.ID, err)

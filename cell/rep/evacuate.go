@@ -99,8 +99,10 @@ func (r *Rep) evacuateLRP(ctx, dctx context.Context, l *lrp) {
 		return
 	}
 	if claimed {
-		_, err := r.bbs.UnclaimActualLRP(ctx, &basinv1.UnclaimActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+		_, err := retry(ctx, func(ctx context.Context) (*basinv1.UnclaimActualLRPResponse, error) {
+			return r.bbs.UnclaimActualLRP(ctx, &basinv1.UnclaimActualLRPRequest{
+				Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+		})
 		if err != nil {
 			r.log.Warn("unclaim for evacuation", "lrp", l.name(), "err", err)
 		} else if phase == phaseRunning {

@@ -228,8 +228,10 @@ func (r *Rep) release(l *lrp) {
 func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	log := r.log.With("lrp", l.name(), "instance", l.guid)
 	t0 := time.Now()
-	claim, err := r.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{
-		Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+	claim, err := retry(ctx, func(ctx context.Context) (*basinv1.ClaimActualLRPResponse, error) {
+		return r.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{
+			Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+	})
 	if err != nil {
 		log.Info("claim refused; releasing the reservation", "err", err)
 		r.release(l)
@@ -245,8 +247,10 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	r.mu.Unlock()
 	if evacuating {
 		// Evacuation began while the claim was in flight: give it back.
-		if _, err := r.bbs.UnclaimActualLRP(context.WithoutCancel(ctx), &basinv1.UnclaimActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()}); err != nil {
+		if _, err := retry(context.WithoutCancel(ctx), func(ctx context.Context) (*basinv1.UnclaimActualLRPResponse, error) {
+			return r.bbs.UnclaimActualLRP(ctx, &basinv1.UnclaimActualLRPRequest{
+				Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+		}); err != nil {
 			log.Warn("unclaim after evacuation began", "err", err)
 		}
 		r.release(l)
@@ -292,8 +296,10 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	for _, p := range info.Ports {
 		net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
 	}
-	if _, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
-		Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()}); err != nil {
+	if _, err := retry(ctx, func(ctx context.Context) (*basinv1.StartActualLRPResponse, error) {
+		return r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
+			Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
+	}); err != nil {
 		// Not ours any more (retired, moved after a lost lease): stop it.
 		log.Warn("mark running refused; stopping the instance", "err", err)
 		r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
@@ -440,8 +446,10 @@ func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
 	if len(reason) > maxReasonBytes {
 		reason = reason[:maxReasonBytes-3] + "..."
 	}
-	_, err := r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
-		Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
+	_, err := retry(ctx, func(ctx context.Context) (*basinv1.CrashActualLRPResponse, error) {
+		return r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
+			Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
+	})
 	if err != nil {
 		r.log.Warn("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
 		return
@@ -532,11 +540,15 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 		return
 	}
 	if err := r.exec.Stop(ctx, l.guid, r.cfg.StopGrace); err != nil {
-		if errors.Is(err, executor.ErrNotFound) {
+		switch {
+		case errors.Is(err, executor.ErrNotFound):
 			r.release(l)
-			return
+		case errors.Is(err, context.Canceled):
+			// The cell is shutting down; the container stays for the next
+			// process, which will find its index key gone and destroy it.
+		default:
+			r.log.Error("stop instance", "lrp", l.name(), "instance", l.guid, "err", err)
 		}
-		r.log.Error("stop instance", "lrp", l.name(), "instance", l.guid, "err", err)
 	}
 }
 
@@ -545,4 +557,31 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 func isGone(err error) bool {
 	c := status.Code(err)
 	return c == codes.NotFound || c == codes.FailedPrecondition
+}
+
+// retry calls fn until it succeeds, fails for good, or five attempts are
+// spent: the BBS may be restarting, or a transaction may have lost a race.
+// Every call retried here is idempotent for the same instance key.
+func retry[T any](ctx context.Context, fn func(context.Context) (T, error)) (T, error) {
+	backoff := 50 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		v, err := fn(ctx)
+		if err == nil || attempt == 5 || !transient(err) {
+			return v, err
+		}
+		select {
+		case <-ctx.Done():
+			return v, err
+		case <-time.After(backoff):
+		}
+		backoff *= 2
+	}
+}
+
+func transient(err error) bool {
+	switch status.Code(err) {
+	case codes.Unavailable, codes.Aborted, codes.ResourceExhausted:
+		return true
+	}
+	return false
 }

@@ -136,8 +136,10 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 		for _, p := range info.Ports {
 			net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
 		}
-		if _, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()}); err != nil {
+		if _, err := retry(ctx, func(ctx context.Context) (*basinv1.StartActualLRPResponse, error) {
+			return r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
+				Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
+		}); err != nil {
 			r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
 			return
 		}

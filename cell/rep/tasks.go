@@ -69,7 +69,9 @@ func taskInstanceGUID(taskGUID string) string {
 // its exit completes it (handleExit → completeTask).
 func (r *Rep) runTask(ctx context.Context, t *task) {
 	log := r.log.With("task", t.guid)
-	resp, err := r.bbs.StartTask(ctx, &basinv1.StartTaskRequest{TaskGuid: t.guid, CellId: r.cfg.CellID, Fence: r.currentFence()})
+	resp, err := retry(ctx, func(ctx context.Context) (*basinv1.StartTaskResponse, error) {
+		return r.bbs.StartTask(ctx, &basinv1.StartTaskRequest{TaskGuid: t.guid, CellId: r.cfg.CellID, Fence: r.currentFence()})
+	})
 	if err != nil || !resp.GetShouldStart() {
 		log.Info("task not started here", "err", err, "should_start", resp.GetShouldStart())
 		r.releaseTask(t)
@@ -78,8 +80,10 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	def := resp.GetTask().GetDefinition()
 	fail := func(reason string) {
 		log.Warn("task failed to start", "reason", reason)
-		if _, err := r.bbs.CompleteTask(context.WithoutCancel(ctx), &basinv1.CompleteTaskRequest{
-			TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason), Fence: r.currentFence()}); err != nil {
+		if _, err := retry(context.WithoutCancel(ctx), func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) {
+			return r.bbs.CompleteTask(ctx, &basinv1.CompleteTaskRequest{
+				TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason), Fence: r.currentFence()})
+		}); err != nil {
 			log.Error("complete task", "err", err)
 		}
 		r.releaseTask(t)
@@ -167,7 +171,7 @@ func (r *Rep) completeTask(ctx context.Context, t *task, x *executor.ExitInfo) {
 			req.Result = res
 		}
 	}
-	if _, err := r.bbs.CompleteTask(ctx, req); err != nil {
+	if _, err := retry(ctx, func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) { return r.bbs.CompleteTask(ctx, req) }); err != nil {
 		r.log.Error("complete task", "task", t.guid, "err", err)
 	}
 	r.releaseTask(t)
