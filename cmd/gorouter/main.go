@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
 	"syscall"
 	"time"
 
+	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/basinpaas/basin/bbs"
@@ -32,11 +34,15 @@ func run() error {
 	var (
 		cfg       gorouter.Config
 		endpoints string
+		etcdTLS   transport.TLSInfo
 		accessLog string
 		logLevel  string
 	)
 	fs := flag.NewFlagSet("gorouter", flag.ContinueOnError)
 	fs.StringVar(&endpoints, "etcd-endpoints", "http://127.0.0.1:2379", "comma-separated etcd endpoints")
+	fs.StringVar(&etcdTLS.CertFile, "etcd-cert", "", "client certificate for etcd (mutual TLS)")
+	fs.StringVar(&etcdTLS.KeyFile, "etcd-key", "", "client key for etcd")
+	fs.StringVar(&etcdTLS.TrustedCAFile, "etcd-ca", "", "CA that signed etcd's certificate")
 	fs.StringVar(&cfg.Prefix, "prefix", bbs.DefaultPrefix, "etcd key prefix")
 	fs.StringVar(&cfg.DefaultDomain, "default-domain", "apps.localhost", "apps domain (myapp.<domain>)")
 	fs.StringVar(&cfg.Addr, "addr", ":8080", "plain HTTP listen address")
@@ -80,11 +86,15 @@ func run() error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   strings.Split(endpoints, ","),
-		DialTimeout: 5 * time.Second,
-		Logger:      nil,
-	})
+	var err error
+
+	ecfg := clientv3.Config{Endpoints: strings.Split(endpoints, ","), DialTimeout: 5 * time.Second}
+	if !etcdTLS.Empty() || etcdTLS.TrustedCAFile != "" {
+		if ecfg.TLS, err = etcdTLS.ClientConfig(); err != nil {
+			return fmt.Errorf("etcd TLS: %w", err)
+		}
+	}
+	cli, err := clientv3.New(ecfg)
 	if err != nil {
 		return fmt.Errorf("etcd client for %s: %w", endpoints, err)
 	}
@@ -94,7 +104,14 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	logger.Info("router listening", "http", r.Addr().String(), "https", fmt.Sprint(r.TLSAddr()),
-		"health", fmt.Sprint(r.HealthAddr()), "debug", fmt.Sprint(r.DebugAddr()), "domain", cfg.DefaultDomain)
+	logger.Info("router listening", "http", r.Addr().String(), "https", addrOrOff(r.TLSAddr()),
+		"health", addrOrOff(r.HealthAddr()), "debug", addrOrOff(r.DebugAddr()), "domain", cfg.DefaultDomain)
 	return r.Run(ctx)
+}
+
+func addrOrOff(a net.Addr) string {
+	if a == nil {
+		return "off"
+	}
+	return a.String()
 }

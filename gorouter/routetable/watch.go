@@ -48,13 +48,20 @@ func (s *Syncer) Relists() int64 { return s.relists.Load() }
 
 // Run syncs until ctx is done; it returns nil then.
 func (s *Syncer) Run(ctx context.Context) error {
+	wait := s.retry
 	for {
+		before := s.relists.Load()
 		err := s.syncOnce(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
-		s.log.Warn("route watch broke; listing again", "prefix", s.prefix, "err", err)
-		t := time.NewTimer(s.retry)
+		if s.relists.Load() != before {
+			wait = s.retry // the list worked: the watch broke, retry soon
+		} else {
+			wait = min(2*wait, 5*time.Second) // etcd unreachable: back off
+		}
+		s.log.Warn("route watch broke; listing again", "prefix", s.prefix, "in", wait, "err", err)
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
 			t.Stop()
