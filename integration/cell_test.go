@@ -219,41 +219,15 @@ func TestCellRunsAndCrashesLRPs(t *testing.T) {
 	defer cancel()
 	env := newRepEnv(t, ctx)
 
-	state, err := containerdproc.ShortDir("bcell")
-	if err != nil {
-		t.Fatal(err)
-	}
-	const bridge = "basincell0"
-	t.Cleanup(func() {
-		exec.Command("ip", "link", "del", bridge).Run()
-		os.RemoveAll(state)
-	})
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := cell.New(cell.Config{
-		ID: "it-cell", Zone: "z1", Capacity: &basinv1.CellCapacity{MemoryMb: 1024, DiskMb: 4096, Containers: 10},
-		Listener: lis, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
-		LauncherPath: cenv.launcher, StateDir: state,
-		NetworkName: "basincell0", BridgeName: bridge, Subnet: "10.221.0.0/24", FirewallChain: "BASIN-CELLTEST",
-		HostPortLow: 62200, HostPortHigh: 62299, StopGrace: 2 * time.Second,
-		Logger: slog.New(slog.NewTextHandler(testLog{t}, nil)),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	runCtx, stopCell := context.WithCancel(context.Background())
-	runErr := make(chan error, 1)
-	go func() { runErr <- c.Run(runCtx) }()
-	defer func() {
-		stopCell()
-		if err := <-runErr; err != nil {
-			t.Errorf("cell Run: %v", err)
-		}
-	}()
-	rc := cellClient(t, c.Addr())
-	waitServing(t, ctx, c.Addr())
+	// Two cells in this process on one containerd, as basin dev up --cells
+	// N runs them: each has its own id, state, bridge, subnet, ports.
+	debugAddr := freeLoopbackAddr(t)
+	a := runTestCell(t, cenv, env, "it-cell", 0, debugAddr)
+	b := runTestCell(t, cenv, env, "it-cell-b", 1, "")
+	rc := cellClient(t, a.Addr())
+	rcB := cellClient(t, b.Addr())
+	waitServing(t, ctx, a.Addr())
+	waitServing(t, ctx, b.Addr())
 
 	t.Run("serves", func(t *testing.T) {
 		env.desireApp("it-web", "exec httpd -f -p $PORT -h /home/vcap/app",
@@ -350,11 +324,126 @@ if [ "$n" -ge 3 ]; then (sleep 0.2; touch /home/vcap/tmp/done) >/dev/null 2>&1 &
 		assertGone(t, cenv.client, a.GetInstanceKey().GetInstanceGuid())
 	})
 
+	t.Run("task", func(t *testing.T) {
+		if _, err := env.bbs.DesireTask(ctx, &basinv1.DesireTaskRequest{TaskGuid: "it-task", Definition: &basinv1.TaskDefinition{
+			Stack: "tiny", Command: "echo computing; echo 42 > /home/vcap/tmp/answer", ResultFile: "/home/vcap/tmp/answer",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32, Pids: 16}}}); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := rc.Perform(ctx, &basinv1.PerformRequest{Tasks: []*basinv1.TaskStart{{TaskGuid: "it-task", Stack: "tiny",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32}}}})
+		if err != nil || len(resp.GetRejectedTasks()) != 0 {
+			t.Fatalf("Perform task: %v %v", resp, err)
+		}
+		var task *basinv1.Task
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			r, err := env.bbs.GetTask(ctx, &basinv1.GetTaskRequest{TaskGuid: "it-task"})
+			if task = r.GetTask(); err == nil && task.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+				break
+			}
+		}
+		if task.GetState() != basinv1.TaskState_TASK_STATE_COMPLETED || task.GetFailed() || task.GetResult() != "42\n" || task.GetCellId() != "it-cell" {
+			t.Errorf("task %v: want COMPLETED on it-cell with result \"42\\n\"", task)
+		}
+	})
+
+	t.Run("metrics", func(t *testing.T) {
+		code, body := get(t, "http://"+debugAddr+"/metrics")
+		if code != 200 || !strings.Contains(body, "basin_rep_lrp_starts_total 2") || !strings.Contains(body, "basin_rep_lrp_crashes_total 1") ||
+			!strings.Contains(body, "basin_rep_droplet_fetches_total") {
+			t.Errorf("metrics (%d) lack the rep's starts, crashes or droplet fetches:\n%s", code, body)
+		}
+	})
+
+	t.Run("evacuate", func(t *testing.T) {
+		before := env.waitActual("it-web", basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING, time.Second)
+		oldURL := fmt.Sprintf("http://127.0.0.1:%d/index.html", before.GetNetInfo().GetPorts()[0].GetHostPort())
+		drained := make(chan error, 1)
+		go func() {
+			_, err := rc.Drain(ctx, &basinv1.DrainRequest{TimeoutMs: 60000})
+			drained <- err
+		}()
+		env.waitActual("it-web", basinv1.ActualLRPState_ACTUAL_LRP_STATE_UNCLAIMED, 10*time.Second)
+		// Unclaimed but still serving, until a replacement runs.
+		if code, _ := get(t, oldURL); code != 200 {
+			t.Errorf("evacuating instance answered %d before its replacement ran", code)
+		}
+		if resp, err := rc.Perform(ctx, &basinv1.PerformRequest{Lrps: []*basinv1.LRPStart{{Key: before.GetKey(), Stack: "tiny",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 64, DiskMb: 64}}}}); err != nil || len(resp.GetRejectedLrps()) != 1 {
+			t.Errorf("an evacuating cell accepted work: %v %v", resp, err)
+		}
+		t0 := time.Now()
+		performOne(t, ctx, rcB, "it-web")
+		select {
+		case err := <-drained:
+			if err != nil {
+				t.Fatalf("Drain: %v", err)
+			}
+		case <-time.After(60 * time.Second):
+			t.Fatal("Drain did not return")
+		}
+		t.Logf("replacement placed and evacuated instance stopped in %s", time.Since(t0).Round(time.Millisecond))
+		after := env.waitActual("it-web", basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING, time.Second)
+		if after.GetInstanceKey().GetCellId() != "it-cell-b" {
+			t.Fatalf("after evacuation %v: want RUNNING on it-cell-b", after)
+		}
+		assertGone(t, cenv.client, before.GetInstanceKey().GetInstanceGuid())
+		newURL := fmt.Sprintf("http://127.0.0.1:%d/index.html", after.GetNetInfo().GetPorts()[0].GetHostPort())
+		if code, body := get(t, newURL); code != 200 || body != "hello from a cell\n" {
+			t.Errorf("replacement GET = %d %q", code, body)
+		}
+		if ep, _ := env.routeKV("it-web"); ep.GetInstanceGuid() != after.GetInstanceKey().GetInstanceGuid() {
+			t.Errorf("route %v: want the replacement's", ep)
+		}
+		if st, err := rc.State(ctx, &basinv1.StateRequest{}); err != nil || !st.GetPresence().GetEvacuating() || len(st.GetLrps()) != 0 {
+			t.Errorf("drained cell state %v %v", st, err)
+		}
+	})
+
 	// Retire what is left: the cell stops it through its index watch.
 	if _, err := env.bbs.RemoveDesiredLRP(ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: "it-web"}); err != nil {
 		t.Fatal(err)
 	}
 	waitNoContainers(t, ctx, cenv.client, 30*time.Second)
+}
+
+// runTestCell runs cell n of this process on the shared containerd until
+// the test ends.
+func runTestCell(t *testing.T, cenv *cellEnv, env *repEnv, id string, n int, debug string) *cell.Cell {
+	t.Helper()
+	state, err := containerdproc.ShortDir("bcell")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bridge := fmt.Sprintf("basincell%d", 2*n)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := cell.New(cell.Config{
+		ID: id, Zone: "z1", Capacity: &basinv1.CellCapacity{MemoryMb: 1024, DiskMb: 4096, Containers: 10},
+		Listener: lis, DebugAddress: debug, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
+		LauncherPath: cenv.launcher, StateDir: state,
+		NetworkName: bridge, BridgeName: bridge, Subnet: fmt.Sprintf("10.%d.0.0/24", 221+2*n),
+		FirewallChain: fmt.Sprintf("BASIN-CELLTEST%d", 2*n),
+		HostPortLow:   62200 + 200*n, HostPortHigh: 62299 + 200*n, StopGrace: 2 * time.Second,
+		Logger: slog.New(slog.NewTextHandler(testLog{t}, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	runErr := make(chan error, 1)
+	go func() { runErr <- c.Run(ctx) }()
+	t.Cleanup(func() {
+		stop()
+		if err := <-runErr; err != nil {
+			t.Errorf("cell %s Run: %v", id, err)
+		}
+		exec.Command("ip", "link", "del", bridge).Run()
+		os.RemoveAll(state)
+	})
+	return c
 }
 
 func waitServing(t *testing.T, ctx context.Context, addr string) {
