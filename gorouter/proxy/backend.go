@@ -29,6 +29,16 @@ type backendConn struct {
 	limited  io.LimitedReader
 }
 
+// rawNetConn is a net.Conn whose reads and writes go through newRawIO, for
+// layers that need a net.Conn (TLS).
+type rawNetConn struct {
+	net.Conn
+	rw io.ReadWriter
+}
+
+func (c rawNetConn) Read(p []byte) (int, error)  { return c.rw.Read(p) }
+func (c rawNetConn) Write(p []byte) (int, error) { return c.rw.Write(p) }
+
 // backends pools idle connections per endpoint address.
 type backends struct {
 	p      *Proxy

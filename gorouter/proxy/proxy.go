@@ -174,7 +174,7 @@ func (p *Proxy) ServeTLS(ln net.Listener, cfg *tls.Config) error {
 	cfg = cfg.Clone()
 	cfg.NextProtos = []string{"h2", "http/1.1"}
 	return p.accept(ln, func(c net.Conn, state *atomic.Int32) {
-		tc := tls.Server(c, cfg)
+		tc := tls.Server(rawNetConn{Conn: c, rw: newRawIO(c)}, cfg)
 		ctx, cancel := context.WithTimeout(p.ctx, p.cfg.ReadHeaderTimeout)
 		err := tc.HandshakeContext(ctx)
 		cancel()
