@@ -267,6 +267,20 @@ func (a *API) RemoveActualLRP(ctx context.Context, req *basinv1.RemoveActualLRPR
 	return &basinv1.RemoveActualLRPResponse{}, a.store.RemoveActualLRP(ctx, req.GetKey(), req.GetInstanceKey(), req.GetFence())
 }
 
+func (a *API) CreateMissingActualLRPs(ctx context.Context, req *basinv1.CreateMissingActualLRPsRequest) (*basinv1.CreateMissingActualLRPsResponse, error) {
+	if err := checkGUID("process_guid", req.GetProcessGuid()); err != nil {
+		return nil, err
+	}
+	if err := a.store.checkLeaderFence("fence", req.GetFence()); err != nil {
+		return nil, err
+	}
+	created, err := a.store.CreateMissingActualLRPs(ctx, req.GetProcessGuid(), req.GetFence())
+	if err != nil {
+		return nil, err
+	}
+	return &basinv1.CreateMissingActualLRPsResponse{Created: created}, nil
+}
+
 func (a *API) DesireTask(ctx context.Context, req *basinv1.DesireTaskRequest) (*basinv1.DesireTaskResponse, error) {
 	if err := checkGUID("task_guid", req.GetTaskGuid()); err != nil {
 		return nil, err

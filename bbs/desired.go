@@ -315,3 +315,52 @@ func (s *Store) ListDesiredLRPSchedules(ctx context.Context, domain string) ([]*
 	}
 	return out, decodeErr
 }
+
+// CreateMissingActualLRPs creates the UNCLAIMED instances of guid that are
+// missing below its desired count, and returns their indices. Each creation
+// is guarded by the desired schedule's revision (a concurrent scale-down
+// wins) and by the caller's fence.
+func (s *Store) CreateMissingActualLRPs(ctx context.Context, guid string, fence *basinv1.Fence) ([]int32, error) {
+	d, schedRev, _, err := s.getDesired(ctx, guid)
+	if err != nil {
+		return nil, err
+	}
+	actuals, err := s.ListActualLRPs(ctx, ActualFilter{ProcessGUID: guid})
+	if err != nil {
+		return nil, err
+	}
+	have := make(map[int32]bool, len(actuals))
+	for _, a := range actuals {
+		have[a.GetKey().GetIndex()] = true
+	}
+	var created []int32
+	sk := s.keys.DesiredSchedule(guid)
+	for i := range d.GetSchedule().GetInstances() {
+		if have[i] {
+			continue
+		}
+		ops, writes, cmps, vals := s.actualCreateOps(guid, d.GetSchedule().GetDomain(), i, i+1)
+		cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(sk), "=", schedRev))
+		if fence != nil {
+			cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(fence.GetKey()), "=", fence.GetCreateRevision()))
+		}
+		res := s.commit.do(ctx, &txnItem{cmps: cmps, ops: ops, writes: writes})
+		if res.err != nil {
+			return created, fmt.Errorf("create missing instance %d of %s: %w", i, guid, res.err)
+		}
+		if !res.succeeded {
+			// Created meanwhile, scaled, or the fence is gone: the caller
+			// sees the state on its next pass; a lost fence shows here.
+			if fence != nil {
+				if r, err := s.cli.Get(ctx, fence.GetKey(), clientv3.WithKeysOnly()); err == nil &&
+					(len(r.Kvs) == 0 || r.Kvs[0].CreateRevision != fence.GetCreateRevision()) {
+					return created, fmt.Errorf("create missing instances of %s: %w: %s is no longer held at create revision %d", guid, ErrFenceLost, fence.GetKey(), fence.GetCreateRevision())
+				}
+			}
+			continue
+		}
+		s.noteCreated(guid, i, vals, res.rev)
+		created = append(created, i)
+	}
+	return created, nil
+}

@@ -369,3 +369,46 @@ func TestCrashCountResetsAfterLongRun(t *testing.T) {
 		t.Fatalf("crash count after a long run: %d, want 1", a.GetCrashCount())
 	}
 }
+
+// TestCreateMissingActualLRPs: instances lost between a scale-up's batches
+// (the BBS died) are created again, once, with their queue keys; a deposed
+// leader cannot.
+func TestCreateMissingActualLRPs(t *testing.T) {
+	s := startStore(t, StoreConfig{})
+	ctx := context.Background()
+	if _, err := s.DesireLRP(ctx, testSchedule("holes", 5), testRun()); err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range []int32{1, 4} {
+		if _, err := testClient.Delete(ctx, s.Keys().Actual("holes", i)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := testClient.Delete(ctx, s.Keys().Unclaimed("holes", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	created, err := s.CreateMissingActualLRPs(ctx, "holes", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(created) != "[1 4]" {
+		t.Errorf("created %v, want [1 4]", created)
+	}
+	if n := countKeys(t, s.Keys().UnclaimedPrefix()+"holes/"); n != 5 {
+		t.Errorf("%d queue keys, want 5", n)
+	}
+	if created, err := s.CreateMissingActualLRPs(ctx, "holes", nil); err != nil || len(created) != 0 {
+		t.Errorf("second call created %v, %v; want nothing", created, err)
+	}
+
+	if _, err := testClient.Delete(ctx, s.Keys().Actual("holes", 2)); err != nil {
+		t.Fatal(err)
+	}
+	stale := &basinv1.Fence{Key: s.Keys().Leader("converger") + "/gone", CreateRevision: 1}
+	if _, err := s.CreateMissingActualLRPs(ctx, "holes", stale); !errors.Is(err, ErrFenceLost) {
+		t.Errorf("deposed leader: %v, want ErrFenceLost", err)
+	}
+	if _, err := s.GetActualLRP(ctx, "holes", 2); !errors.Is(err, ErrNotFound) {
+		t.Errorf("deposed leader's creation landed: %v", err)
+	}
+}

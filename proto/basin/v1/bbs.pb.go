@@ -1626,6 +1626,104 @@ func (*RemoveActualLRPResponse) Descriptor() ([]byte, []int) {
 	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{31}
 }
 
+type CreateMissingActualLRPsRequest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ProcessGuid string                 `protobuf:"bytes,1,opt,name=process_guid,json=processGuid,proto3" json:"process_guid,omitempty"`
+	// The converger leader's election key.
+	Fence         *Fence `protobuf:"bytes,2,opt,name=fence,proto3" json:"fence,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateMissingActualLRPsRequest) Reset() {
+	*x = CreateMissingActualLRPsRequest{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateMissingActualLRPsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateMissingActualLRPsRequest) ProtoMessage() {}
+
+func (x *CreateMissingActualLRPsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateMissingActualLRPsRequest.ProtoReflect.Descriptor instead.
+func (*CreateMissingActualLRPsRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *CreateMissingActualLRPsRequest) GetProcessGuid() string {
+	if x != nil {
+		return x.ProcessGuid
+	}
+	return ""
+}
+
+func (x *CreateMissingActualLRPsRequest) GetFence() *Fence {
+	if x != nil {
+		return x.Fence
+	}
+	return nil
+}
+
+type CreateMissingActualLRPsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Indices of the instances created.
+	Created       []int32 `protobuf:"varint,1,rep,packed,name=created,proto3" json:"created,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateMissingActualLRPsResponse) Reset() {
+	*x = CreateMissingActualLRPsResponse{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateMissingActualLRPsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateMissingActualLRPsResponse) ProtoMessage() {}
+
+func (x *CreateMissingActualLRPsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateMissingActualLRPsResponse.ProtoReflect.Descriptor instead.
+func (*CreateMissingActualLRPsResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CreateMissingActualLRPsResponse) GetCreated() []int32 {
+	if x != nil {
+		return x.Created
+	}
+	return nil
+}
+
 type DesireTaskRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	TaskGuid      string                 `protobuf:"bytes,1,opt,name=task_guid,json=taskGuid,proto3" json:"task_guid,omitempty"`
@@ -1637,7 +1735,7 @@ type DesireTaskRequest struct {
 
 func (x *DesireTaskRequest) Reset() {
 	*x = DesireTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +1747,7 @@ func (x *DesireTaskRequest) String() string {
 func (*DesireTaskRequest) ProtoMessage() {}
 
 func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +1760,7 @@ func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskRequest.ProtoReflect.Descriptor instead.
 func (*DesireTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DesireTaskRequest) GetTaskGuid() string {
@@ -1695,7 +1793,7 @@ type DesireTaskResponse struct {
 
 func (x *DesireTaskResponse) Reset() {
 	*x = DesireTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1707,7 +1805,7 @@ func (x *DesireTaskResponse) String() string {
 func (*DesireTaskResponse) ProtoMessage() {}
 
 func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1720,7 +1818,7 @@ func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskResponse.ProtoReflect.Descriptor instead.
 func (*DesireTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *DesireTaskResponse) GetTask() *Task {
@@ -1741,7 +1839,7 @@ type StartTaskRequest struct {
 
 func (x *StartTaskRequest) Reset() {
 	*x = StartTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1753,7 +1851,7 @@ func (x *StartTaskRequest) String() string {
 func (*StartTaskRequest) ProtoMessage() {}
 
 func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1766,7 +1864,7 @@ func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskRequest.ProtoReflect.Descriptor instead.
 func (*StartTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *StartTaskRequest) GetTaskGuid() string {
@@ -1801,7 +1899,7 @@ type StartTaskResponse struct {
 
 func (x *StartTaskResponse) Reset() {
 	*x = StartTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1813,7 +1911,7 @@ func (x *StartTaskResponse) String() string {
 func (*StartTaskResponse) ProtoMessage() {}
 
 func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1826,7 +1924,7 @@ func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskResponse.ProtoReflect.Descriptor instead.
 func (*StartTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *StartTaskResponse) GetShouldStart() bool {
@@ -1857,7 +1955,7 @@ type CompleteTaskRequest struct {
 
 func (x *CompleteTaskRequest) Reset() {
 	*x = CompleteTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1869,7 +1967,7 @@ func (x *CompleteTaskRequest) String() string {
 func (*CompleteTaskRequest) ProtoMessage() {}
 
 func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1882,7 +1980,7 @@ func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskRequest.ProtoReflect.Descriptor instead.
 func (*CompleteTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *CompleteTaskRequest) GetTaskGuid() string {
@@ -1936,7 +2034,7 @@ type CompleteTaskResponse struct {
 
 func (x *CompleteTaskResponse) Reset() {
 	*x = CompleteTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1948,7 +2046,7 @@ func (x *CompleteTaskResponse) String() string {
 func (*CompleteTaskResponse) ProtoMessage() {}
 
 func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1961,7 +2059,7 @@ func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskResponse.ProtoReflect.Descriptor instead.
 func (*CompleteTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *CompleteTaskResponse) GetTask() *Task {
@@ -1982,7 +2080,7 @@ type FailTaskRequest struct {
 
 func (x *FailTaskRequest) Reset() {
 	*x = FailTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1994,7 +2092,7 @@ func (x *FailTaskRequest) String() string {
 func (*FailTaskRequest) ProtoMessage() {}
 
 func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2007,7 +2105,7 @@ func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskRequest.ProtoReflect.Descriptor instead.
 func (*FailTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *FailTaskRequest) GetTaskGuid() string {
@@ -2040,7 +2138,7 @@ type FailTaskResponse struct {
 
 func (x *FailTaskResponse) Reset() {
 	*x = FailTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2052,7 +2150,7 @@ func (x *FailTaskResponse) String() string {
 func (*FailTaskResponse) ProtoMessage() {}
 
 func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2065,7 +2163,7 @@ func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskResponse.ProtoReflect.Descriptor instead.
 func (*FailTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *FailTaskResponse) GetTask() *Task {
@@ -2084,7 +2182,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2096,7 +2194,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2109,7 +2207,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CancelTaskRequest) GetTaskGuid() string {
@@ -2128,7 +2226,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2140,7 +2238,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2153,7 +2251,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CancelTaskResponse) GetTask() *Task {
@@ -2173,7 +2271,7 @@ type ResolveTaskRequest struct {
 
 func (x *ResolveTaskRequest) Reset() {
 	*x = ResolveTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2283,7 @@ func (x *ResolveTaskRequest) String() string {
 func (*ResolveTaskRequest) ProtoMessage() {}
 
 func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2296,7 @@ func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskRequest.ProtoReflect.Descriptor instead.
 func (*ResolveTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ResolveTaskRequest) GetTaskGuid() string {
@@ -2223,7 +2321,7 @@ type ResolveTaskResponse struct {
 
 func (x *ResolveTaskResponse) Reset() {
 	*x = ResolveTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2235,7 +2333,7 @@ func (x *ResolveTaskResponse) String() string {
 func (*ResolveTaskResponse) ProtoMessage() {}
 
 func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2248,7 +2346,7 @@ func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskResponse.ProtoReflect.Descriptor instead.
 func (*ResolveTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
 }
 
 type GetTaskRequest struct {
@@ -2260,7 +2358,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2272,7 +2370,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2285,7 +2383,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *GetTaskRequest) GetTaskGuid() string {
@@ -2304,7 +2402,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2316,7 +2414,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2329,7 +2427,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -2349,7 +2447,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2361,7 +2459,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2374,7 +2472,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ListTasksRequest) GetDomain() string {
@@ -2400,7 +2498,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2412,7 +2510,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2425,7 +2523,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -2443,7 +2541,7 @@ type ListCellsRequest struct {
 
 func (x *ListCellsRequest) Reset() {
 	*x = ListCellsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2455,7 +2553,7 @@ func (x *ListCellsRequest) String() string {
 func (*ListCellsRequest) ProtoMessage() {}
 
 func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2468,7 +2566,7 @@ func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsRequest.ProtoReflect.Descriptor instead.
 func (*ListCellsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
 }
 
 type ListCellsResponse struct {
@@ -2480,7 +2578,7 @@ type ListCellsResponse struct {
 
 func (x *ListCellsResponse) Reset() {
 	*x = ListCellsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2492,7 +2590,7 @@ func (x *ListCellsResponse) String() string {
 func (*ListCellsResponse) ProtoMessage() {}
 
 func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2505,7 +2603,7 @@ func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsResponse.ProtoReflect.Descriptor instead.
 func (*ListCellsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListCellsResponse) GetCells() []*CellPresence {
@@ -2525,7 +2623,7 @@ type SubscribeToEventsRequest struct {
 
 func (x *SubscribeToEventsRequest) Reset() {
 	*x = SubscribeToEventsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2537,7 +2635,7 @@ func (x *SubscribeToEventsRequest) String() string {
 func (*SubscribeToEventsRequest) ProtoMessage() {}
 
 func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2550,7 +2648,7 @@ func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *SubscribeToEventsRequest) GetGuid() string {
@@ -2569,7 +2667,7 @@ type SubscribeToEventsResponse struct {
 
 func (x *SubscribeToEventsResponse) Reset() {
 	*x = SubscribeToEventsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2581,7 +2679,7 @@ func (x *SubscribeToEventsResponse) String() string {
 func (*SubscribeToEventsResponse) ProtoMessage() {}
 
 func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2594,7 +2692,7 @@ func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *SubscribeToEventsResponse) GetEvent() *Event {
@@ -2712,7 +2810,12 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\v2\x16.basin.v1.ActualLRPKeyR\x03key\x12A\n" +
 	"\finstance_key\x18\x02 \x01(\v2\x1e.basin.v1.ActualLRPInstanceKeyR\vinstanceKey\x12%\n" +
 	"\x05fence\x18\x03 \x01(\v2\x0f.basin.v1.FenceR\x05fence\"\x19\n" +
-	"\x17RemoveActualLRPResponse\"\x82\x01\n" +
+	"\x17RemoveActualLRPResponse\"j\n" +
+	"\x1eCreateMissingActualLRPsRequest\x12!\n" +
+	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12%\n" +
+	"\x05fence\x18\x02 \x01(\v2\x0f.basin.v1.FenceR\x05fence\";\n" +
+	"\x1fCreateMissingActualLRPsResponse\x12\x18\n" +
+	"\acreated\x18\x01 \x03(\x05R\acreated\"\x82\x01\n" +
 	"\x11DesireTaskRequest\x12\x1b\n" +
 	"\ttask_guid\x18\x01 \x01(\tR\btaskGuid\x12\x16\n" +
 	"\x06domain\x18\x02 \x01(\tR\x06domain\x128\n" +
@@ -2766,7 +2869,7 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\x18SubscribeToEventsRequest\x12\x12\n" +
 	"\x04guid\x18\x01 \x01(\tR\x04guid\"B\n" +
 	"\x19SubscribeToEventsResponse\x12%\n" +
-	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\x84\x10\n" +
+	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\xf4\x10\n" +
 	"\n" +
 	"BBSService\x12D\n" +
 	"\tDesireLRP\x12\x1a.basin.v1.DesireLRPRequest\x1a\x1b.basin.v1.DesireLRPResponse\x12Y\n" +
@@ -2783,7 +2886,8 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\rFailActualLRP\x12\x1e.basin.v1.FailActualLRPRequest\x1a\x1f.basin.v1.FailActualLRPResponse\x12Y\n" +
 	"\x10UnclaimActualLRP\x12!.basin.v1.UnclaimActualLRPRequest\x1a\".basin.v1.UnclaimActualLRPResponse\x12V\n" +
 	"\x0fRetireActualLRP\x12 .basin.v1.RetireActualLRPRequest\x1a!.basin.v1.RetireActualLRPResponse\x12V\n" +
-	"\x0fRemoveActualLRP\x12 .basin.v1.RemoveActualLRPRequest\x1a!.basin.v1.RemoveActualLRPResponse\x12G\n" +
+	"\x0fRemoveActualLRP\x12 .basin.v1.RemoveActualLRPRequest\x1a!.basin.v1.RemoveActualLRPResponse\x12n\n" +
+	"\x17CreateMissingActualLRPs\x12(.basin.v1.CreateMissingActualLRPsRequest\x1a).basin.v1.CreateMissingActualLRPsResponse\x12G\n" +
 	"\n" +
 	"DesireTask\x12\x1b.basin.v1.DesireTaskRequest\x1a\x1c.basin.v1.DesireTaskResponse\x12D\n" +
 	"\tStartTask\x12\x1a.basin.v1.StartTaskRequest\x1a\x1b.basin.v1.StartTaskResponse\x12M\n" +
@@ -2809,7 +2913,7 @@ func file_basin_v1_bbs_proto_rawDescGZIP() []byte {
 	return file_basin_v1_bbs_proto_rawDescData
 }
 
-var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
+var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_basin_v1_bbs_proto_goTypes = []any{
 	(*DesireLRPRequest)(nil),                // 0: basin.v1.DesireLRPRequest
 	(*DesireLRPResponse)(nil),               // 1: basin.v1.DesireLRPResponse
@@ -2843,151 +2947,156 @@ var file_basin_v1_bbs_proto_goTypes = []any{
 	(*RetireActualLRPResponse)(nil),         // 29: basin.v1.RetireActualLRPResponse
 	(*RemoveActualLRPRequest)(nil),          // 30: basin.v1.RemoveActualLRPRequest
 	(*RemoveActualLRPResponse)(nil),         // 31: basin.v1.RemoveActualLRPResponse
-	(*DesireTaskRequest)(nil),               // 32: basin.v1.DesireTaskRequest
-	(*DesireTaskResponse)(nil),              // 33: basin.v1.DesireTaskResponse
-	(*StartTaskRequest)(nil),                // 34: basin.v1.StartTaskRequest
-	(*StartTaskResponse)(nil),               // 35: basin.v1.StartTaskResponse
-	(*CompleteTaskRequest)(nil),             // 36: basin.v1.CompleteTaskRequest
-	(*CompleteTaskResponse)(nil),            // 37: basin.v1.CompleteTaskResponse
-	(*FailTaskRequest)(nil),                 // 38: basin.v1.FailTaskRequest
-	(*FailTaskResponse)(nil),                // 39: basin.v1.FailTaskResponse
-	(*CancelTaskRequest)(nil),               // 40: basin.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),              // 41: basin.v1.CancelTaskResponse
-	(*ResolveTaskRequest)(nil),              // 42: basin.v1.ResolveTaskRequest
-	(*ResolveTaskResponse)(nil),             // 43: basin.v1.ResolveTaskResponse
-	(*GetTaskRequest)(nil),                  // 44: basin.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),                 // 45: basin.v1.GetTaskResponse
-	(*ListTasksRequest)(nil),                // 46: basin.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),               // 47: basin.v1.ListTasksResponse
-	(*ListCellsRequest)(nil),                // 48: basin.v1.ListCellsRequest
-	(*ListCellsResponse)(nil),               // 49: basin.v1.ListCellsResponse
-	(*SubscribeToEventsRequest)(nil),        // 50: basin.v1.SubscribeToEventsRequest
-	(*SubscribeToEventsResponse)(nil),       // 51: basin.v1.SubscribeToEventsResponse
-	(*DesiredLRPSchedule)(nil),              // 52: basin.v1.DesiredLRPSchedule
-	(*DesiredLRPRun)(nil),                   // 53: basin.v1.DesiredLRPRun
-	(*DesiredLRP)(nil),                      // 54: basin.v1.DesiredLRP
-	(*Route)(nil),                           // 55: basin.v1.Route
-	(*EnvVar)(nil),                          // 56: basin.v1.EnvVar
-	(*DropletRef)(nil),                      // 57: basin.v1.DropletRef
-	(*ActualLRP)(nil),                       // 58: basin.v1.ActualLRP
-	(*ActualLRPKey)(nil),                    // 59: basin.v1.ActualLRPKey
-	(*ActualLRPInstanceKey)(nil),            // 60: basin.v1.ActualLRPInstanceKey
-	(*Fence)(nil),                           // 61: basin.v1.Fence
-	(*ActualLRPNetInfo)(nil),                // 62: basin.v1.ActualLRPNetInfo
-	(*TaskDefinition)(nil),                  // 63: basin.v1.TaskDefinition
-	(*Task)(nil),                            // 64: basin.v1.Task
-	(*CellPresence)(nil),                    // 65: basin.v1.CellPresence
-	(*Event)(nil),                           // 66: basin.v1.Event
+	(*CreateMissingActualLRPsRequest)(nil),  // 32: basin.v1.CreateMissingActualLRPsRequest
+	(*CreateMissingActualLRPsResponse)(nil), // 33: basin.v1.CreateMissingActualLRPsResponse
+	(*DesireTaskRequest)(nil),               // 34: basin.v1.DesireTaskRequest
+	(*DesireTaskResponse)(nil),              // 35: basin.v1.DesireTaskResponse
+	(*StartTaskRequest)(nil),                // 36: basin.v1.StartTaskRequest
+	(*StartTaskResponse)(nil),               // 37: basin.v1.StartTaskResponse
+	(*CompleteTaskRequest)(nil),             // 38: basin.v1.CompleteTaskRequest
+	(*CompleteTaskResponse)(nil),            // 39: basin.v1.CompleteTaskResponse
+	(*FailTaskRequest)(nil),                 // 40: basin.v1.FailTaskRequest
+	(*FailTaskResponse)(nil),                // 41: basin.v1.FailTaskResponse
+	(*CancelTaskRequest)(nil),               // 42: basin.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),              // 43: basin.v1.CancelTaskResponse
+	(*ResolveTaskRequest)(nil),              // 44: basin.v1.ResolveTaskRequest
+	(*ResolveTaskResponse)(nil),             // 45: basin.v1.ResolveTaskResponse
+	(*GetTaskRequest)(nil),                  // 46: basin.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),                 // 47: basin.v1.GetTaskResponse
+	(*ListTasksRequest)(nil),                // 48: basin.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),               // 49: basin.v1.ListTasksResponse
+	(*ListCellsRequest)(nil),                // 50: basin.v1.ListCellsRequest
+	(*ListCellsResponse)(nil),               // 51: basin.v1.ListCellsResponse
+	(*SubscribeToEventsRequest)(nil),        // 52: basin.v1.SubscribeToEventsRequest
+	(*SubscribeToEventsResponse)(nil),       // 53: basin.v1.SubscribeToEventsResponse
+	(*DesiredLRPSchedule)(nil),              // 54: basin.v1.DesiredLRPSchedule
+	(*DesiredLRPRun)(nil),                   // 55: basin.v1.DesiredLRPRun
+	(*DesiredLRP)(nil),                      // 56: basin.v1.DesiredLRP
+	(*Route)(nil),                           // 57: basin.v1.Route
+	(*EnvVar)(nil),                          // 58: basin.v1.EnvVar
+	(*DropletRef)(nil),                      // 59: basin.v1.DropletRef
+	(*ActualLRP)(nil),                       // 60: basin.v1.ActualLRP
+	(*ActualLRPKey)(nil),                    // 61: basin.v1.ActualLRPKey
+	(*ActualLRPInstanceKey)(nil),            // 62: basin.v1.ActualLRPInstanceKey
+	(*Fence)(nil),                           // 63: basin.v1.Fence
+	(*ActualLRPNetInfo)(nil),                // 64: basin.v1.ActualLRPNetInfo
+	(*TaskDefinition)(nil),                  // 65: basin.v1.TaskDefinition
+	(*Task)(nil),                            // 66: basin.v1.Task
+	(*CellPresence)(nil),                    // 67: basin.v1.CellPresence
+	(*Event)(nil),                           // 68: basin.v1.Event
 }
 var file_basin_v1_bbs_proto_depIdxs = []int32{
-	52, // 0: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
-	53, // 1: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
-	54, // 2: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	55, // 3: basin.v1.RouteList.routes:type_name -> basin.v1.Route
-	56, // 4: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
+	54, // 0: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
+	55, // 1: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
+	56, // 2: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	57, // 3: basin.v1.RouteList.routes:type_name -> basin.v1.Route
+	58, // 4: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
 	2,  // 5: basin.v1.UpdateDesiredLRPRequest.routes:type_name -> basin.v1.RouteList
 	3,  // 6: basin.v1.UpdateDesiredLRPRequest.env:type_name -> basin.v1.EnvList
-	57, // 7: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
-	54, // 8: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	54, // 9: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	54, // 10: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
-	52, // 11: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
-	58, // 12: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
-	58, // 13: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 14: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	60, // 15: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	61, // 16: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	58, // 17: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 18: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	60, // 19: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	62, // 20: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
-	61, // 21: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
-	58, // 22: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 23: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	60, // 24: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	61, // 25: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
-	58, // 26: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 27: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	61, // 28: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
-	58, // 29: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 30: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	60, // 31: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	61, // 32: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	58, // 33: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	59, // 34: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	61, // 35: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
-	59, // 36: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	60, // 37: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	61, // 38: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
-	63, // 39: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
-	64, // 40: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
-	61, // 41: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
-	64, // 42: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
-	61, // 43: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
-	64, // 44: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
-	61, // 45: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
-	64, // 46: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
-	64, // 47: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
-	61, // 48: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
-	64, // 49: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
-	64, // 50: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
-	65, // 51: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
-	66, // 52: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
-	0,  // 53: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
-	4,  // 54: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
-	6,  // 55: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
-	8,  // 56: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
-	10, // 57: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
-	12, // 58: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
-	14, // 59: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
-	16, // 60: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
-	18, // 61: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
-	20, // 62: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
-	22, // 63: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
-	24, // 64: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
-	26, // 65: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
-	28, // 66: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
-	30, // 67: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
-	32, // 68: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
-	34, // 69: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
-	36, // 70: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
-	38, // 71: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
-	40, // 72: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
-	42, // 73: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
-	44, // 74: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
-	46, // 75: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
-	48, // 76: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
-	50, // 77: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
-	1,  // 78: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
-	5,  // 79: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
-	7,  // 80: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
-	9,  // 81: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
-	11, // 82: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
-	13, // 83: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
-	15, // 84: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
-	17, // 85: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
-	19, // 86: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
-	21, // 87: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
-	23, // 88: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
-	25, // 89: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
-	27, // 90: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
-	29, // 91: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
-	31, // 92: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
-	33, // 93: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
-	35, // 94: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
-	37, // 95: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
-	39, // 96: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
-	41, // 97: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
-	43, // 98: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
-	45, // 99: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
-	47, // 100: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
-	49, // 101: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
-	51, // 102: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
-	78, // [78:103] is the sub-list for method output_type
-	53, // [53:78] is the sub-list for method input_type
-	53, // [53:53] is the sub-list for extension type_name
-	53, // [53:53] is the sub-list for extension extendee
-	0,  // [0:53] is the sub-list for field type_name
+	59, // 7: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
+	56, // 8: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	56, // 9: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	56, // 10: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
+	54, // 11: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
+	60, // 12: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
+	60, // 13: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 14: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	62, // 15: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	63, // 16: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	60, // 17: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 18: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	62, // 19: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	64, // 20: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
+	63, // 21: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
+	60, // 22: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 23: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	62, // 24: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	63, // 25: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
+	60, // 26: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 27: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	63, // 28: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
+	60, // 29: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 30: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	62, // 31: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	63, // 32: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	60, // 33: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	61, // 34: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	63, // 35: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
+	61, // 36: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	62, // 37: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	63, // 38: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
+	63, // 39: basin.v1.CreateMissingActualLRPsRequest.fence:type_name -> basin.v1.Fence
+	65, // 40: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
+	66, // 41: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
+	63, // 42: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
+	66, // 43: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
+	63, // 44: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
+	66, // 45: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
+	63, // 46: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
+	66, // 47: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
+	66, // 48: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
+	63, // 49: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
+	66, // 50: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
+	66, // 51: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
+	67, // 52: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
+	68, // 53: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
+	0,  // 54: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
+	4,  // 55: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
+	6,  // 56: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
+	8,  // 57: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
+	10, // 58: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
+	12, // 59: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
+	14, // 60: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
+	16, // 61: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
+	18, // 62: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
+	20, // 63: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
+	22, // 64: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
+	24, // 65: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
+	26, // 66: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
+	28, // 67: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
+	30, // 68: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
+	32, // 69: basin.v1.BBSService.CreateMissingActualLRPs:input_type -> basin.v1.CreateMissingActualLRPsRequest
+	34, // 70: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
+	36, // 71: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
+	38, // 72: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
+	40, // 73: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
+	42, // 74: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
+	44, // 75: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
+	46, // 76: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
+	48, // 77: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
+	50, // 78: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
+	52, // 79: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
+	1,  // 80: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
+	5,  // 81: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
+	7,  // 82: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
+	9,  // 83: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
+	11, // 84: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
+	13, // 85: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
+	15, // 86: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
+	17, // 87: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
+	19, // 88: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
+	21, // 89: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
+	23, // 90: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
+	25, // 91: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
+	27, // 92: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
+	29, // 93: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
+	31, // 94: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
+	33, // 95: basin.v1.BBSService.CreateMissingActualLRPs:output_type -> basin.v1.CreateMissingActualLRPsResponse
+	35, // 96: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
+	37, // 97: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
+	39, // 98: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
+	41, // 99: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
+	43, // 100: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
+	45, // 101: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
+	47, // 102: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
+	49, // 103: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
+	51, // 104: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
+	53, // 105: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
+	80, // [80:106] is the sub-list for method output_type
+	54, // [54:80] is the sub-list for method input_type
+	54, // [54:54] is the sub-list for extension type_name
+	54, // [54:54] is the sub-list for extension extendee
+	0,  // [0:54] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_bbs_proto_init() }
@@ -3004,7 +3113,7 @@ func file_basin_v1_bbs_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_bbs_proto_rawDesc), len(file_basin_v1_bbs_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   52,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,7 @@ const (
 	BBSService_UnclaimActualLRP_FullMethodName        = "/basin.v1.BBSService/UnclaimActualLRP"
 	BBSService_RetireActualLRP_FullMethodName         = "/basin.v1.BBSService/RetireActualLRP"
 	BBSService_RemoveActualLRP_FullMethodName         = "/basin.v1.BBSService/RemoveActualLRP"
+	BBSService_CreateMissingActualLRPs_FullMethodName = "/basin.v1.BBSService/CreateMissingActualLRPs"
 	BBSService_DesireTask_FullMethodName              = "/basin.v1.BBSService/DesireTask"
 	BBSService_StartTask_FullMethodName               = "/basin.v1.BBSService/StartTask"
 	BBSService_CompleteTask_FullMethodName            = "/basin.v1.BBSService/CompleteTask"
@@ -72,6 +73,10 @@ type BBSServiceClient interface {
 	UnclaimActualLRP(ctx context.Context, in *UnclaimActualLRPRequest, opts ...grpc.CallOption) (*UnclaimActualLRPResponse, error)
 	RetireActualLRP(ctx context.Context, in *RetireActualLRPRequest, opts ...grpc.CallOption) (*RetireActualLRPResponse, error)
 	RemoveActualLRP(ctx context.Context, in *RemoveActualLRPRequest, opts ...grpc.CallOption) (*RemoveActualLRPResponse, error)
+	// CreateMissingActualLRPs creates the UNCLAIMED instances of an LRP that
+	// are missing below its desired count (the converger's repair when a BBS
+	// died between the batches of a scale-up).
+	CreateMissingActualLRPs(ctx context.Context, in *CreateMissingActualLRPsRequest, opts ...grpc.CallOption) (*CreateMissingActualLRPsResponse, error)
 	// Tasks.
 	DesireTask(ctx context.Context, in *DesireTaskRequest, opts ...grpc.CallOption) (*DesireTaskResponse, error)
 	StartTask(ctx context.Context, in *StartTaskRequest, opts ...grpc.CallOption) (*StartTaskResponse, error)
@@ -247,6 +252,16 @@ func (c *bBSServiceClient) RemoveActualLRP(ctx context.Context, in *RemoveActual
 	return out, nil
 }
 
+func (c *bBSServiceClient) CreateMissingActualLRPs(ctx context.Context, in *CreateMissingActualLRPsRequest, opts ...grpc.CallOption) (*CreateMissingActualLRPsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CreateMissingActualLRPsResponse)
+	err := c.cc.Invoke(ctx, BBSService_CreateMissingActualLRPs_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *bBSServiceClient) DesireTask(ctx context.Context, in *DesireTaskRequest, opts ...grpc.CallOption) (*DesireTaskResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(DesireTaskResponse)
@@ -382,6 +397,10 @@ type BBSServiceServer interface {
 	UnclaimActualLRP(context.Context, *UnclaimActualLRPRequest) (*UnclaimActualLRPResponse, error)
 	RetireActualLRP(context.Context, *RetireActualLRPRequest) (*RetireActualLRPResponse, error)
 	RemoveActualLRP(context.Context, *RemoveActualLRPRequest) (*RemoveActualLRPResponse, error)
+	// CreateMissingActualLRPs creates the UNCLAIMED instances of an LRP that
+	// are missing below its desired count (the converger's repair when a BBS
+	// died between the batches of a scale-up).
+	CreateMissingActualLRPs(context.Context, *CreateMissingActualLRPsRequest) (*CreateMissingActualLRPsResponse, error)
 	// Tasks.
 	DesireTask(context.Context, *DesireTaskRequest) (*DesireTaskResponse, error)
 	StartTask(context.Context, *StartTaskRequest) (*StartTaskResponse, error)
@@ -451,6 +470,9 @@ func (UnimplementedBBSServiceServer) RetireActualLRP(context.Context, *RetireAct
 }
 func (UnimplementedBBSServiceServer) RemoveActualLRP(context.Context, *RemoveActualLRPRequest) (*RemoveActualLRPResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveActualLRP not implemented")
+}
+func (UnimplementedBBSServiceServer) CreateMissingActualLRPs(context.Context, *CreateMissingActualLRPsRequest) (*CreateMissingActualLRPsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CreateMissingActualLRPs not implemented")
 }
 func (UnimplementedBBSServiceServer) DesireTask(context.Context, *DesireTaskRequest) (*DesireTaskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DesireTask not implemented")
@@ -773,6 +795,24 @@ func _BBSService_RemoveActualLRP_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BBSService_CreateMissingActualLRPs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CreateMissingActualLRPsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BBSServiceServer).CreateMissingActualLRPs(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BBSService_CreateMissingActualLRPs_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BBSServiceServer).CreateMissingActualLRPs(ctx, req.(*CreateMissingActualLRPsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _BBSService_DesireTask_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(DesireTaskRequest)
 	if err := dec(in); err != nil {
@@ -1012,6 +1052,10 @@ var BBSService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveActualLRP",
 			Handler:    _BBSService_RemoveActualLRP_Handler,
+		},
+		{
+			MethodName: "CreateMissingActualLRPs",
+			Handler:    _BBSService_CreateMissingActualLRPs_Handler,
 		},
 		{
 			MethodName: "DesireTask",
