@@ -88,6 +88,7 @@ type BBS interface {
 	RetireActualLRP(ctx context.Context, in *basinv1.RetireActualLRPRequest, opts ...grpc.CallOption) (*basinv1.RetireActualLRPResponse, error)
 	FailTask(ctx context.Context, in *basinv1.FailTaskRequest, opts ...grpc.CallOption) (*basinv1.FailTaskResponse, error)
 	ResolveTask(ctx context.Context, in *basinv1.ResolveTaskRequest, opts ...grpc.CallOption) (*basinv1.ResolveTaskResponse, error)
+	CreateMissingActualLRPs(ctx context.Context, in *basinv1.CreateMissingActualLRPsRequest, opts ...grpc.CallOption) (*basinv1.CreateMissingActualLRPsResponse, error)
 	SubscribeToEvents(ctx context.Context, in *basinv1.SubscribeToEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[basinv1.SubscribeToEventsResponse], error)
 }
 
@@ -569,8 +570,15 @@ func (t *term) apply(ctx context.Context, act Actions) error {
 		})
 	}
 	for _, guid := range act.Missing {
-		t.c.log.Warn("instances missing", "guid", guid)
-		m.repairs.WithLabelValues("missing").Inc()
+		g.Go(func() error {
+			resp, err := t.c.bbs.CreateMissingActualLRPs(gctx, &basinv1.CreateMissingActualLRPsRequest{ProcessGuid: guid, Fence: t.fence})
+			if n := len(resp.GetCreated()); n > 0 {
+				m.repairs.WithLabelValues("create").Add(float64(n))
+				t.c.log.Info("created missing instances", "guid", guid, "indices", resp.GetCreated())
+			}
+			check("create missing", err)
+			return nil
+		})
 	}
 	g.Wait()
 	return fenced

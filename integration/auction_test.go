@@ -50,9 +50,9 @@ type auctionEnv struct {
 	cells map[string]*simcell.Cell
 }
 
-// replica is one in-process auctioneer or converger with its own etcd
+// auctionReplica is one in-process auctioneer or converger replica with its own etcd
 // connection, so that a test can kill it.
-type replica struct {
+type auctionReplica struct {
 	id   string
 	kill func()
 }
@@ -135,7 +135,7 @@ func (env *auctionEnv) killCell(id string) {
 // startAuctioneer runs a replica until the test ends or kill is called.
 // kill closes its etcd connection first, so it cannot resign: its lease
 // expires, as when the process is SIGKILLed.
-func (env *auctionEnv) startAuctioneer(id string, mutate func(*auctioneer.Config)) replica {
+func (env *auctionEnv) startAuctioneer(id string, mutate func(*auctioneer.Config)) auctionReplica {
 	cfg := auctioneer.Config{Prefix: env.keys.Prefix, ID: id, LeaseTTL: 3 * time.Second, RetryDelay: 200 * time.Millisecond, MaxAttempts: 3}
 	if mutate != nil {
 		mutate(&cfg)
@@ -145,14 +145,14 @@ func (env *auctionEnv) startAuctioneer(id string, mutate func(*auctioneer.Config
 	})
 }
 
-func (env *auctionEnv) startConverger(id string) replica {
+func (env *auctionEnv) startConverger(id string) auctionReplica {
 	cfg := converger.Config{Prefix: env.keys.Prefix, ID: id, LeaseTTL: 3 * time.Second}
 	return env.runReplica(id, func(cli *clientv3.Client) func(context.Context) error {
 		return converger.New(cfg, cli, env.bbs, env.log).Run
 	})
 }
 
-func (env *auctionEnv) runReplica(id string, build func(*clientv3.Client) func(context.Context) error) replica {
+func (env *auctionEnv) runReplica(id string, build func(*clientv3.Client) func(context.Context) error) auctionReplica {
 	env.t.Helper()
 	cli, err := env.etcd.Client()
 	if err != nil {
@@ -173,7 +173,7 @@ func (env *auctionEnv) runReplica(id string, build func(*clientv3.Client) func(c
 		})
 	}
 	env.t.Cleanup(kill)
-	return replica{id: id, kill: kill}
+	return auctionReplica{id: id, kill: kill}
 }
 
 // leader returns the id of the component's current leader.
@@ -347,8 +347,8 @@ func TestLeadersKilledWhileScaling(t *testing.T) {
 	for i, id := range cells {
 		env.addCell(id, fmt.Sprintf("z%d", i%2), 8192)
 	}
-	auctioneers := map[string]replica{}
-	convergers := map[string]replica{}
+	auctioneers := map[string]auctionReplica{}
+	convergers := map[string]auctionReplica{}
 	for i := range 2 {
 		a := env.startAuctioneer(fmt.Sprintf("auctioneer-%d", i), nil)
 		auctioneers[a.id] = a
@@ -362,7 +362,7 @@ func TestLeadersKilledWhileScaling(t *testing.T) {
 	start := time.Now()
 	env.scale("scale", 16)
 	// Both leaders die at once, and a cell too, so the new converger has
-	// instances to requeue. (kill waits for the replica's Run, whose
+	// instances to requeue. (kill waits for the auctionReplica's Run, whose
 	// shutdown on a closed connection is slow: run them side by side.)
 	var wg sync.WaitGroup
 	wg.Go(auctioneers[al].kill)
@@ -415,4 +415,24 @@ func TestCellLoss(t *testing.T) {
 	if err := env.registry.Doubles(); err != nil {
 		t.Errorf("an index ran on two cells at once: %v", err)
 	}
+}
+
+// TestConvergerCreatesMissingInstances: instances that vanished (a BBS that
+// died between a scale-up's batches) are created and placed by the
+// converger's full pass.
+func TestConvergerCreatesMissingInstances(t *testing.T) {
+	env := newAuctionEnv(t)
+	env.addCell("cell-a", "z1", 8192)
+	env.desire("holes", 4, 128, "tiny")
+	for _, i := range []int32{2, 3} {
+		if _, err := env.cli.Delete(context.Background(), env.keys.Actual("holes", i)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := env.cli.Delete(context.Background(), env.keys.Unclaimed("holes", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	env.startAuctioneer("auctioneer-0", nil)
+	env.startConverger("converger-0")
+	env.waitRunning("holes", 4, 10*time.Second)
 }
