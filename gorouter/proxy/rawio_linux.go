@@ -19,13 +19,23 @@ import (
 // threads then take turns on the same core (measured with strace: a
 // nanosleep or futex per request). Non-blocking socket calls never block,
 // so keeping the P is right.
+//
+// Reads and writes may run at once (TLS, HTTP/2, tunnels): each direction
+// has its own state.
 type rawIO struct {
-	rc      syscall.RawConn
-	p       []byte
-	n       int
-	errno   syscall.Errno
-	readFn  func(fd uintptr) bool
-	writeFn func(fd uintptr) bool
+	rc syscall.RawConn
+	r  rawOp
+	w  rawOp
+}
+
+// rawOp is one direction's call: its buffer, result, and a callback built
+// once, since a closure per call would allocate per read and write.
+type rawOp struct {
+	trap  uintptr
+	p     []byte
+	n     int
+	errno syscall.Errno
+	fn    func(fd uintptr) bool
 }
 
 // newRawIO returns raw I/O for a TCP connection, or c itself otherwise.
@@ -38,59 +48,63 @@ func newRawIO(c net.Conn) io.ReadWriter {
 	if err != nil {
 		return c
 	}
-	r := &rawIO{rc: rc}
-	// Built once: a closure per call would allocate per read and write.
-	r.readFn = func(fd uintptr) bool { return r.do(syscall.SYS_READ, fd) }
-	r.writeFn = func(fd uintptr) bool { return r.do(syscall.SYS_WRITE, fd) }
-	return r
+	x := &rawIO{rc: rc}
+	x.r.init(syscall.SYS_READ)
+	x.w.init(syscall.SYS_WRITE)
+	return x
+}
+
+func (o *rawOp) init(trap uintptr) {
+	o.trap = trap
+	o.fn = o.do
 }
 
 // do makes one read or write; false asks the netpoller to wait.
-func (r *rawIO) do(trap, fd uintptr) bool {
+func (o *rawOp) do(fd uintptr) bool {
 	for {
-		n, _, e := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(&r.p[0])), uintptr(len(r.p)))
+		n, _, e := syscall.RawSyscall(o.trap, fd, uintptr(unsafe.Pointer(&o.p[0])), uintptr(len(o.p)))
 		switch e {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
 			return false
 		}
-		r.n, r.errno = int(n), e
+		o.n, o.errno = int(n), e
 		return true
 	}
 }
 
-func (r *rawIO) Read(p []byte) (int, error) {
+func (x *rawIO) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	r.p = p
-	err := r.rc.Read(r.readFn)
-	r.p = nil
+	x.r.p = p
+	err := x.rc.Read(x.r.fn)
+	x.r.p = nil
 	switch {
 	case err != nil:
 		return 0, err // deadline or closed connection
-	case r.errno != 0:
-		return 0, os.NewSyscallError("read", r.errno)
-	case r.n == 0:
+	case x.r.errno != 0:
+		return 0, os.NewSyscallError("read", x.r.errno)
+	case x.r.n == 0:
 		return 0, io.EOF
 	}
-	return r.n, nil
+	return x.r.n, nil
 }
 
-func (r *rawIO) Write(p []byte) (int, error) {
+func (x *rawIO) Write(p []byte) (int, error) {
 	total := 0
 	for total < len(p) {
-		r.p = p[total:]
-		err := r.rc.Write(r.writeFn)
-		r.p = nil
+		x.w.p = p[total:]
+		err := x.rc.Write(x.w.fn)
+		x.w.p = nil
 		switch {
 		case err != nil:
 			return total, err
-		case r.errno != 0:
-			return total, os.NewSyscallError("write", r.errno)
+		case x.w.errno != 0:
+			return total, os.NewSyscallError("write", x.w.errno)
 		}
-		total += r.n
+		total += x.w.n
 	}
 	return total, nil
 }
