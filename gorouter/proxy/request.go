@@ -208,24 +208,12 @@ func markConnectionTokens(hs []header, connection string) {
 
 // isTokenChar reports whether c may appear in a header name (RFC 9110 tchar).
 func isTokenChar(c byte) bool {
-	return tokenTable[c]
+	switch {
+	case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9':
+		return true
+	}
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
 }
-
-var tokenTable = func() (t [256]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-	}
-	for c := 'A'; c <= 'Z'; c++ {
-		t[c] = true
-	}
-	for _, c := range "!#$%&'*+-.^_`|~" {
-		t[c] = true
-	}
-	return t
-}()
 
 func validHeaderName(s string) bool {
 	if s == "" {
