@@ -563,7 +563,10 @@ func (p *Proxy) roundTrip(r *request, s sink, ep *routetable.Endpoint, bc *backe
 	for {
 		bc.buf, err = readResponseHead(bc.br, bc.buf, p.cfg.MaxHeaderBytes, res)
 		if err != nil {
-			if bc.reused && r.body == nil && len(bc.buf) == 0 && isConnDead(err) {
+			// A reused connection that reads EOF before any byte was most
+			// likely closed idle by the endpoint; but it may have died
+			// processing the request, so only idempotent requests replay.
+			if bc.reused && r.body == nil && len(bc.buf) == 0 && isConnDead(err) && idempotent(r.method) {
 				return out, true
 			}
 			return p.backendFailed(r, s, ep, err), false
@@ -626,9 +629,10 @@ func (p *Proxy) roundTrip(r *request, s sink, ep *routetable.Endpoint, bc *backe
 			out.clientGone = true
 			return out, false
 		case rerr != nil || (res.contentLen >= 0 && n != res.contentLen):
-			// The head is out: cut the client connection so it sees a
-			// truncated response instead of a short valid one.
+			// The head is out: pass on what came, then cut the client
+			// connection so it sees a truncated response, not a short one.
 			p.metrics.endpointFailures.WithLabelValues("body").Inc()
+			s.flush()
 			s.markClose()
 			return out, false
 		}
@@ -789,6 +793,14 @@ func vcapCookieFor(instanceGUID, session string, secure bool) string {
 		}
 	}
 	return c.String()
+}
+
+func idempotent(method string) bool {
+	switch method {
+	case "GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE":
+		return true
+	}
+	return false
 }
 
 func isEventStream(hs []header) bool {
