@@ -864,3 +864,23 @@ func TestRouterTimeoutIs504AndClientGoneIs499(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+func TestRouterReplaysOnConnectionTheEndpointClosedIdle(t *testing.T) {
+	env := newRouterEnv(t, nil)
+	b := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "fresh")
+	}))
+	// The endpoint drops idle keep-alive connections quickly; the router's
+	// pooled one is then dead when the next request takes it.
+	b.Config.IdleTimeout = 50 * time.Millisecond
+	b.Start()
+	t.Cleanup(b.Close)
+	env.putRoute("idle.apps.test", "", "idle", 0, b.Listener.Addr().String(), 0)
+	env.waitEndpoints("idle.apps.test", "/", 1)
+	for i := 0; i < 5; i++ {
+		if resp, body := env.get("idle.apps.test", "/", nil); resp.StatusCode != 200 || body != "fresh" {
+			t.Fatalf("request %d: status %d body %q", i, resp.StatusCode, body)
+		}
+		time.Sleep(150 * time.Millisecond)
+	}
+}

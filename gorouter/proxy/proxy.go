@@ -688,6 +688,8 @@ func (p *Proxy) writeRequestHead(bw *bufio.Writer, r *request) {
 		bw.WriteString(", ")
 	}
 	bw.WriteString(clientIP(r.remoteAddr))
+	// A proto or host set by a load balancer in front is kept, as Cloud
+	// Foundry's router does by default; the router sets them when absent.
 	bw.WriteString("\r\nX-Forwarded-Proto: ")
 	switch {
 	case r.xfProto != "":
