@@ -263,14 +263,21 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 // Evacuate moves the cell's instances elsewhere and stops them here (see
 // rep.Rep.Evacuate); Run keeps running until its ctx ends.
 func (c *Cell) Evacuate(ctx context.Context, timeout time.Duration) error {
-	r := c.Rep(ctx)
+	var r *rep.Rep
+	select {
+	case <-c.repDone:
+		r = c.rep
+	default:
+	}
 	if r == nil {
-		return fmt.Errorf("evacuate cell %s: %w", c.cfg.ID, ctx.Err())
+		return fmt.Errorf("evacuate cell %s: the cell never started", c.cfg.ID)
 	}
 	select {
 	case <-r.Ready():
-	case <-ctx.Done():
-		return fmt.Errorf("evacuate cell %s: not ready: %w", c.cfg.ID, ctx.Err())
+	default:
+		// Never registered: nothing was placed here, and without the BBS
+		// nothing can be moved.
+		return fmt.Errorf("evacuate cell %s: the cell never became ready", c.cfg.ID)
 	}
 	return r.Evacuate(ctx, timeout)
 }

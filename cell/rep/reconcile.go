@@ -73,8 +73,25 @@ func (r *Rep) reconcileContainers(ctx context.Context) (adoptPlan, error) {
 }
 
 // adopt takes over the owned containers (registered, so fenced calls work)
-// and reports the lost instances as crashed so they are restarted.
+// and reports the lost instances as crashed so they are restarted. Tasks are
+// not adopted: their containers were destroyed with the rest, and the tasks
+// the BBS still shows RUNNING here are completed as failed.
 func (r *Rep) adopt(ctx context.Context, plan adoptPlan) {
+	if resp, err := r.bbs.ListTasks(ctx, &basinv1.ListTasksRequest{CellId: r.cfg.CellID}); err != nil {
+		r.log.Warn("list this cell's tasks", "err", err)
+	} else {
+		for _, t := range resp.GetTasks() {
+			if t.GetState() != basinv1.TaskState_TASK_STATE_RUNNING {
+				continue
+			}
+			if _, err := retry(ctx, func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) {
+				return r.bbs.CompleteTask(ctx, &basinv1.CompleteTaskRequest{TaskGuid: t.GetTaskGuid(), CellId: r.cfg.CellID,
+					Failed: true, FailureReason: "the cell restarted while the task ran", Fence: r.currentFence()})
+			}); err != nil {
+				r.log.Warn("fail task of the previous cell process", "task", t.GetTaskGuid(), "err", err)
+			}
+		}
+	}
 	for _, a := range plan.lost {
 		l := &lrp{key: a.GetKey(), guid: a.GetInstanceKey().GetInstanceGuid()}
 		r.reportCrash(ctx, l, "instance lost: its container was gone when the cell restarted")

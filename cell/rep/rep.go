@@ -60,6 +60,7 @@ type BBS interface {
 	GetTask(ctx context.Context, in *basinv1.GetTaskRequest, opts ...grpc.CallOption) (*basinv1.GetTaskResponse, error)
 	StartTask(ctx context.Context, in *basinv1.StartTaskRequest, opts ...grpc.CallOption) (*basinv1.StartTaskResponse, error)
 	CompleteTask(ctx context.Context, in *basinv1.CompleteTaskRequest, opts ...grpc.CallOption) (*basinv1.CompleteTaskResponse, error)
+	ListTasks(ctx context.Context, in *basinv1.ListTasksRequest, opts ...grpc.CallOption) (*basinv1.ListTasksResponse, error)
 }
 
 var _ BBS = (*bbs.Client)(nil)

@@ -2,12 +2,19 @@ package rep
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/basinpaas/basin/cell/executor"
@@ -198,7 +205,16 @@ func TestRestartAdoptsOwnedAndDestroysTheRest(t *testing.T) {
 	e.desire("keep", 2, 64)
 	e.perform(lrpStart("keep", 0, 64), lrpStart("keep", 1, 64))
 	kept := e.waitState("keep", 0, stateRunning)
-	lost := e.waitState("keep", 1, stateRunning)
+	e.waitState("keep", 1, stateRunning)
+	if _, err := e.bbs.DesireTask(e.ctx, &basinv1.DesireTaskRequest{TaskGuid: "long", Definition: &basinv1.TaskDefinition{
+		Stack: "tiny", Command: "sleep 1000", Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32, Pids: 16}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rep.Perform(e.ctx, &basinv1.PerformRequest{Tasks: []*basinv1.TaskStart{{TaskGuid: "long", Stack: "tiny",
+		Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32}}}}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitFor("task container", func() bool { return e.exec.get(taskInstanceGUID("long")) != nil })
 	e.stop() // the cell process ends; its containers stay
 
 	// The restarted process finds: keep/0's container (still owned), a
@@ -239,7 +255,10 @@ func TestRestartAdoptsOwnedAndDestroysTheRest(t *testing.T) {
 	if a := e.waitState("keep", 1, stateCrashed); !strings.Contains(a.GetCrashReason(), "instance lost") {
 		t.Errorf("instance without a container %v: want CRASHED as lost", a)
 	}
-	_ = lost
+	task, err := e.bbs.GetTask(e.ctx, &basinv1.GetTaskRequest{TaskGuid: "long"})
+	if err != nil || task.GetTask().GetState() != basinv1.TaskState_TASK_STATE_COMPLETED || !task.GetTask().GetFailed() {
+		t.Errorf("task of the previous process %v %v: want COMPLETED, failed", task, err)
+	}
 }
 
 func TestLostLeaseDropsMovedInstancesThenRegistersAgain(t *testing.T) {
@@ -401,11 +420,98 @@ func TestDropletFetch(t *testing.T) {
 		{"bad digest", &basinv1.DropletRef{Digest: "md5:x", Url: e.droplet.GetUrl()}, "not sha256"},
 		{"scheme", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("2", 64), Url: "ftp://x/y"}, "scheme"},
 	}
+	body := []byte("a droplet served over http")
+	sum := sha256.Sum256(body)
+	var served atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		if r.URL.Path != "/d.tgz" {
+			http.NotFound(w, r)
+			return
+		}
+		w.Write(body)
+	}))
+	defer srv.Close()
+	httpRef := &basinv1.DropletRef{Digest: "sha256:" + hex.EncodeToString(sum[:]), Url: srv.URL + "/d.tgz"}
+	tests = append(tests,
+		struct {
+			name string
+			ref  *basinv1.DropletRef
+			want string
+		}{"http", httpRef, ""},
+		struct {
+			name string
+			ref  *basinv1.DropletRef
+			want string
+		}{"http 404", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("3", 64), Url: srv.URL + "/missing"}, "status 404"},
+	)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := e.rep.drops.get(context.Background(), tt.ref)
 			if (err == nil) != (tt.want == "") || (err != nil && !strings.Contains(err.Error(), tt.want)) {
 				t.Errorf("get = %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestDropletFetchedOncePerDigest(t *testing.T) {
+	e := newEnv(t)
+	body := []byte("one droplet, many instances")
+	sum := sha256.Sum256(body)
+	release := make(chan struct{})
+	var served atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		<-release // hold the download so every caller arrives during it
+		w.Write(body)
+	}))
+	defer srv.Close()
+	ref := &basinv1.DropletRef{Digest: "sha256:" + hex.EncodeToString(sum[:]), Url: srv.URL}
+	var wg sync.WaitGroup
+	errs := make(chan error, 10)
+	for range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := e.rep.drops.get(e.ctx, ref)
+			errs <- err
+		}()
+	}
+	e.waitFor("download started", func() bool { return served.Load() == 1 })
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if _, err := e.rep.drops.get(e.ctx, ref); err != nil {
+		t.Error(err)
+	}
+	if n, f := served.Load(), e.rep.DropletFetches(); n != 1 || f != 1 {
+		t.Errorf("served %d times, %d fetches counted; want 1", n, f)
+	}
+}
+
+func TestTransientErrors(t *testing.T) {
+	tests := []struct {
+		code codes.Code
+		want bool
+	}{
+		{codes.Unavailable, true}, {codes.Aborted, true}, {codes.ResourceExhausted, true},
+		{codes.FailedPrecondition, false}, {codes.NotFound, false}, {codes.InvalidArgument, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.code.String(), func(t *testing.T) {
+			calls := 0
+			_, err := retry(context.Background(), func(context.Context) (int, error) {
+				calls++
+				return 0, status.Error(tt.code, "x")
+			})
+			if transient(err) != tt.want || (tt.want && calls != 5) || (!tt.want && calls != 1) {
+				t.Errorf("%v: transient %v after %d calls", tt.code, transient(err), calls)
 			}
 		})
 	}
