@@ -281,3 +281,28 @@ func (c *Cell) Evacuate(ctx context.Context, timeout time.Duration) error {
 	}
 	return r.Evacuate(ctx, timeout)
 }
+
+// Numbered derives the configuration of cell i (from 0) of several cells
+// sharing one machine and one containerd, as basin dev up --cells N runs
+// them: everything that must differ is made distinct from base (ID, state,
+// bridge, network, subnet, firewall chain, host ports); Containerd, Etcd,
+// BBS, capacity and stacks are shared. Addresses are left to the caller
+// (port 0 picks a free one).
+func Numbered(base Config, i int) Config {
+	c := base
+	id := base.ID
+	if id == "" {
+		id = "cell"
+	}
+	c.ID = fmt.Sprintf("%s-%d", id, i)
+	c.StateDir = filepath.Join(base.StateDir, c.ID)
+	c.NetworkName = fmt.Sprintf("basin%d", i)
+	c.BridgeName = fmt.Sprintf("basin%d", i)
+	// 10.213.0.0/16 is one cell's default; N cells take a /24 each.
+	c.Subnet = fmt.Sprintf("10.213.%d.0/24", i%256)
+	c.FirewallChain = fmt.Sprintf("BASIN-PROTECT-%d", i)
+	c.HostPortLow, c.HostPortHigh = 61000+i*200, 61000+i*200+199
+	c.Listener = nil
+	c.RepAddress = ""
+	return c
+}
