@@ -242,7 +242,6 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		l.phase = phaseClaimed
 	}
 	l.claimRev = claim.GetActualLrp().GetRevision()
-	l.key.Domain = claim.GetActualLrp().GetKey().GetDomain()
 	evacuating := r.evacuating
 	r.mu.Unlock()
 	if evacuating {
@@ -300,6 +299,11 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		return r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
 			Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
 	}); err != nil {
+		if ctx.Err() != nil {
+			// Shutting down: the next cell process adopts the container
+			// and marks it RUNNING itself.
+			return
+		}
 		// Not ours any more (retired, moved after a lost lease): stop it.
 		log.Warn("mark running refused; stopping the instance", "err", err)
 		r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
@@ -336,7 +340,9 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 
 // lrpSpec reads the desired LRP and fetches its droplet.
 func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, []*basinv1.Route, error) {
-	d, err := r.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: l.key.GetProcessGuid()})
+	d, err := retry(ctx, func(ctx context.Context) (*basinv1.GetDesiredLRPResponse, error) {
+		return r.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: l.key.GetProcessGuid()})
+	})
 	if err != nil {
 		return executor.Spec{}, nil, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
 	}
