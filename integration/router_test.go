@@ -884,3 +884,114 @@ func TestRouterReplaysOnConnectionTheEndpointClosedIdle(t *testing.T) {
 		time.Sleep(150 * time.Millisecond)
 	}
 }
+
+func TestRouterHTTP1Framing(t *testing.T) {
+	env := newRouterEnv(t, nil)
+	b := newBackend(t, "frames", func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/chunked":
+			io.WriteString(w, "part1-")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "part2")
+		case "/echo":
+			body, _ := io.ReadAll(r.Body)
+			fmt.Fprintf(w, "%s:%s", r.Method, body)
+		default:
+			w.Header().Set("Content-Length", "7")
+			io.WriteString(w, "default")
+		}
+	})
+	env.putRoute("frames.apps.test", "", "fr", 0, b.addr(), 0)
+	env.waitEndpoints("frames.apps.test", "/", 1)
+
+	exchange := func(t *testing.T, raw string, n int) ([]*http.Response, []string, *bufio.Reader) {
+		t.Helper()
+		c, err := net.Dial("tcp", env.router.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.WriteString(c, raw); err != nil {
+			t.Fatal(err)
+		}
+		br := bufio.NewReader(c)
+		var resps []*http.Response
+		var bodies []string
+		for i := 0; i < n; i++ {
+			method := "GET"
+			if strings.Contains(raw, "HEAD ") && i == 0 {
+				method = "HEAD"
+			}
+			resp, err := http.ReadResponse(br, &http.Request{Method: method})
+			if err != nil {
+				t.Fatalf("response %d: %v", i, err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Fatalf("body %d: %v", i, err)
+			}
+			resps = append(resps, resp)
+			bodies = append(bodies, string(body))
+		}
+		return resps, bodies, br
+	}
+
+	t.Run("pipelined", func(t *testing.T) {
+		req := "GET /a HTTP/1.1\r\nHost: frames.apps.test\r\n\r\n"
+		post := "POST /echo HTTP/1.1\r\nHost: frames.apps.test\r\nContent-Length: 3\r\n\r\nabc"
+		_, bodies, _ := exchange(t, req+post+req, 3)
+		if fmt.Sprint(bodies) != "[default POST:abc default]" {
+			t.Fatalf("pipelined bodies %q", bodies)
+		}
+	})
+	t.Run("chunked to 1.1, close-delimited to 1.0", func(t *testing.T) {
+		resps, bodies, _ := exchange(t, "GET /chunked HTTP/1.1\r\nHost: frames.apps.test\r\n\r\n", 1)
+		if bodies[0] != "part1-part2" || len(resps[0].TransferEncoding) == 0 {
+			t.Fatalf("1.1: body %q transfer-encoding %v", bodies[0], resps[0].TransferEncoding)
+		}
+		resps, bodies, br := exchange(t, "GET /chunked HTTP/1.0\r\nHost: frames.apps.test\r\n\r\n", 1)
+		if bodies[0] != "part1-part2" || len(resps[0].TransferEncoding) != 0 || !resps[0].Close {
+			t.Fatalf("1.0: body %q transfer-encoding %v close %v", bodies[0], resps[0].TransferEncoding, resps[0].Close)
+		}
+		if _, err := br.ReadByte(); err == nil {
+			t.Fatal("1.0 connection stayed open after a close-delimited body")
+		}
+	})
+	t.Run("HEAD keeps length, sends no body", func(t *testing.T) {
+		resps, _, _ := exchange(t, "HEAD /x HTTP/1.1\r\nHost: frames.apps.test\r\n\r\nGET /y HTTP/1.1\r\nHost: frames.apps.test\r\n\r\n", 2)
+		if resps[0].ContentLength != 7 || resps[1].StatusCode != 200 {
+			t.Fatalf("HEAD content-length %d, next status %d", resps[0].ContentLength, resps[1].StatusCode)
+		}
+	})
+	t.Run("chunked request body and 100-continue", func(t *testing.T) {
+		c, err := net.Dial("tcp", env.router.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "POST /echo HTTP/1.1\r\nHost: frames.apps.test\r\nExpect: 100-continue\r\nTransfer-Encoding: chunked\r\n\r\n")
+		br := bufio.NewReader(c)
+		line, err := br.ReadString('\n')
+		if err != nil || !strings.HasPrefix(line, "HTTP/1.1 100") {
+			t.Fatalf("before the body: %q %v, want 100 Continue", line, err)
+		}
+		br.ReadString('\n')
+		io.WriteString(c, "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if string(body) != "POST:abcde" {
+			t.Fatalf("echo %q", body)
+		}
+	})
+	t.Run("1.0 keep-alive", func(t *testing.T) {
+		resps, _, _ := exchange(t, "GET /a HTTP/1.0\r\nHost: frames.apps.test\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.0\r\nHost: frames.apps.test\r\n\r\n", 2)
+		if resps[0].Close || !resps[1].Close {
+			t.Fatalf("keep-alive then close: got close %v, %v", resps[0].Close, resps[1].Close)
+		}
+	})
+}
