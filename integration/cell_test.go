@@ -671,6 +671,12 @@ func TestCellProcessRestartsAndDies(t *testing.T) {
 	}
 	waitNoContainers(t, ctx, cd, 30*time.Second)
 	cd.Close()
+	if out, err := exec.CommandContext(ctx, bin, "drain", "--rep", listen, "--timeout", "2s").CombinedOutput(); err != nil || !strings.Contains(string(out), "drained") {
+		t.Errorf("cell drain: %v: %s", err, out)
+	}
+	if st, err := rc.State(ctx, &basinv1.StateRequest{}); err != nil || !st.GetPresence().GetEvacuating() {
+		t.Errorf("State after cell drain = %v, %v; want evacuating", st, err)
+	}
 	if err := third.signalAndWait(t, syscall.SIGTERM, 30*time.Second); err != nil {
 		t.Errorf("cell exited on SIGTERM with %v", err)
 	}

@@ -1,4 +1,5 @@
 // Command cell runs one basin cell: the rep and the executor over containerd.
+// `cell drain --rep ADDR` asks a running cell to evacuate and waits for it.
 //
 // SIGTERM evacuates (instances are placed elsewhere, then stopped here) and
 // exits. SIGINT exits at once and leaves the containers running, for an
@@ -17,6 +18,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/cell"
@@ -41,6 +45,9 @@ func splitList(s string) []string {
 }
 
 func run(args []string) error {
+	if len(args) > 0 && args[0] == "drain" {
+		return drain(args[1:])
+	}
 	fs := flag.NewFlagSet("cell", flag.ContinueOnError)
 	var cfg cell.Config
 	var capMem, capDisk int64
@@ -146,4 +153,30 @@ func run(args []string) error {
 	}
 	cancelRun()
 	return <-done
+}
+
+// drain calls the cell's Drain and waits until its instances run elsewhere
+// (or the timeout passed and they were stopped anyway).
+func drain(args []string) error {
+	fs := flag.NewFlagSet("cell drain", flag.ContinueOnError)
+	addr := fs.String("rep", "127.0.0.1:1800", "the cell's rep gRPC address")
+	timeout := fs.Duration("timeout", time.Minute, "how long the cell waits for replacements")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("connect to cell at %s: %w", *addr, err)
+	}
+	defer conn.Close()
+	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer cancel()
+	ctx, cancelT := context.WithTimeout(ctx, *timeout+30*time.Second)
+	defer cancelT()
+	t0 := time.Now()
+	if _, err := basinv1.NewCellServiceClient(conn).Drain(ctx, &basinv1.DrainRequest{TimeoutMs: timeout.Milliseconds()}); err != nil {
+		return fmt.Errorf("drain cell at %s: %w", *addr, err)
+	}
+	fmt.Printf("cell at %s drained in %s\n", *addr, time.Since(t0).Round(time.Millisecond))
+	return nil
 }
