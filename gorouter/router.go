@@ -20,7 +20,6 @@ package gorouter
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -28,9 +27,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -61,8 +57,10 @@ type Config struct {
 	DebugAddr  string // /metrics and /debug/pprof/
 
 	// TLSCertDir holds <name>.crt + <name>.key pairs (PEM); each serves the
-	// names in its certificate, picked by SNI.
-	TLSCertDir string
+	// names in its certificate, picked by SNI. Changed files are picked up
+	// every TLSReloadInterval (default 30s).
+	TLSCertDir        string
+	TLSReloadInterval time.Duration
 
 	// DrainWait is how long /health reports unhealthy before listeners close,
 	// so load balancers stop sending; DrainTimeout bounds the wait for
@@ -83,7 +81,7 @@ type Router struct {
 	reg    *prometheus.Registry
 
 	ln, tlsLn, healthLn, debugLn net.Listener
-	tlsConfig                    *tls.Config
+	certs                        *certStore
 
 	mu       sync.Mutex
 	draining bool
@@ -119,8 +117,11 @@ func New(cfg Config, client *clientv3.Client, logger *slog.Logger) (*Router, err
 	}
 	r.proxy = p
 	if cfg.TLSAddr != "" {
-		if r.tlsConfig, err = LoadCertificates(cfg.TLSCertDir); err != nil {
+		if r.certs, err = newCertStore(cfg.TLSCertDir, logger); err != nil {
 			return nil, fmt.Errorf("router: %w", err)
+		}
+		if r.cfg.TLSReloadInterval == 0 {
+			r.cfg.TLSReloadInterval = 30 * time.Second
 		}
 	}
 	if err := r.listen(); err != nil {
@@ -205,6 +206,9 @@ func (r *Router) Run(ctx context.Context) error {
 	// ones on kept-alive connections still route correctly.
 	goRun(func() error { return r.syncer.Run(bg) })
 	goRun(func() error { r.proxy.Maintain(bg); return nil })
+	if r.certs != nil {
+		goRun(func() error { r.certs.watch(bg, r.cfg.TLSReloadInterval); return nil })
+	}
 
 	var aux []*http.Server
 	if r.healthLn != nil {
@@ -225,7 +229,7 @@ func (r *Router) Run(ctx context.Context) error {
 	case <-r.syncer.Synced():
 		goRun(func() error { return r.proxy.Serve(r.ln) })
 		if r.tlsLn != nil {
-			goRun(func() error { return r.proxy.ServeTLS(r.tlsLn, r.tlsConfig) })
+			goRun(func() error { return r.proxy.ServeTLS(r.tlsLn, r.certs.tlsConfig()) })
 		}
 		select {
 		case <-ctx.Done():
@@ -306,32 +310,4 @@ func (r *Router) debugMux() *http.ServeMux {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
-}
-
-// LoadCertificates reads every <name>.crt with its <name>.key from dir. The
-// TLS stack picks one per connection by SNI (the first when none matches).
-func LoadCertificates(dir string) (*tls.Config, error) {
-	if dir == "" {
-		return nil, errors.New("tls cert dir: required for the TLS listener")
-	}
-	crts, err := filepath.Glob(filepath.Join(dir, "*.crt"))
-	if err != nil {
-		return nil, fmt.Errorf("list certificates in %s: %w", dir, err)
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	for _, crt := range crts {
-		key := strings.TrimSuffix(crt, ".crt") + ".key"
-		if _, err := os.Stat(key); err != nil {
-			return nil, fmt.Errorf("key for certificate %s: %w", crt, err)
-		}
-		c, err := tls.LoadX509KeyPair(crt, key)
-		if err != nil {
-			return nil, fmt.Errorf("load certificate %s: %w", crt, err)
-		}
-		cfg.Certificates = append(cfg.Certificates, c)
-	}
-	if len(cfg.Certificates) == 0 {
-		return nil, fmt.Errorf("tls cert dir %s: no <name>.crt + <name>.key pair", dir)
-	}
-	return cfg, nil
 }

@@ -602,6 +602,7 @@ func TestRouterTLSWithSNIAndHTTP2(t *testing.T) {
 	env := newRouterEnv(t, func(c *gorouter.Config) {
 		c.TLSAddr = "127.0.0.1:0"
 		c.TLSCertDir = dir
+		c.TLSReloadInterval = 50 * time.Millisecond
 	})
 	b := newBackend(t, "tls", func(w http.ResponseWriter, r *http.Request) {
 		if r.Method == "POST" {
@@ -662,6 +663,25 @@ func TestRouterTLSWithSNIAndHTTP2(t *testing.T) {
 				t.Errorf("POST https %s (h2 %v): %q", host, h2, body)
 			}
 		}
+	}
+
+	// A certificate added to the directory is served without a restart.
+	writeCert(t, dir, "three", "app.three.test")
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := tls.Dial("tcp", env.router.TLSAddr().String(), &tls.Config{ServerName: "app.three.test", InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert := c.ConnectionState().PeerCertificates[0]
+		c.Close()
+		if cert.VerifyHostname("app.three.test") == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("new certificate not served after 5s; got one for %v", cert.DNSNames)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

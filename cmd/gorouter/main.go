@@ -48,6 +48,7 @@ func run() error {
 	fs.StringVar(&cfg.Addr, "addr", ":8080", "plain HTTP listen address")
 	fs.StringVar(&cfg.TLSAddr, "tls-addr", "", "HTTPS listen address (needs -tls-cert-dir); empty: off")
 	fs.StringVar(&cfg.TLSCertDir, "tls-cert-dir", "", "directory of <name>.crt + <name>.key pairs, picked by SNI")
+	fs.DurationVar(&cfg.TLSReloadInterval, "tls-reload-interval", 30*time.Second, "how often changed certificate files are picked up")
 	fs.StringVar(&cfg.HealthAddr, "health-addr", ":8081", "health check listen address (/health)")
 	fs.StringVar(&cfg.DebugAddr, "debug-addr", "127.0.0.1:8082", "metrics and pprof listen address; empty: off")
 	fs.DurationVar(&cfg.DrainWait, "drain-wait", 5*time.Second, "unhealthy period before listeners close on SIGTERM")
