@@ -296,12 +296,29 @@ func TestPick(t *testing.T) {
 		t.Fatal("picked an endpoint already tried")
 	}
 
-	p.cfg.Balancing = LeastConnections
 	pool.Endpoints[0].Acquire()
 	pool.Endpoints[2].Acquire()
+	// A route tagged for least-connections uses it under a round-robin router.
+	tagged := *pool
+	tagged.Balancing = LeastConnections
+	for i := 0; i < 3; i++ {
+		if e := p.pick(&tagged, &request{}, nil); e.Addr != "b:1" {
+			t.Fatalf("least-connections route picked %s, want b:1", e.Addr)
+		}
+	}
+	p.cfg.Balancing = LeastConnections
 	for i := 0; i < 3; i++ {
 		if e := p.pick(pool, &request{}, nil); e.Addr != "b:1" {
 			t.Fatalf("least-connections picked %s, want b:1", e.Addr)
 		}
+	}
+	// And a route tagged round-robin keeps rotating under a least-connections router.
+	tagged.Balancing = RoundRobin
+	seen = map[string]int{}
+	for i := 0; i < 3; i++ {
+		seen[p.pick(&tagged, &request{}, nil).Addr]++
+	}
+	if len(seen) != 3 {
+		t.Fatalf("round-robin route under a least-connections router: %v", seen)
 	}
 }

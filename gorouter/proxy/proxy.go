@@ -425,13 +425,20 @@ func (p *Proxy) pick(pool *routetable.Pool, r *request, tried []*routetable.Endp
 	eps := pool.Endpoints
 	n := len(eps)
 	start := int(pool.Next() % uint64(n))
+	roundRobin := p.cfg.Balancing == RoundRobin
+	switch pool.Balancing {
+	case RoundRobin:
+		roundRobin = true
+	case LeastConnections:
+		roundRobin = false
+	}
 	var best *routetable.Endpoint
 	for i := 0; i < n; i++ {
 		e := eps[(start+i)%n]
 		if isTried(e) || e.Suspect(now) {
 			continue
 		}
-		if p.cfg.Balancing == RoundRobin {
+		if roundRobin {
 			return e
 		}
 		if best == nil || e.Active() < best.Active() {

@@ -69,8 +69,16 @@ type Pool struct {
 	Host      string
 	Path      string
 	Endpoints []*Endpoint // sorted by key, so balancing is deterministic
+	// Balancing is the route's own algorithm from its endpoints' tag
+	// BalancingTag ("round-robin" or "least-connections"); "" means the
+	// router's default.
+	Balancing string
 	next      *atomic.Uint64
 }
+
+// BalancingTag is the route endpoint tag that chooses a route's balancing
+// algorithm, as Cloud Foundry's per-route loadbalancing option does.
+const BalancingTag = "balancing"
 
 // Next returns a counter value for round-robin; the counter survives
 // updates of the pool so a route change does not reset the rotation.
@@ -326,10 +334,22 @@ func (t *Table) publishLocked(dirty map[string]struct{}) {
 			for j < len(list) && list[j].Path == list[i].Path {
 				j++
 			}
-			hr.pools = append(hr.pools, &Pool{Host: host, Path: list[i].Path, Endpoints: list[i:j:j], next: h.counter(list[i].Path)})
+			hr.pools = append(hr.pools, &Pool{Host: host, Path: list[i].Path, Endpoints: list[i:j:j],
+				Balancing: balancingOf(list[i:j]), next: h.counter(list[i].Path)})
 			i = j
 		}
 		sort.Slice(hr.pools, func(i, j int) bool { return len(hr.pools[i].Path) > len(hr.pools[j].Path) })
 		target.Store(name, hr)
 	}
+}
+
+// balancingOf is the balancing tag the endpoints carry; endpoints of one
+// route are written alike, so the first one set wins.
+func balancingOf(eps []*Endpoint) string {
+	for _, e := range eps {
+		if b := e.Tags[BalancingTag]; b != "" {
+			return b
+		}
+	}
+	return ""
 }

@@ -127,6 +127,21 @@ func TestRoundRobinCounterSurvivesUpdates(t *testing.T) {
 	}
 }
 
+func TestBalancingTag(t *testing.T) {
+	tb := New()
+	a := ep("a", "h.test", "", "1:1")
+	b := ep("b", "h.test", "", "2:1")
+	b.Tags = map[string]string{BalancingTag: "least-connections"}
+	tb.Apply([]Change{{Key: "a", Endpoint: a}, put("c", "other.test", "", "3:1")})
+	if got := tb.Lookup("h.test", "/").Balancing; got != "" {
+		t.Fatalf("untagged route balancing %q", got)
+	}
+	tb.Apply([]Change{{Key: "b", Endpoint: b}})
+	if got := tb.Lookup("h.test", "/").Balancing; got != "least-connections" {
+		t.Fatalf("tagged route balancing %q", got)
+	}
+}
+
 func TestPoolFinders(t *testing.T) {
 	tb := New()
 	e1 := ep("k1", "h.test", "", "1:1")
