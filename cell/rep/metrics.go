@@ -48,7 +48,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-var phaseNames = map[lrpPhase]string{phaseReserved: "reserved", phaseClaimed: "claimed", phaseRunning: "running", phaseStopping: "stopping"}
+func (p lrpPhase) String() string {
+	switch p {
+	case phaseReserved:
+		return "reserved"
+	case phaseClaimed:
+		return "claimed"
+	case phaseRunning:
+		return "running"
+	}
+	return "stopping"
+}
 
 func (r *Rep) updateGauges() {
 	r.mu.Lock()
@@ -58,8 +68,8 @@ func (r *Rep) updateGauges() {
 	}
 	mem, _, _ := r.allocatedLocked()
 	r.mu.Unlock()
-	for p, name := range phaseNames {
-		r.m.instances.WithLabelValues(name).Set(float64(counts[p]))
+	for _, p := range []lrpPhase{phaseReserved, phaseClaimed, phaseRunning, phaseStopping} {
+		r.m.instances.WithLabelValues(p.String()).Set(float64(counts[p]))
 	}
 	r.m.allocatedMB.Set(float64(mem))
 }

@@ -320,6 +320,14 @@ func TestEvacuationWaitsForTheReplacement(t *testing.T) {
 	if !e.rep.State().GetPresence().GetEvacuating() {
 		t.Error("State does not say evacuating")
 	}
+	if resp, err := e.etcd.Get(e.ctx, e.keys.Cell("cell-a")); err != nil || len(resp.Kvs) != 1 {
+		t.Errorf("presence while evacuating: %v %v", resp, err)
+	} else {
+		p := &basinv1.CellPresence{}
+		if err := proto.Unmarshal(resp.Kvs[0].Value, p); err != nil || !p.GetEvacuating() || resp.Kvs[0].Lease == 0 {
+			t.Errorf("presence %v (lease %x): want evacuating, under the lease", p, resp.Kvs[0].Lease)
+		}
+	}
 	// Still serving: its index key went, but it waits for a replacement.
 	if e.exec.wasStopped(guid) {
 		t.Fatal("stopped before a replacement ran")
