@@ -210,7 +210,9 @@ func getRetry(t *testing.T, url string, within time.Duration) (int, string) {
 // TestCellRunsAndCrashesLRPs runs a whole cell in this process on a real
 // containerd: an LRP placed by Perform serves HTTP through its mapped port,
 // is RUNNING with net info and routed; an app that exits after three
-// requests is CRASHED with its status and output, its route gone first.
+// requests is CRASHED with its status and output, its route gone first; a
+// memory hog is CRASHED as out of memory; a task returns its result file;
+// Drain hands an instance to a second cell of the same process.
 // (uid 2000, the environment, memory kills and the firewall are checked by
 // the executor tests in executor_test.go.)
 func TestCellRunsAndCrashesLRPs(t *testing.T) {
@@ -324,6 +326,17 @@ if [ "$n" -ge 3 ]; then (sleep 0.2; touch /home/vcap/tmp/done) >/dev/null 2>&1 &
 		assertGone(t, cenv.client, a.GetInstanceKey().GetInstanceGuid())
 	})
 
+	t.Run("oom", func(t *testing.T) {
+		env.desireApp("it-hog", "echo allocating; head -c 536870912 /dev/zero | tail -n 1 > /dev/null",
+			&basinv1.HealthCheck{Type: basinv1.HealthCheckType_HEALTH_CHECK_TYPE_PROCESS}, map[string]string{"app/README": "hog\n"})
+		performOne(t, ctx, rc, "it-hog")
+		crashed := env.waitActual("it-hog", basinv1.ActualLRPState_ACTUAL_LRP_STATE_CRASHED, time.Minute)
+		t.Logf("crash reason: %q", crashed.GetCrashReason())
+		if !strings.Contains(crashed.GetCrashReason(), "out of memory") || !strings.Contains(crashed.GetCrashReason(), "allocating") {
+			t.Errorf("crash reason %q: want the memory kill and the app's output", crashed.GetCrashReason())
+		}
+	})
+
 	t.Run("task", func(t *testing.T) {
 		if _, err := env.bbs.DesireTask(ctx, &basinv1.DesireTaskRequest{TaskGuid: "it-task", Definition: &basinv1.TaskDefinition{
 			Stack: "tiny", Command: "echo computing; echo 42 > /home/vcap/tmp/answer", ResultFile: "/home/vcap/tmp/answer",
@@ -349,7 +362,7 @@ if [ "$n" -ge 3 ]; then (sleep 0.2; touch /home/vcap/tmp/done) >/dev/null 2>&1 &
 
 	t.Run("metrics", func(t *testing.T) {
 		code, body := get(t, "http://"+debugAddr+"/metrics")
-		if code != 200 || !strings.Contains(body, "basin_rep_lrp_starts_total 2") || !strings.Contains(body, "basin_rep_lrp_crashes_total 1") ||
+		if code != 200 || !strings.Contains(body, "basin_rep_lrp_starts_total 3") || !strings.Contains(body, "basin_rep_lrp_crashes_total 2") ||
 			!strings.Contains(body, "basin_rep_droplet_fetches_total") {
 			t.Errorf("metrics (%d) lack the rep's starts, crashes or droplet fetches:\n%s", code, body)
 		}
