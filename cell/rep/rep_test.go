@@ -270,18 +270,17 @@ func TestLostLeaseDropsMovedInstancesThenRegistersAgain(t *testing.T) {
 	e.waitFor("routes", func() bool { ep, _ := e.route("part.example.com", "part", 0); return ep != nil })
 	oldFence := e.rep.currentFence()
 
-	// A partition: part/1 goes to another cell meanwhile (the watch on
-	// the index would stop it too; take the rep's watch out of the race by
-	// moving it while the lease is gone, as a converger would).
+	// A partition: meanwhile part/1 went to another cell. Write that
+	// straight into etcd, leaving this cell's index key, so only the
+	// ownership check before re-registering can notice it.
 	e.rep.mu.Lock()
 	lease := e.rep.lease
 	e.rep.mu.Unlock()
-	other := e.registerOtherCell("cell-b")
-	if _, err := e.bbs.UnclaimActualLRP(e.ctx, &basinv1.UnclaimActualLRPRequest{Key: moved.GetKey()}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.bbs.ClaimActualLRP(e.ctx, &basinv1.ClaimActualLRPRequest{Key: moved.GetKey(),
-		InstanceKey: &basinv1.ActualLRPInstanceKey{InstanceGuid: "b-1", CellId: "cell-b"}, Fence: other}); err != nil {
+	elsewhere := proto.Clone(moved).(*basinv1.ActualLRP)
+	elsewhere.InstanceKey = &basinv1.ActualLRPInstanceKey{InstanceGuid: "b-1", CellId: "cell-b"}
+	elsewhere.Revision = 0
+	val, _ := proto.Marshal(elsewhere)
+	if _, err := e.etcd.Put(e.ctx, e.keys.Actual("part", 1), string(val)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := e.etcd.Revoke(e.ctx, lease); err != nil {
