@@ -554,3 +554,29 @@ func TestExtractResult(t *testing.T) {
 		t.Errorf("taskCommand does not quote the result file: %q", got)
 	}
 }
+
+func TestTaskPastItsTimeoutIsStoppedAndFailed(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.bbs.DesireTask(e.ctx, &basinv1.DesireTaskRequest{TaskGuid: "slow", Definition: &basinv1.TaskDefinition{
+		Stack: "tiny", Command: "sleep 1000", TimeoutMs: 50,
+		Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32, Pids: 16}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.rep.Perform(e.ctx, &basinv1.PerformRequest{Tasks: []*basinv1.TaskStart{{TaskGuid: "slow", Stack: "tiny",
+		Resources: &basinv1.ResourceLimits{MemoryMb: 32, DiskMb: 32}}}}); err != nil {
+		t.Fatal(err)
+	}
+	var task *basinv1.Task
+	e.waitFor("task completed", func() bool {
+		r, err := e.bbs.GetTask(e.ctx, &basinv1.GetTaskRequest{TaskGuid: "slow"})
+		task = r.GetTask()
+		return err == nil && task.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED
+	})
+	if !task.GetFailed() || task.GetFailureReason() != "task timed out" {
+		t.Errorf("task %v: want failed, timed out", task)
+	}
+	if !e.exec.wasStopped(taskInstanceGUID("slow")) {
+		t.Error("the timed-out task's container was not stopped")
+	}
+	e.waitFor("resources released", func() bool { return e.rep.State().GetTasks() == 0 })
+}
