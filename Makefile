@@ -6,7 +6,7 @@ BUF       := $(GO) run github.com/bufbuild/buf/cmd/buf@v1.75.0
 BIN       := bin
 GOFLAGS_TEST ?= -race -count=1
 
-.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean bench-cell
+.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean bench-cell bench-auction
 
 all: build
 
@@ -34,10 +34,15 @@ generate:
 up: build
 	$(BIN)/basin dev up
 
-bench: bench-bbs bench-router bench-cell
+bench: bench-bbs bench-router bench-cell bench-auction
 
 bench-bbs:
 	$(GO) run ./bbs/bench
+
+# bench-auction places 100,000 instances of 1,000 LRPs on 1,000 simulated
+# cells through the real BBS and auctioneer.
+bench-auction:
+	$(GO) run ./auctioneer/bench
 
 # bench-cell starts instances on one cell against the raw containerd client
 # (needs root: it runs its own containerd, runc and CNI).

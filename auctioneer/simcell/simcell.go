@@ -12,12 +12,15 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/basinpaas/basin/bbs"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -246,7 +249,7 @@ func (c *Cell) start(key *basinv1.ActualLRPKey) {
 	if a == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	ik := &basinv1.ActualLRPInstanceKey{InstanceGuid: a.instanceGUID, CellId: c.cfg.ID}
 	drop := func(err error) {
@@ -257,9 +260,22 @@ func (c *Cell) start(key *basinv1.ActualLRPKey) {
 		}
 		c.mu.Unlock()
 	}
-	if _, err := c.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{Key: key, InstanceKey: ik, Fence: c.fence}); err != nil {
-		drop(err)
-		return
+	// A claim whose reply is lost may still have happened: claiming again
+	// with the same instance key is a no-op, so retry until the BBS says
+	// yes or no rather than forget an instance it recorded here.
+	for {
+		_, err := c.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{Key: key, InstanceKey: ik, Fence: c.fence})
+		if err == nil {
+			break
+		}
+		if code := status.Code(err); code == codes.FailedPrecondition || code == codes.NotFound || code == codes.InvalidArgument || ctx.Err() != nil {
+			drop(err)
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
 	}
 	c.mu.Lock()
 	if c.dead || c.allocs[k] != a {
@@ -275,7 +291,9 @@ func (c *Cell) start(key *basinv1.ActualLRPKey) {
 	ni := &basinv1.ActualLRPNetInfo{Address: "127.0.0.1", Ports: []*basinv1.PortMapping{{ContainerPort: 8080, HostPort: 61000}}}
 	if _, err := c.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{Key: key, InstanceKey: ik, NetInfo: ni, Fence: c.fence}); err != nil {
 		c.log.Debug("mark running", "guid", k.guid, "index", k.index, "err", err)
+		return
 	}
+	c.cfg.Registry.markedRunning()
 }
 
 func (c *Cell) runTask(guid string) {
@@ -323,6 +341,7 @@ func (c *Cell) watchIndex(ctx context.Context) {
 
 // Registry records where each instance runs across cells.
 type Registry struct {
+	running atomic.Int64
 	mu      sync.Mutex
 	where   map[instKey]string
 	doubles []string
@@ -366,6 +385,30 @@ func (r *Registry) Doubles() error {
 		return nil
 	}
 	return errors.New(fmt.Sprint(r.doubles))
+}
+
+func (r *Registry) markedRunning() {
+	if r != nil {
+		r.running.Add(1)
+	}
+}
+
+// MarkedRunning counts the instances the cells have marked RUNNING in the
+// BBS since the registry was made.
+func (r *Registry) MarkedRunning() int64 { return r.running.Load() }
+
+// PerCell returns, for each process guid, how many instances run on each cell.
+func (r *Registry) PerCell() map[string]map[string]int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[string]map[string]int)
+	for k, cell := range r.where {
+		if out[k.guid] == nil {
+			out[k.guid] = make(map[string]int)
+		}
+		out[k.guid][cell]++
+	}
+	return out
 }
 
 // Count is how many instances run across the registry's cells.

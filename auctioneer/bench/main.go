@@ -1,0 +1,247 @@
+// Command bench measures placement end to end: make bench-auction.
+//
+// In one process: an embedded etcd, the real BBS, the real auctioneer and
+// simulated cells (CellService servers with presence leases that claim and
+// start what they accept through the BBS, as a rep does, minus containers).
+// It desires the LRPs, then starts the auctioneer on the full queue and
+// times until every instance is RUNNING in etcd (placements/s); it also
+// prints the time from the first desire, and measures raw etcd batched puts
+// in the same run for comparison.
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/pprof"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/basinpaas/basin/auctioneer"
+	"github.com/basinpaas/basin/auctioneer/simcell"
+	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+)
+
+type options struct {
+	cells, lrps, instances int
+	zones                  int
+	maxBatch               int
+	timeout                time.Duration
+	profile                string
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.cells, "cells", 1000, "simulated cells")
+	flag.IntVar(&o.lrps, "lrps", 1000, "desired LRPs")
+	flag.IntVar(&o.instances, "instances", 100, "instances per LRP")
+	flag.IntVar(&o.zones, "zones", 4, "zones the cells are spread over (equal sizes keep per-cell spread within 1)")
+	flag.IntVar(&o.maxBatch, "max-batch", 5000, "auctioneer batch bound")
+	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
+	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the placement phase to this file")
+	flag.Parse()
+	if err := run(context.Background(), o); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-auction:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, o options) error {
+	ctx, cancel := context.WithTimeout(ctx, o.timeout)
+	defer cancel()
+	dir, err := os.MkdirTemp("", "bench-auction-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	e, err := embeddedetcd.Start(ctx, embeddedetcd.Config{Dir: dir})
+	if err != nil {
+		return err
+	}
+	defer e.Close()
+	cli, err := e.Client()
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	total := o.lrps * o.instances
+
+	raw, err := rawBatchedPuts(ctx, cli, total)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("raw etcd: %d keys in transactions of 128 puts, 8 in flight: %.0f keys/s\n", total, raw)
+
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	keys := bbs.NewKeys("/bench/")
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: keys.Prefix}, Logger: logger})
+	if err != nil {
+		return err
+	}
+	sctx, scancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer scancel()
+	wg.Go(func() { srv.Run(sctx) })
+	client, err := bbs.Dial(bbs.ClientConfig{Address: srv.Addr()})
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	if err := client.WaitReady(ctx); err != nil {
+		return err
+	}
+
+	reg := simcell.NewRegistry()
+	cells := make([]*simcell.Cell, o.cells)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for i := range o.cells {
+		g.Go(func() error {
+			c, err := simcell.Start(gctx, cli, client, simcell.Config{
+				ID: fmt.Sprintf("cell-%04d", i), Zone: fmt.Sprintf("z%d", i%o.zones), Stacks: []string{"tiny"},
+				MemoryMB: 256 * 1024, DiskMB: 1024 * 1024, Containers: int32(4 * total / o.cells),
+				LeaseTTL: 10 * time.Second, Keys: keys, Registry: reg, Logger: logger,
+			})
+			cells[i] = c
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("start cells: %w", err)
+	}
+	defer func() {
+		for _, c := range cells {
+			if c != nil {
+				c.Kill()
+			}
+		}
+	}()
+	fmt.Printf("%d simulated cells registered\n", o.cells)
+
+	start := time.Now()
+	g, gctx = errgroup.WithContext(ctx)
+	g.SetLimit(32)
+	var desired atomic.Int64
+	for l := range o.lrps {
+		g.Go(func() error {
+			_, err := client.DesireLRP(gctx, &basinv1.DesireLRPRequest{
+				Schedule: &basinv1.DesiredLRPSchedule{
+					ProcessGuid: fmt.Sprintf("app-%04d", l), Domain: "bench", Instances: int32(o.instances), Stack: "tiny",
+					Resources: &basinv1.ResourceLimits{MemoryMb: 128, DiskMb: 256, Pids: 64},
+				},
+				Run: &basinv1.DesiredLRPRun{StartCommand: "./server", Ports: []uint32{8080}},
+			})
+			desired.Add(int64(o.instances))
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return fmt.Errorf("desire: %w", err)
+	}
+	desireTook := time.Since(start)
+	fmt.Printf("desired %d instances (the BBS creating them UNCLAIMED) in %s\n", total, desireTook.Round(time.Millisecond))
+	// The auctioneer starts on a full queue, so its figure is placement
+	// alone: batching, State from every cell, Place, Perform, and the cells'
+	// claim and start through the BBS.
+	if o.profile != "" {
+		f, err := os.Create(o.profile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+	placeStart := time.Now()
+	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", MaxBatch: o.maxBatch, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client, logger)
+	wg.Go(func() { a.Run(sctx) })
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for reg.MarkedRunning() < int64(total) {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("only %d of %d RUNNING: %w", reg.MarkedRunning(), total, ctx.Err())
+		case <-tick.C:
+			fmt.Printf("  %5.1fs: %d RUNNING\n", time.Since(placeStart).Seconds(), reg.MarkedRunning())
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	elapsed := time.Since(placeStart)
+	// Confirm from etcd, not just from the cells' word.
+	resp, err := client.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{Domain: "bench"})
+	if err != nil {
+		return err
+	}
+	running := 0
+	for _, al := range resp.GetActualLrps() {
+		if al.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING {
+			running++
+		}
+	}
+	if running != total {
+		return fmt.Errorf("etcd holds %d RUNNING instances, want %d", running, total)
+	}
+	maxDiff := 0
+	for _, perCell := range reg.PerCell() {
+		lo, hi := -1, 0
+		for _, c := range cells {
+			n := perCell[c.ID()]
+			if lo < 0 || n < lo {
+				lo = n
+			}
+			hi = max(hi, n)
+		}
+		maxDiff = max(maxDiff, hi-lo)
+	}
+	if err := reg.Doubles(); err != nil {
+		return fmt.Errorf("an instance ran on two cells: %w", err)
+	}
+	pps := float64(total) / elapsed.Seconds()
+	fmt.Printf("%d instances of %d LRPs on %d cells: queue to all RUNNING in %s (desire to all RUNNING %s)\n",
+		total, o.lrps, o.cells, elapsed.Round(time.Millisecond), (desireTook + elapsed).Round(time.Millisecond))
+	fmt.Printf("RESULT desire_to_running_per_s %.0f\n", float64(total)/(desireTook+elapsed).Seconds())
+	fmt.Printf("RESULT placements_per_s %.0f\n", pps)
+	fmt.Printf("RESULT raw_batched_keys_per_s %.0f\n", raw)
+	fmt.Printf("RESULT max_spread_diff %d\n", maxDiff)
+	return nil
+}
+
+// rawBatchedPuts is etcd's own rate for what placement costs at least: one
+// key written per instance, in transactions of etcd's 128-op limit.
+func rawBatchedPuts(ctx context.Context, cli *clientv3.Client, n int) (float64, error) {
+	const batch = 128
+	start := time.Now()
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(8)
+	for from := 0; from < n; from += batch {
+		g.Go(func() error {
+			ops := make([]clientv3.Op, 0, batch)
+			for i := from; i < min(from+batch, n); i++ {
+				ops = append(ops, clientv3.OpPut(fmt.Sprintf("/raw/%08d", i), "running-on-cell-0000"))
+			}
+			_, err := cli.Txn(gctx).Then(ops...).Commit()
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return 0, fmt.Errorf("raw puts: %w", err)
+	}
+	rate := float64(n) / time.Since(start).Seconds()
+	_, err := cli.Delete(ctx, "/raw/", clientv3.WithPrefix())
+	return rate, err
+}
