@@ -8,9 +8,11 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"slices"
 	"sort"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 	"github.com/basinpaas/basin/auctioneer/simcell"
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	"github.com/basinpaas/basin/cell/containerdproc"
 	"github.com/basinpaas/basin/converger"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -435,4 +438,154 @@ func TestConvergerCreatesMissingInstances(t *testing.T) {
 	env.startAuctioneer("auctioneer-0", nil)
 	env.startConverger("converger-0")
 	env.waitRunning("holes", 4, 10*time.Second)
+}
+
+// The real-cell variants: cells with containers (cell.Cell in this process
+// on one containerd, and cmd/cell as a child with its own), placed by the
+// real auctioneer and repaired by the real converger.
+
+// startLeaders runs one auctioneer and one converger on a repEnv until the
+// test ends.
+func startLeaders(t *testing.T, env *repEnv) {
+	t.Helper()
+	for _, run := range []func(ctx context.Context) error{
+		auctioneer.New(auctioneer.Config{Prefix: env.prefix, ID: "auctioneer-0"}, env.etcd, env.bbs, nil).Run,
+		converger.New(converger.Config{Prefix: env.prefix, ID: "converger-0"}, env.etcd, env.bbs, nil).Run,
+	} {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- run(ctx) }()
+		t.Cleanup(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("run: %v", err)
+			}
+		})
+	}
+}
+
+// desireHTTPApp desires n instances of a busybox httpd app.
+func desireHTTPApp(t *testing.T, env *repEnv, guid string, n int32) {
+	t.Helper()
+	d := droplet(t, map[string]string{"app/index.html": "hello from " + guid + "\n"})
+	_, err := env.bbs.DesireLRP(env.ctx, &basinv1.DesireLRPRequest{
+		Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: guid, Instances: n, Stack: "tiny",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 64, DiskMb: 64, Pids: 64}},
+		Run: &basinv1.DesiredLRPRun{StartCommand: "exec httpd -f -p $PORT -h /home/vcap/app", Ports: []uint32{8080}, AppName: guid,
+			HealthCheck: &basinv1.HealthCheck{Type: basinv1.HealthCheckType_HEALTH_CHECK_TYPE_HTTP, HttpEndpoint: "/index.html"},
+			Droplet:     &basinv1.DropletRef{Digest: d.Digest, Url: "file://" + d.Path}},
+	})
+	if err != nil {
+		t.Fatalf("desire %s: %v", guid, err)
+	}
+}
+
+// waitRealRunning waits for n RUNNING instances of guid, none on the avoided
+// cells, and checks each one serves.
+func waitRealRunning(t *testing.T, env *repEnv, guid string, n int, within time.Duration, avoid ...string) map[string]int {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	var last []*basinv1.ActualLRP
+	for time.Now().Before(deadline) {
+		resp, err := env.bbs.ListActualLRPs(env.ctx, &basinv1.ListActualLRPsRequest{ProcessGuid: guid})
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = resp.GetActualLrps()
+		perCell := map[string]int{}
+		var urls []string
+		for _, a := range last {
+			if a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING && !slices.Contains(avoid, a.GetInstanceKey().GetCellId()) {
+				perCell[a.GetInstanceKey().GetCellId()]++
+				urls = append(urls, fmt.Sprintf("http://%s:%d/index.html", a.GetNetInfo().GetAddress(), a.GetNetInfo().GetPorts()[0].GetHostPort()))
+			}
+		}
+		if len(urls) == n && len(last) == n {
+			for _, u := range urls {
+				if code, body := get(t, u); code != 200 || body != "hello from "+guid+"\n" {
+					t.Errorf("GET %s = %d %q", u, code, body)
+				}
+			}
+			return perCell
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("%s: want %d RUNNING within %s, have %s", guid, n, within, describeActuals(last))
+	return nil
+}
+
+// TestRealCellsPlaceOnThreeCells: three instances of an app land on three
+// real cells and serve.
+func TestRealCellsPlaceOnThreeCells(t *testing.T) {
+	cenv := startCell(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	env := newRepEnv(t, ctx)
+	for i, id := range []string{"rc-a", "rc-b", "rc-c"} {
+		c := runTestCell(t, cenv, env, id, 4+i, "")
+		waitServing(t, ctx, c.Addr())
+	}
+	startLeaders(t, env)
+	t0 := time.Now()
+	desireHTTPApp(t, env, "rc-web", 3)
+	perCell := waitRealRunning(t, env, "rc-web", 3, time.Minute)
+	t.Logf("3 instances RUNNING and serving in %s: %v", time.Since(t0).Round(time.Millisecond), perCell)
+	if len(perCell) != 3 {
+		t.Errorf("3 instances on %d cells: %v", len(perCell), perCell)
+	}
+	if _, err := env.bbs.RemoveDesiredLRP(ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: "rc-web"}); err != nil {
+		t.Fatal(err)
+	}
+	waitNoContainers(t, ctx, cenv.client, 30*time.Second)
+}
+
+// TestRealCellLoss: cmd/cell as a child process, SIGKILLed while it runs an
+// instance; the instance runs again on the other (real) cells. Prints the
+// time from the kill to full capacity with a 3 s lease.
+func TestRealCellLoss(t *testing.T) {
+	cenv := startCell(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	env := newRepEnv(t, ctx)
+	bin := cellBinary(t)
+	state, err := containerdproc.ShortDir("bcellk")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const bridge, chain, subnet = "basincell5", "BASIN-CELLTEST5", "10.226.0.0/24"
+	t.Cleanup(func() {
+		cleanupCellState(t, state)
+		exec.Command("ip", "link", "del", bridge).Run()
+		for exec.Command("iptables", "-w", "5", "-D", "INPUT", "-s", subnet, "-j", chain).Run() == nil {
+		}
+		exec.Command("iptables", "-w", "5", "-F", chain).Run()
+		exec.Command("iptables", "-w", "5", "-X", chain).Run()
+		os.RemoveAll(state)
+	})
+	listen := freeLoopbackAddr(t)
+	proc := startCellProc(t, bin, []string{"--id", "rk-proc", "--listen", listen, "--bbs", env.bbsURL, "--etcd", env.etcdEP,
+		"--prefix", env.prefix, "--launcher", cenv.launcher, "--state-dir", state, "--bridge", bridge, "--network", bridge,
+		"--subnet", subnet, "--firewall-chain", chain, "--host-ports", "63600-63699", "--lease-ttl", "3s",
+		"--stop-grace", "2s", "--evacuation-timeout", "2s", "--memory-mb", "1024"})
+	for i, id := range []string{"rk-a", "rk-b"} {
+		c := runTestCell(t, cenv, env, id, 4+i, "")
+		waitServing(t, ctx, c.Addr())
+	}
+	waitServing(t, ctx, listen)
+	startLeaders(t, env)
+	desireHTTPApp(t, env, "rk-web", 3)
+	before := waitRealRunning(t, env, "rk-web", 3, 2*time.Minute)
+	if before["rk-proc"] == 0 {
+		t.Fatalf("nothing on the process cell to lose: %v", before)
+	}
+	t0 := time.Now()
+	proc.signalAndWait(t, syscall.SIGKILL, 10*time.Second)
+	after := waitRealRunning(t, env, "rk-web", 3, time.Minute, "rk-proc")
+	elapsed := time.Since(t0)
+	t.Logf("SIGKILLed cell ran %d of 3; all 3 RUNNING and serving again on %v", before["rk-proc"], after)
+	fmt.Printf("RESULT real_cell_loss_recovery_s %.2f\n", elapsed.Seconds())
+	if _, err := env.bbs.RemoveDesiredLRP(ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: "rk-web"}); err != nil {
+		t.Fatal(err)
+	}
+	waitNoContainers(t, ctx, cenv.client, 30*time.Second)
 }
