@@ -452,16 +452,37 @@ func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
 	if len(reason) > maxReasonBytes {
 		reason = reason[:maxReasonBytes-3] + "..."
 	}
-	_, err := retry(ctx, func(ctx context.Context) (*basinv1.CrashActualLRPResponse, error) {
-		return r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
-	})
-	if err != nil {
-		r.log.Warn("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
-		return
+	// A report refused while the lease is being renewed (stale fence)
+	// must not be lost: the converger cannot tell a dead instance on a live
+	// cell from a running one. Retry while the BBS still gives the
+	// instance to this cell, for as long as a re-registration may take.
+	deadline := time.Now().Add(crashReportPatience)
+	for {
+		_, err := retry(ctx, func(ctx context.Context) (*basinv1.CrashActualLRPResponse, error) {
+			return r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
+				Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
+		})
+		if err == nil {
+			r.m.crashes.Inc()
+			return
+		}
+		resp, gerr := r.bbs.GetActualLRP(ctx, &basinv1.GetActualLRPRequest{ProcessGuid: l.key.GetProcessGuid(), Index: l.key.GetIndex()})
+		if (gerr == nil && !owns(resp.GetActualLrp(), r.cfg.CellID, l.guid)) || isGone(gerr) {
+			return // not ours any more: nothing to report
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			r.log.Error("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(250 * time.Millisecond):
+		}
 	}
-	r.m.crashes.Inc()
 }
+
+// crashReportPatience bounds how long a crash report is retried.
+const crashReportPatience = time.Minute
 
 // maxReasonBytes keeps a crash reason under the BBS's 10 KiB result limit.
 const maxReasonBytes = 8 << 10

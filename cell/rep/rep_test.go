@@ -580,3 +580,22 @@ func TestTaskPastItsTimeoutIsStoppedAndFailed(t *testing.T) {
 	}
 	e.waitFor("resources released", func() bool { return e.rep.State().GetTasks() == 0 })
 }
+
+func TestCrashDuringLeaseRenewalIsStillReported(t *testing.T) {
+	e := newEnv(t)
+	e.desire("unlucky", 1, 64)
+	e.perform(lrpStart("unlucky", 0, 64))
+	a := e.waitState("unlucky", 0, stateRunning)
+	e.rep.mu.Lock()
+	lease := e.rep.lease
+	e.rep.mu.Unlock()
+	// The presence key goes; the crash comes before (or while) the rep
+	// registers again, so its first report may carry the dead fence.
+	if _, err := e.etcd.Revoke(e.ctx, lease); err != nil {
+		t.Fatal(err)
+	}
+	e.exec.exit(a.GetInstanceKey().GetInstanceGuid(), executor.ExitInfo{Status: 1, Reason: "app exited with status 1"})
+	if got := e.waitState("unlucky", 0, stateCrashed); !strings.Contains(got.GetCrashReason(), "status 1") {
+		t.Errorf("crash reason %q", got.GetCrashReason())
+	}
+}
