@@ -80,12 +80,8 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	def := resp.GetTask().GetDefinition()
 	fail := func(reason string) {
 		log.Warn("task failed to start", "reason", reason)
-		if _, err := retry(context.WithoutCancel(ctx), func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) {
-			return r.bbs.CompleteTask(ctx, &basinv1.CompleteTaskRequest{
-				TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason), Fence: r.currentFence()})
-		}); err != nil {
-			log.Error("complete task", "err", err)
-		}
+		r.reportTask(context.WithoutCancel(ctx), &basinv1.CompleteTaskRequest{
+			TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason)})
 		r.releaseTask(t)
 	}
 	var d executor.Droplet
@@ -171,10 +167,36 @@ func (r *Rep) completeTask(ctx context.Context, t *task, x *executor.ExitInfo) {
 			req.Result = res
 		}
 	}
-	if _, err := retry(ctx, func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) { return r.bbs.CompleteTask(ctx, req) }); err != nil {
-		r.log.Error("complete task", "task", t.guid, "err", err)
-	}
+	r.reportTask(ctx, req)
 	r.releaseTask(t)
+}
+
+// reportTask completes a task, retrying while the BBS still shows it
+// running here (a refusal may come from a fence gone stale during lease
+// renewal), so it is never left RUNNING on a live cell.
+func (r *Rep) reportTask(ctx context.Context, req *basinv1.CompleteTaskRequest) {
+	deadline := time.Now().Add(crashReportPatience)
+	for {
+		_, err := retry(ctx, func(ctx context.Context) (*basinv1.CompleteTaskResponse, error) {
+			req.Fence = r.currentFence()
+			return r.bbs.CompleteTask(ctx, req)
+		})
+		if err == nil {
+			return
+		}
+		resp, gerr := r.bbs.GetTask(ctx, &basinv1.GetTaskRequest{TaskGuid: req.GetTaskGuid()})
+		if isGone(gerr) || (gerr == nil && (resp.GetTask().GetState() != basinv1.TaskState_TASK_STATE_RUNNING || resp.GetTask().GetCellId() != r.cfg.CellID)) {
+			return
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			r.log.Error("complete task", "task", req.GetTaskGuid(), "err", err)
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 func truncate(s string) string {
