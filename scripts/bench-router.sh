@@ -2,7 +2,9 @@
 # make bench-router: basin's router against a direct connection, nginx and
 # haproxy on loopback (same Go backend, proxy and backend on one core, wrk on
 # the other), then 100,000 routes under 1,000 route changes/s.
-# Knobs: BENCH_DURATION (5s), BENCH_CONNS (64,256), BENCH_ARGS (extra flags
+# Each target and connection count is measured in BENCH_ROUNDS (3) interleaved
+# rounds and keeps its best, since other work on the machine skews single runs.
+# Knobs: BENCH_DURATION (4s), BENCH_CONNS (64,256), BENCH_ROUNDS, BENCH_ARGS (extra flags
 # for gorouter/bench, e.g. -skip-churn), BENCH_PROFILE (CPU profile path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ go build -o "$out/gorouter" ./cmd/gorouter
 go build -o "$out/bench" ./gorouter/bench
 
 profile=${BENCH_PROFILE:-}
-args=(-gorouter "$out/gorouter" -duration "${BENCH_DURATION:-5s}" -conns "${BENCH_CONNS:-64,256}")
+args=(-gorouter "$out/gorouter" -duration "${BENCH_DURATION:-4s}" -conns "${BENCH_CONNS:-64,256}" -rounds "${BENCH_ROUNDS:-3}")
 if [ -n "$profile" ]; then
 	args+=(-profile "$profile")
 fi
