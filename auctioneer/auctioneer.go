@@ -246,9 +246,17 @@ func (t *term) auction(ctx context.Context, batch []item) error {
 	if err != nil {
 		return err
 	}
+	resolved := time.Now()
 	cells := t.a.cellStates(ctx)
+	stated := time.Now()
 	plan := placement.Place(cells.cells, work.Work)
 	m.auctionSeconds.Observe(time.Since(start).Seconds())
+	planned := time.Now()
+	defer func() {
+		t.a.log.Debug("auction", "items", len(batch), "cells", len(cells.cells),
+			"placed", len(plan.LRPs)+len(plan.Tasks), "failed", len(plan.FailedLRPs)+len(plan.FailedTasks),
+			"resolve", resolved.Sub(start), "state", stated.Sub(resolved), "place", planned.Sub(stated), "commit", time.Since(planned))
+	}()
 
 	var wg sync.WaitGroup
 	var fenced sync.Once

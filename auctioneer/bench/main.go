@@ -36,6 +36,7 @@ type options struct {
 	maxBatch               int
 	timeout                time.Duration
 	profile                string
+	auctioneerLog          slog.Level
 }
 
 func main() {
@@ -47,6 +48,7 @@ func main() {
 	flag.IntVar(&o.maxBatch, "max-batch", 5000, "auctioneer batch bound")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the placement phase to this file")
+	flag.TextVar(&o.auctioneerLog, "auctioneer-log", slog.LevelWarn, "auctioneer log level (debug shows each auction's phases)")
 	flag.Parse()
 	if err := run(context.Background(), o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-auction:", err)
@@ -168,7 +170,8 @@ func run(ctx context.Context, o options) error {
 		defer pprof.StopCPUProfile()
 	}
 	placeStart := time.Now()
-	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", MaxBatch: o.maxBatch, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client, logger)
+	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", MaxBatch: o.maxBatch, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client,
+		slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: o.auctioneerLog})))
 	wg.Go(func() { a.Run(sctx) })
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()

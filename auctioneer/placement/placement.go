@@ -160,58 +160,102 @@ func Place(cells []Cell, work Work) Plan {
 		if it.lrp != nil {
 			l := *it.lrp
 			need := Resources{MemoryMB: l.MemoryMB, DiskMB: l.DiskMB, Containers: 1}
-			c, reason := st.choose(l.Stack, l.RequireTags, need, l.ProcessGUID)
-			if c == nil {
+			i, reason := st.choose(l.Stack, l.RequireTags, need, l.ProcessGUID)
+			if i < 0 {
 				plan.FailedLRPs = append(plan.FailedLRPs, LRPFailure{LRP: l, Reason: reason})
 				continue
 			}
-			st.allocate(c, need, l.ProcessGUID)
-			plan.LRPs = append(plan.LRPs, LRPPlacement{LRP: l, CellID: c.ID})
+			st.allocate(i, need, l.ProcessGUID)
+			plan.LRPs = append(plan.LRPs, LRPPlacement{LRP: l, CellID: st.cells[i].ID})
 			continue
 		}
 		t := *it.task
 		need := Resources{MemoryMB: t.MemoryMB, DiskMB: t.DiskMB, Containers: 1}
-		c, reason := st.choose(t.Stack, t.RequireTags, need, "")
-		if c == nil {
+		i, reason := st.choose(t.Stack, t.RequireTags, need, "")
+		if i < 0 {
 			plan.FailedTasks = append(plan.FailedTasks, TaskFailure{Task: t, Reason: reason})
 			continue
 		}
-		st.allocate(c, need, "")
-		plan.Tasks = append(plan.Tasks, TaskPlacement{Task: t, CellID: c.ID})
+		st.allocate(i, need, "")
+		plan.Tasks = append(plan.Tasks, TaskPlacement{Task: t, CellID: st.cells[i].ID})
 	}
 	return plan
 }
 
-// state is the batch's copy of the cells, with per-LRP zone counts kept up
-// to date as instances are placed.
+// state is the batch's copy of the cells. Placing is a scan over cells per
+// item, so what does not change within a batch is worked out once: which
+// cells pass the stack, tag and evacuation filters (per stack and tag set),
+// each cell's zone as a number, and per LRP its instance counts by cell and
+// by zone.
 type state struct {
-	cells []*Cell
-	// zoneCount[guid][zone] counts instances of an LRP in a zone.
-	zoneCount map[string]map[string]int
+	cells  []*Cell
+	zoneOf []int // cell position → zone number
+	nzones int
+	// candidates caches, per stack and tag set, the cells passing the
+	// filters that do not depend on resources.
+	candidates map[string][]int
+	// perCell[guid][i] and perZone[guid][z] count an LRP's instances.
+	perCell map[string][]int32
+	perZone map[string][]int32
 }
 
 func newState(in []Cell) *state {
-	st := &state{zoneCount: make(map[string]map[string]int)}
+	st := &state{candidates: make(map[string][]int), perCell: make(map[string][]int32), perZone: make(map[string][]int32)}
 	for _, c := range in {
 		cp := c
 		cp.Instances = make(map[string]int, len(c.Instances))
 		for g, n := range c.Instances {
 			cp.Instances[g] = n
-			zc := st.zoneCount[g]
-			if zc == nil {
-				zc = make(map[string]int)
-				st.zoneCount[g] = zc
-			}
-			zc[c.Zone] += n
 		}
 		st.cells = append(st.cells, &cp)
 	}
 	// A stable order makes ties (and so plans) deterministic.
 	slices.SortFunc(st.cells, func(a, b *Cell) int { return cmp.Compare(a.ID, b.ID) })
+	zones := make(map[string]int)
+	for _, c := range st.cells {
+		z, ok := zones[c.Zone]
+		if !ok {
+			z = len(zones)
+			zones[c.Zone] = z
+		}
+		st.zoneOf = append(st.zoneOf, z)
+	}
+	st.nzones = len(zones)
 	return st
 }
 
-func (st *state) allocate(c *Cell, need Resources, guid string) {
+// counts returns an LRP's instance counts by cell and by zone.
+func (st *state) counts(guid string) (perCell, perZone []int32) {
+	if pc, ok := st.perCell[guid]; ok {
+		return pc, st.perZone[guid]
+	}
+	pc, pz := make([]int32, len(st.cells)), make([]int32, st.nzones)
+	for i, c := range st.cells {
+		n := int32(c.Instances[guid])
+		pc[i] = n
+		pz[st.zoneOf[i]] += n
+	}
+	st.perCell[guid], st.perZone[guid] = pc, pz
+	return pc, pz
+}
+
+func (st *state) candidatesFor(stack string, tags []string) []int {
+	key := stack + "\x00" + strings.Join(tags, "\x00")
+	if c, ok := st.candidates[key]; ok {
+		return c
+	}
+	var out []int
+	for i, c := range st.cells {
+		if slices.Contains(c.Stacks, stack) && hasAll(c.Tags, tags) && !c.Evacuating {
+			out = append(out, i)
+		}
+	}
+	st.candidates[key] = out
+	return out
+}
+
+func (st *state) allocate(i int, need Resources, guid string) {
+	c := st.cells[i]
 	c.Available.MemoryMB -= need.MemoryMB
 	c.Available.DiskMB -= need.DiskMB
 	c.Available.Containers -= need.Containers
@@ -219,28 +263,51 @@ func (st *state) allocate(c *Cell, need Resources, guid string) {
 		return
 	}
 	c.Instances[guid]++
-	zc := st.zoneCount[guid]
-	if zc == nil {
-		zc = make(map[string]int)
-		st.zoneCount[guid] = zc
-	}
-	zc[c.Zone]++
+	pc, pz := st.counts(guid)
+	pc[i]++
+	pz[st.zoneOf[i]]++
 }
 
-// choose returns the best cell for the work, or nil and the reason none fits.
-// The reason names the first filter every cell failed, in filter order.
-func (st *state) choose(stack string, tags []string, need Resources, guid string) (*Cell, string) {
+// choose returns the position of the best cell for the work, or -1 and the
+// reason none fits. The reason names the first filter every cell failed, in
+// filter order.
+func (st *state) choose(stack string, tags []string, need Resources, guid string) (int, string) {
 	if len(st.cells) == 0 {
-		return nil, ReasonNoCells
+		return -1, ReasonNoCells
 	}
-	var (
-		best                          *Cell
-		bestZone, bestCell            int
-		bestLoad                      float64
-		stackOK, tagsOK, notEvac, mem bool
-		disk                          bool
-	)
-	zc := st.zoneCount[guid]
+	var pc, pz []int32
+	if guid != "" {
+		pc, pz = st.counts(guid)
+	}
+	best := -1
+	var bestZone, bestCell int32
+	var bestLoad float64
+	for _, i := range st.candidatesFor(stack, tags) {
+		c := st.cells[i]
+		if c.Available.MemoryMB < need.MemoryMB || c.Available.DiskMB < need.DiskMB || c.Available.Containers < need.Containers {
+			continue
+		}
+		var zone, onCell int32
+		if pc != nil {
+			zone, onCell = pz[st.zoneOf[i]], pc[i]
+		}
+		if best >= 0 && (zone > bestZone || (zone == bestZone && onCell > bestCell)) {
+			continue
+		}
+		load := Load(c)
+		if best < 0 || zone < bestZone || onCell < bestCell || load < bestLoad {
+			best, bestZone, bestCell, bestLoad = i, zone, onCell, load
+		}
+	}
+	if best >= 0 {
+		return best, ""
+	}
+	return -1, st.reason(stack, tags, need)
+}
+
+// reason explains why no cell takes the work; only failures pay for it.
+func (st *state) reason(stack string, tags []string, need Resources) string {
+	var stackOK, tagsOK, notEvac, mem, disk bool
 	for _, c := range st.cells {
 		if !slices.Contains(c.Stacks, stack) {
 			continue
@@ -262,33 +329,20 @@ func (st *state) choose(stack string, tags []string, need Resources, guid string
 			continue
 		}
 		disk = true
-		if c.Available.Containers < need.Containers {
-			continue
-		}
-		zone, onCell, load := zc[c.Zone], 0, Load(c)
-		if guid != "" {
-			onCell = c.Instances[guid]
-		}
-		if best == nil || zone < bestZone ||
-			(zone == bestZone && (onCell < bestCell || (onCell == bestCell && load < bestLoad))) {
-			best, bestZone, bestCell, bestLoad = c, zone, onCell, load
-		}
 	}
 	switch {
-	case best != nil:
-		return best, ""
 	case !stackOK:
-		return nil, ReasonStack(stack)
+		return ReasonStack(stack)
 	case !tagsOK:
-		return nil, ReasonTags(tags)
+		return ReasonTags(tags)
 	case !notEvac:
-		return nil, ReasonEvacuating
+		return ReasonEvacuating
 	case !mem:
-		return nil, ReasonMemory
+		return ReasonMemory
 	case !disk:
-		return nil, ReasonDisk
+		return ReasonDisk
 	}
-	return nil, ReasonContainers
+	return ReasonContainers
 }
 
 // Load is how full a cell is, in [0, 1]: the mean of the used fractions of
