@@ -38,7 +38,13 @@ if [ -n "$profile" ]; then
 	args+=(-profile "$profile")
 fi
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
-"$out/bench" "${args[@]}" ${BENCH_ARGS:-} | tee "$out/result.txt"
+if [ -n "$profile" ]; then
+	# The RESULT lines are printed once, last, after the profile.
+	"$out/bench" "${args[@]}" ${BENCH_ARGS:-} | tee "$out/result.txt" | grep -v '^RESULT' || true
+	test -s "$out/result.txt" && grep -q '^RESULT' "$out/result.txt"
+else
+	"$out/bench" "${args[@]}" ${BENCH_ARGS:-} | tee "$out/result.txt"
+fi
 
 if [ -n "$profile" ] && [ -s "$profile" ]; then
 	echo
