@@ -295,18 +295,24 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	for _, p := range info.Ports {
 		net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
 	}
-	if _, err := retry(ctx, func(ctx context.Context) (*basinv1.StartActualLRPResponse, error) {
-		return r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
+	if err := r.whileOurs(ctx, l, func(ctx context.Context) error {
+		_, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
 			Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
+		return err
 	}); err != nil {
 		if ctx.Err() != nil {
 			// Shutting down: the next cell process adopts the container
 			// and marks it RUNNING itself.
 			return
 		}
-		// Not ours any more (retired, moved after a lost lease): stop it.
+		// Not ours any more (retired, moved after a lost lease), or the
+		// BBS kept refusing: stop it; if it is still ours, say it crashed
+		// so it is restarted rather than left CLAIMED here.
 		log.Warn("mark running refused; stopping the instance", "err", err)
 		r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
+		if !errors.Is(err, errNotOurs) {
+			r.reportCrash(context.WithoutCancel(ctx), l, "could not be marked running: "+err.Error())
+		}
 		return
 	}
 	r.mu.Lock()
@@ -452,27 +458,40 @@ func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
 	if len(reason) > maxReasonBytes {
 		reason = reason[:maxReasonBytes-3] + "..."
 	}
-	// A report refused while the lease is being renewed (stale fence)
-	// must not be lost: the converger cannot tell a dead instance on a live
-	// cell from a running one. Retry while the BBS still gives the
-	// instance to this cell, for as long as a re-registration may take.
+	err := r.whileOurs(ctx, l, func(ctx context.Context) error {
+		_, err := r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
+			Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
+		return err
+	})
+	switch {
+	case err == nil:
+		r.m.crashes.Inc()
+	case !errors.Is(err, errNotOurs):
+		r.log.Error("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
+	}
+}
+
+// errNotOurs: the BBS no longer gives the instance to this cell.
+var errNotOurs = errors.New("instance is no longer this cell's")
+
+// whileOurs calls fn (with retry) until it succeeds, the BBS no longer gives
+// the instance to this cell (errNotOurs), or crashReportPatience passes. A
+// refusal while the instance is still ours comes from a fence gone stale
+// during lease renewal: such a report must not be lost, since the converger
+// cannot tell a dead instance on a live cell from a running one.
+func (r *Rep) whileOurs(ctx context.Context, l *lrp, fn func(context.Context) error) error {
 	deadline := time.Now().Add(crashReportPatience)
 	for {
-		_, err := retry(ctx, func(ctx context.Context) (*basinv1.CrashActualLRPResponse, error) {
-			return r.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
-				Key: l.key, InstanceKey: r.instanceKey(l.guid), Reason: reason, Fence: r.currentFence()})
-		})
+		_, err := retry(ctx, func(ctx context.Context) (struct{}, error) { return struct{}{}, fn(ctx) })
 		if err == nil {
-			r.m.crashes.Inc()
-			return
+			return nil
 		}
 		resp, gerr := r.bbs.GetActualLRP(ctx, &basinv1.GetActualLRPRequest{ProcessGuid: l.key.GetProcessGuid(), Index: l.key.GetIndex()})
 		if (gerr == nil && !owns(resp.GetActualLrp(), r.cfg.CellID, l.guid)) || isGone(gerr) {
-			return // not ours any more: nothing to report
+			return fmt.Errorf("%w: %v", errNotOurs, err)
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			r.log.Error("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
-			return
+			return err
 		}
 		select {
 		case <-ctx.Done():
@@ -481,7 +500,7 @@ func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
 	}
 }
 
-// crashReportPatience bounds how long a crash report is retried.
+// crashReportPatience bounds how long a report is retried.
 const crashReportPatience = time.Minute
 
 // maxReasonBytes keeps a crash reason under the BBS's 10 KiB result limit.

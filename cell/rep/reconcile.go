@@ -153,11 +153,18 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 		for _, p := range info.Ports {
 			net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
 		}
-		if _, err := retry(ctx, func(ctx context.Context) (*basinv1.StartActualLRPResponse, error) {
-			return r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
+		if err := r.whileOurs(ctx, l, func(ctx context.Context) error {
+			_, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
 				Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
+			return err
 		}); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
 			r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
+			if !errors.Is(err, errNotOurs) {
+				r.reportCrash(context.WithoutCancel(ctx), l, "could not be marked running: "+err.Error())
+			}
 			return
 		}
 		r.mu.Lock()
