@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ]; then
-	bash scripts/setup.sh
+	go run ./cmd/basin setup --for-tests
 else
 	echo "basin test: not root; tests that need root or containerd will skip and say so"
 fi

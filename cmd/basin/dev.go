@@ -135,7 +135,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	fmt.Fprintf(out, "Starting basin in %s\n", o.dir)
-	if err := ensurePackages(ctx, out); err != nil {
+	if err := ensurePackages(ctx, out, debianPackages); err != nil {
 		return err
 	}
 	step("Debian packages: %s", strings.Join(debianPackages, ", "))

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -16,25 +17,36 @@ import (
 // only.
 var debianPackages = []string{"containerd", "runc", "containernetworking-plugins", "iptables", "iproute2", "busybox-static"}
 
+// testPackages are what the tests need besides: nginx with its DAV module
+// for the WebDAV blobstore.
+var testPackages = []string{"nginx-light"}
+
 func newSetupCommand() *cobra.Command {
-	return &cobra.Command{
+	var forTests bool
+	cmd := &cobra.Command{
 		Use:   "setup",
 		Short: "Install the Debian packages basin needs (containerd, runc, CNI plugins, iptables, ...)",
 		Long: `Install what basin needs on this machine from Debian's packages, saying what it
 installs. It installs only what is missing, so it is safe to run again.
 basin dev up runs it first.`,
-		Example: "  sudo basin setup",
+		Example: "  sudo basin setup\n  sudo basin setup --for-tests",
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return ensurePackages(cmd.Context(), cmd.OutOrStdout())
+			pkgs := debianPackages
+			if forTests {
+				pkgs = append(slices.Clone(pkgs), testPackages...)
+			}
+			return ensurePackages(cmd.Context(), cmd.OutOrStdout(), pkgs)
 		},
 	}
+	cmd.Flags().BoolVar(&forTests, "for-tests", false, "also install what the tests use ("+strings.Join(testPackages, ", ")+")")
+	return cmd
 }
 
-// missingPackages asks dpkg which of debianPackages are not installed.
-func missingPackages(ctx context.Context) []string {
+// missingPackages asks dpkg which of pkgs are not installed.
+func missingPackages(ctx context.Context, pkgs []string) []string {
 	var missing []string
-	for _, p := range debianPackages {
+	for _, p := range pkgs {
 		out, err := exec.CommandContext(ctx, "dpkg-query", "-W", "-f=${Status}", p).Output()
 		if err != nil || !strings.Contains(string(out), "install ok installed") {
 			missing = append(missing, p)
@@ -43,11 +55,11 @@ func missingPackages(ctx context.Context) []string {
 	return missing
 }
 
-func ensurePackages(ctx context.Context, out io.Writer) error {
+func ensurePackages(ctx context.Context, out io.Writer, pkgs []string) error {
 	if _, err := exec.LookPath("dpkg-query"); err != nil {
-		return fmt.Errorf("basin installs its dependencies with Debian's apt; this machine has no dpkg-query: install %s yourself", strings.Join(debianPackages, ", "))
+		return fmt.Errorf("basin installs its dependencies with Debian's apt; this machine has no dpkg-query: install %s yourself", strings.Join(pkgs, ", "))
 	}
-	missing := missingPackages(ctx)
+	missing := missingPackages(ctx, pkgs)
 	if len(missing) == 0 {
 		return nil
 	}
@@ -69,7 +81,7 @@ func ensurePackages(ctx context.Context, out io.Writer) error {
 	if err := run(append([]string{"install", "-y", "-qq", "--no-install-recommends"}, missing...)...); err != nil {
 		return err
 	}
-	if still := missingPackages(ctx); len(still) > 0 {
+	if still := missingPackages(ctx, missing); len(still) > 0 {
 		return fmt.Errorf("apt-get finished but %s are still not installed", strings.Join(still, " "))
 	}
 	fmt.Fprintf(out, "  ✓ installed %s\n", strings.Join(missing, " "))

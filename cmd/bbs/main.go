@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -30,6 +31,7 @@ type config struct {
 	embeddedDir               string
 	tokenFile                 string
 	blobDir                   string
+	blobWebDAV                string
 	logLevel                  string
 }
 
@@ -48,6 +50,7 @@ func main() {
 	fs.StringVar(&c.server.KeyFile, "tls-key", "", "server key")
 	fs.StringVar(&c.server.ClientCAFile, "client-ca", "", "CA that signs component client certificates")
 	fs.StringVar(&c.blobDir, "blob-dir", "", "serve the local blobstore (droplets, app bits) from this directory")
+	fs.StringVar(&c.blobWebDAV, "blob-webdav", "", "serve blobs kept on this WebDAV collection (nginx's DAV module), e.g. http://blobs:8081/blobs/; shared by several BBS replicas")
 	fs.StringVar(&c.tokenFile, "token-file", "", "file holding the users' bearer token (BASIN_TOKEN also works)")
 	var maxInstances int
 	fs.IntVar(&maxInstances, "max-instances", int(bbs.DefaultLimits.MaxInstances), "most instances one LRP may ask for")
@@ -116,8 +119,17 @@ func run(ctx context.Context, c config) error {
 	}
 	defer cli.Close()
 
-	if c.blobDir != "" {
+	switch {
+	case c.blobDir != "" && c.blobWebDAV != "":
+		return errors.New("give either -blob-dir or -blob-webdav, not both")
+	case c.blobDir != "":
 		blobs, err := blobstore.NewLocal(c.blobDir)
+		if err != nil {
+			return err
+		}
+		c.server.Blobs = blobs
+	case c.blobWebDAV != "":
+		blobs, err := blobstore.NewWebDAV(c.blobWebDAV, filepath.Join(os.TempDir(), "basin-bbs-uploads"), nil)
 		if err != nil {
 			return err
 		}
