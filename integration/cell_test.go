@@ -21,6 +21,7 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/sasha-s/go-deadlock"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -34,6 +35,15 @@ import (
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	"github.com/basinpaas/basin/stack"
 )
+
+// TestMain turns off go-deadlock, which go-cni uses for its mutexes in -race
+// builds: on Go 1.26 its goroutine ids (petermattis/goid) all read 0, so two
+// CNI calls at once on one executor (two instances torn down together) look
+// like recursive locking, and it exits the whole test binary.
+func TestMain(m *testing.M) {
+	deadlock.Opts.Disable = true
+	os.Exit(m.Run())
+}
 
 // repEtcd is one embedded etcd for the cell tests; each test has its prefix.
 var repEtcd = sync.OnceValues(func() (*embeddedetcd.Etcd, error) {
