@@ -227,6 +227,9 @@ func (t *term) loop(ctx context.Context) error {
 				}
 			}
 		}
+		if ctx.Err() != nil {
+			return nil
+		}
 		batch := t.q.take(cfg.Now(), cfg.MaxBatch, cfg.ClaimTimeout)
 		if len(batch) == 0 {
 			continue
@@ -249,6 +252,11 @@ func (t *term) auction(ctx context.Context, batch []item) error {
 	resolved := time.Now()
 	cells := t.a.cellStates(ctx)
 	stated := time.Now()
+	if ctx.Err() != nil {
+		// Leadership ended mid-auction: an empty snapshot is no reason to
+		// count failed attempts.
+		return nil
+	}
 	plan := placement.Place(cells.cells, work.Work)
 	m.auctionSeconds.Observe(time.Since(start).Seconds())
 	planned := time.Now()
@@ -328,6 +336,9 @@ func (t *term) perform(ctx context.Context, addr, cellID string, req *basinv1.Pe
 	defer cancel()
 	resp, err := basinv1.NewCellServiceClient(conn).Perform(pctx, req)
 	if err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
 		t.a.log.Warn("perform", "cell", cellID, "err", err)
 		rejectAll(fmt.Sprintf("cell %s unreachable", cellID))
 		return rejected
@@ -490,7 +501,7 @@ func (a *Auctioneer) cellStates(ctx context.Context) snapshot {
 	}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, 64)
+	sem := make(chan struct{}, 256)
 	for _, kv := range resp.Kvs {
 		p := &basinv1.CellPresence{}
 		if err := proto.Unmarshal(kv.Value, p); err != nil {

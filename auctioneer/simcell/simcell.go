@@ -231,6 +231,7 @@ func (c *Cell) Perform(ctx context.Context, req *basinv1.PerformRequest) (*basin
 		tasks = append(tasks, t.GetTaskGuid())
 	}
 	c.mu.Unlock()
+	c.cfg.Registry.accepted(len(starts))
 	// Claims and starts outlive the Perform call, as with a real cell.
 	for _, l := range starts {
 		c.wg.Go(func() { c.start(l.GetKey()) })
@@ -342,6 +343,7 @@ func (c *Cell) watchIndex(ctx context.Context) {
 // Registry records where each instance runs across cells.
 type Registry struct {
 	running atomic.Int64
+	accepts atomic.Int64
 	mu      sync.Mutex
 	where   map[instKey]string
 	doubles []string
@@ -392,6 +394,15 @@ func (r *Registry) markedRunning() {
 		r.running.Add(1)
 	}
 }
+
+func (r *Registry) accepted(n int) {
+	if r != nil {
+		r.accepts.Add(int64(n))
+	}
+}
+
+// Accepted counts the instances the cells accepted in Perform.
+func (r *Registry) Accepted() int64 { return r.accepts.Load() }
 
 // MarkedRunning counts the instances the cells have marked RUNNING in the
 // BBS since the registry was made.

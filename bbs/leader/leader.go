@@ -108,7 +108,9 @@ func term(ctx context.Context, cli *clientv3.Client, key string, ttl int, cfg Co
 	lost := make(chan struct{})
 	go func() {
 		defer close(lost)
-		watchLoss(lctx, cli, sess, fence)
+		if why := watchLoss(lctx, cli, sess, fence); why != "" {
+			log.Warn("leadership lost", "why", why)
+		}
 		lcancel()
 	}()
 	err = lead(lctx, fence)
@@ -123,25 +125,29 @@ func term(ctx context.Context, cli *clientv3.Client, key string, ttl int, cfg Co
 	return err
 }
 
-// watchLoss returns when the session's lease is gone or the election key is
-// deleted (an operator forcing a new election), or when ctx ends.
-func watchLoss(ctx context.Context, cli *clientv3.Client, sess *concurrency.Session, fence *basinv1.Fence) {
+// watchLoss returns why the leadership is lost: the session's lease is gone
+// or the election key was deleted (an operator forcing a new election). It
+// returns "" when ctx ends first.
+func watchLoss(ctx context.Context, cli *clientv3.Client, sess *concurrency.Session, fence *basinv1.Fence) string {
 	wch := cli.Watch(clientv3.WithRequireLeader(ctx), fence.Key, clientv3.WithRev(fence.CreateRevision))
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return ""
 		case <-sess.Done():
-			return
+			return "session lease expired or could not be renewed"
 		case resp, ok := <-wch:
+			if ctx.Err() != nil {
+				return ""
+			}
 			if !ok || resp.Err() != nil {
 				// Without the watch this replica cannot tell whether it
 				// still leads: step down rather than risk acting.
-				return
+				return fmt.Sprintf("watch on the election key failed: %v", resp.Err())
 			}
 			for _, ev := range resp.Events {
 				if ev.Type == clientv3.EventTypeDelete {
-					return
+					return "election key deleted"
 				}
 			}
 		}
