@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 )
 
 // backendConn is a keep-alive connection to one endpoint. The request
@@ -169,8 +170,8 @@ type response struct {
 
 var errBackendProtocol = errors.New("malformed response from endpoint")
 
-// readResponseHead parses a response head; the returned headers are
-// substrings of one string allocated for the head.
+// readResponseHead parses a response head into res; its strings point into
+// the returned buffer and are valid until the buffer is reused.
 func readResponseHead(br *bufio.Reader, buf []byte, maxBytes int, res *response) ([]byte, error) {
 	buf = buf[:0]
 	partial := false
@@ -200,7 +201,9 @@ func readResponseHead(br *bufio.Reader, buf []byte, maxBytes int, res *response)
 		}
 		buf = append(buf, line...)
 	}
-	head := string(buf)
+	// The fields are substrings of buf, which the connection keeps until its
+	// next response: no allocation; the response is relayed before then.
+	head := unsafe.String(unsafe.SliceData(buf), len(buf))
 	line, rest := nextLine(head)
 	version, after, ok := strings.Cut(line, " ")
 	if !ok || !strings.HasPrefix(version, "HTTP/1.") || len(after) < 3 {

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unsafe"
 )
 
 // h1conn serves one client connection speaking HTTP/1.x. It parses requests
@@ -125,8 +126,9 @@ func (c *h1conn) readRequest() error {
 		}
 		c.hbuf = append(c.hbuf, line...)
 	}
-	// One allocation for the whole head; every field is a substring of it.
-	head := string(c.hbuf)
+	// Every field is a substring of the head, which stays in c.hbuf until
+	// the next request is read: no allocation (see request's lifetime).
+	head := unsafe.String(unsafe.SliceData(c.hbuf), len(c.hbuf))
 	r := &c.req
 	r.ctx = c.p.ctx
 	r.tls = c.tls

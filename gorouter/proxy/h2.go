@@ -81,7 +81,10 @@ func (s *stdSink) head(status int, _ string, hs []header, length int64, noBody b
 	h := s.w.Header()
 	for _, x := range hs {
 		if !x.hop {
-			h[x.name] = append(h[x.name], x.value)
+			// net/http keeps the map past this call (HTTP/2 encodes it on
+			// another goroutine): copy out of the connection's buffer.
+			name := strings.Clone(x.name)
+			h[name] = append(h[name], strings.Clone(x.value))
 		}
 	}
 	if length >= 0 && !noBody {

@@ -23,6 +23,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/net/http2"
 
@@ -346,7 +347,7 @@ type outcome struct {
 
 func (p *Proxy) serve(r *request, s sink) {
 	if r.requestID == "" {
-		r.requestID = newRequestID()
+		r.requestID = newRequestID(&r.idBuf)
 	}
 	if r.vcapRequestID == "" {
 		r.vcapRequestID = r.requestID
@@ -397,7 +398,7 @@ func (p *Proxy) route(r *request, s sink) outcome {
 		// Nothing reached this endpoint: skip it for a while, try another.
 		ep.MarkSuspect(time.Now().Add(p.cfg.SuspectFor))
 		p.metrics.endpointFailures.WithLabelValues("dial").Inc()
-		p.log.Debug("endpoint refused connection", "host", r.host, "endpoint", ep.Addr, "err", err)
+		p.log.Debug("endpoint refused connection", "host", strings.Clone(r.host), "endpoint", ep.Addr, "err", err)
 		if forced != nil || time.Now().After(deadline) {
 			break
 		}
@@ -667,7 +668,7 @@ func (p *Proxy) backendFailed(r *request, s sink, ep *routetable.Endpoint, err e
 		return out
 	}
 	p.metrics.endpointFailures.WithLabelValues("protocol").Inc()
-	p.log.Debug("endpoint failed", "host", r.host, "endpoint", ep.Addr, "err", err)
+	p.log.Debug("endpoint failed", "host", strings.Clone(r.host), "endpoint", ep.Addr, "err", err)
 	out := p.fail(r, s, http.StatusBadGateway, "endpoint_failure", "Endpoint failed.\n")
 	out.ep = ep
 	return out
@@ -880,9 +881,10 @@ func isConnDead(err error) bool {
 		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
-// newRequestID returns a random UUID (version 4 layout). math/rand is
-// enough: the id must be unique, not secret.
-func newRequestID() string {
+// newRequestID writes a random UUID (version 4 layout) into out and returns
+// it as a string over out, so it lives as long as the request that holds
+// out. math/rand is enough: the id must be unique, not secret.
+func newRequestID(out *[36]byte) string {
 	var b [16]byte
 	a, c := rand.Uint64(), rand.Uint64()
 	for i := 0; i < 8; i++ {
@@ -892,7 +894,6 @@ func newRequestID() string {
 	b[6] = b[6]&0x0f | 0x40
 	b[8] = b[8]&0x3f | 0x80
 	const hexd = "0123456789abcdef"
-	var out [36]byte
 	j := 0
 	for i, x := range b {
 		if i == 4 || i == 6 || i == 8 || i == 10 {
@@ -902,7 +903,7 @@ func newRequestID() string {
 		out[j], out[j+1] = hexd[x>>4], hexd[x&0xf]
 		j += 2
 	}
-	return string(out[:])
+	return unsafe.String(&out[0], len(out))
 }
 
 // finish writes the access log line and the metrics of one request.

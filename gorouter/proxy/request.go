@@ -17,6 +17,11 @@ type header struct {
 
 // request is what the proxy core needs from a client request, filled by the
 // HTTP/1.1 front end or by the net/http adapter (HTTP/2).
+//
+// Lifetime: on HTTP/1 its strings point into the connection's head buffer
+// (no copy, no garbage per request), which the next request reuses. They
+// must not outlive the request: whatever keeps one (an asynchronous log
+// handler, a map handed to net/http) gets strings.Clone.
 type request struct {
 	ctx     context.Context // the client's (HTTP/2) or the proxy's (HTTP/1)
 	method  string
@@ -49,6 +54,8 @@ type request struct {
 	appInstance    string // X-CF-App-Instance
 	userAgent      string
 	referer        string
+
+	idBuf [36]byte // backs requestID when the router makes one
 }
 
 // bodyDone reports whether the body was read to its end.
