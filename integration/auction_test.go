@@ -148,8 +148,11 @@ func (env *auctionEnv) startAuctioneer(id string, mutate func(*auctioneer.Config
 	})
 }
 
-func (env *auctionEnv) startConverger(id string) auctionReplica {
+func (env *auctionEnv) startConverger(id string, mutate ...func(*converger.Config)) auctionReplica {
 	cfg := converger.Config{Prefix: env.keys.Prefix, ID: id, LeaseTTL: 3 * time.Second}
+	for _, m := range mutate {
+		m(&cfg)
+	}
 	return env.runReplica(id, func(cli *clientv3.Client) func(context.Context) error {
 		return converger.New(cfg, cli, env.bbs, env.log).Run
 	})
@@ -588,4 +591,51 @@ func TestRealCellLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitNoContainers(t, ctx, cenv.client, 30*time.Second)
+}
+
+// TestAuctionPlacesTasks: a task is placed and run by a cell, a task no cell
+// can take fails with the reason, and completed tasks nobody resolves are
+// deleted by the converger after its timeout.
+func TestAuctionPlacesTasks(t *testing.T) {
+	env := newAuctionEnv(t)
+	env.addCell("cell-a", "z1", 4096)
+	env.startAuctioneer("auctioneer-0", nil)
+	env.startConverger("converger-0", func(c *converger.Config) { c.ResolveTaskTimeout = time.Second; c.Interval = time.Second })
+	ctx := context.Background()
+	for guid, stack := range map[string]string{"job": "tiny", "job-win": "windows"} {
+		_, err := env.bbs.DesireTask(ctx, &basinv1.DesireTaskRequest{TaskGuid: guid, Domain: "apps", Definition: &basinv1.TaskDefinition{
+			Stack: stack, Command: "true", Resources: &basinv1.ResourceLimits{MemoryMb: 64, DiskMb: 64, Pids: 16}}})
+		if err != nil {
+			t.Fatalf("desire task %s: %v", guid, err)
+		}
+	}
+	task := func(guid string) *basinv1.Task {
+		resp, err := env.bbs.GetTask(ctx, &basinv1.GetTaskRequest{TaskGuid: guid})
+		if err != nil {
+			return nil
+		}
+		return resp.GetTask()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	var job, win *basinv1.Task
+	for time.Now().Before(deadline) {
+		job, win = task("job"), task("job-win")
+		if job.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED && win.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if job.GetFailed() || job.GetCellId() != "cell-a" || job.GetResult() != "ok" {
+		t.Errorf("task run on the cell: %v", job)
+	}
+	if !win.GetFailed() || win.GetFailureReason() != "no cell with stack windows" {
+		t.Errorf("unplaceable task: %v", win)
+	}
+	for time.Now().Before(deadline.Add(5 * time.Second)) {
+		if task("job") == nil && task("job-win") == nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Errorf("completed tasks not resolved: %v %v", task("job"), task("job-win"))
 }
