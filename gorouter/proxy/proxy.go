@@ -467,7 +467,8 @@ func (p *Proxy) fail(r *request, s sink, status int, code, body string) outcome 
 	hs := []header{
 		{name: "Content-Type", value: "text/plain; charset=utf-8"},
 		{name: "X-Cf-Routererror", value: code},
-		{name: "X-Vcap-Request-Id", value: r.vcapRequestID},
+		// Refused requests were never given an id.
+		{name: "X-Vcap-Request-Id", value: r.vcapRequestID, hop: r.vcapRequestID == ""},
 	}
 	if r.body != nil && !r.bodyDone() {
 		// The unread body would be taken for the next request: say we close.
