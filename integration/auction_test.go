@@ -639,3 +639,38 @@ func TestAuctionPlacesTasks(t *testing.T) {
 	}
 	t.Errorf("completed tasks not resolved: %v %v", task("job"), task("job-win"))
 }
+
+// TestConvergerRestartsCrashes: the first three crashes restart at once, the
+// fourth after the (shortened) delay, and past the maximum the instance stays
+// CRASHED.
+func TestConvergerRestartsCrashes(t *testing.T) {
+	env := newAuctionEnv(t)
+	cell := env.addCell("cell-a", "z1", 4096)
+	env.startAuctioneer("auctioneer-0", nil)
+	env.startConverger("converger-0", func(c *converger.Config) {
+		c.Restart = converger.RestartPolicy{ImmediateRestarts: 3, BaseDelay: 2 * time.Second, MaxDelay: time.Minute, MaxRestarts: 4}
+	})
+	env.desire("crashy", 1, 128, "tiny")
+	env.waitRunning("crashy", 1, 10*time.Second)
+	ctx := context.Background()
+	for n := 1; n <= 5; n++ {
+		crashedAt := time.Now()
+		if err := cell.Crash(ctx, "crashy", 0, fmt.Sprintf("exit status %d", n)); err != nil {
+			t.Fatalf("crash %d: %v", n, err)
+		}
+		if n == 5 {
+			break
+		}
+		env.waitRunning("crashy", 1, 10*time.Second)
+		took := time.Since(crashedAt)
+		t.Logf("crash %d: running again after %s", n, took.Round(time.Millisecond))
+		if n == 4 && took < 2*time.Second {
+			t.Errorf("crash 4 restarted after %s, before the 2 s delay", took)
+		}
+	}
+	time.Sleep(3 * time.Second)
+	as := env.actuals("crashy")
+	if len(as) != 1 || as[0].GetState() != basinv1.ActualLRPState_ACTUAL_LRP_STATE_CRASHED || as[0].GetCrashCount() != 5 {
+		t.Errorf("after 5 crashes with at most 4 restarts: %v", describeActuals(as))
+	}
+}

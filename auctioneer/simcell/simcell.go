@@ -46,6 +46,7 @@ type Config struct {
 type BBS interface {
 	ClaimActualLRP(ctx context.Context, in *basinv1.ClaimActualLRPRequest, opts ...grpc.CallOption) (*basinv1.ClaimActualLRPResponse, error)
 	StartActualLRP(ctx context.Context, in *basinv1.StartActualLRPRequest, opts ...grpc.CallOption) (*basinv1.StartActualLRPResponse, error)
+	CrashActualLRP(ctx context.Context, in *basinv1.CrashActualLRPRequest, opts ...grpc.CallOption) (*basinv1.CrashActualLRPResponse, error)
 	StartTask(ctx context.Context, in *basinv1.StartTaskRequest, opts ...grpc.CallOption) (*basinv1.StartTaskResponse, error)
 	CompleteTask(ctx context.Context, in *basinv1.CompleteTaskRequest, opts ...grpc.CallOption) (*basinv1.CompleteTaskResponse, error)
 }
@@ -154,6 +155,27 @@ func (c *Cell) Kill() {
 	c.srv.Stop()
 	c.cancel()
 	c.wg.Wait()
+}
+
+// Crash ends a running instance and reports it CRASHED through the BBS, as
+// a cell does when an app exits.
+func (c *Cell) Crash(ctx context.Context, guid string, index int32, reason string) error {
+	k := instKey{guid, index}
+	c.mu.Lock()
+	a := c.allocs[k]
+	if a == nil || !a.running {
+		c.mu.Unlock()
+		return fmt.Errorf("%s/%d does not run on cell %s", guid, index, c.cfg.ID)
+	}
+	delete(c.allocs, k)
+	c.cfg.Registry.stopped(k, c.cfg.ID)
+	c.mu.Unlock()
+	_, err := c.bbs.CrashActualLRP(ctx, &basinv1.CrashActualLRPRequest{
+		Key:         &basinv1.ActualLRPKey{ProcessGuid: guid, Index: index},
+		InstanceKey: &basinv1.ActualLRPInstanceKey{InstanceGuid: a.instanceGUID, CellId: c.cfg.ID},
+		Reason:      reason, Fence: c.fence,
+	})
+	return err
 }
 
 // Running lists the instances running here as "guid/index".

@@ -76,7 +76,14 @@ func term(ctx context.Context, cli *clientv3.Client, key string, ttl int, cfg Co
 	if err != nil {
 		return fmt.Errorf("open election session: %w", err)
 	}
-	defer sess.Close()
+	defer func() {
+		// Revoking hands over at once; bounded, as a dead connection would
+		// otherwise hold shutdown for the whole TTL.
+		sess.Orphan()
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+		defer rcancel()
+		cli.Revoke(rctx, sess.Lease())
+	}()
 	e := concurrency.NewElection(sess, key)
 
 	// A session that dies while campaigning would otherwise leave Campaign
@@ -140,10 +147,13 @@ func watchLoss(ctx context.Context, cli *clientv3.Client, sess *concurrency.Sess
 			if ctx.Err() != nil {
 				return ""
 			}
-			if !ok || resp.Err() != nil {
-				// Without the watch this replica cannot tell whether it
-				// still leads: step down rather than risk acting.
-				return fmt.Sprintf("watch on the election key failed: %v", resp.Err())
+			// Without the watch this replica cannot tell whether it still
+			// leads: step down rather than risk acting.
+			if !ok {
+				return "watch on the election key ended"
+			}
+			if err := resp.Err(); err != nil {
+				return fmt.Sprintf("watch on the election key failed: %v", err)
 			}
 			for _, ev := range resp.Events {
 				if ev.Type == clientv3.EventTypeDelete {
