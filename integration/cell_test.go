@@ -42,17 +42,32 @@ import (
 // like recursive locking, and it exits the whole test binary.
 func TestMain(m *testing.M) {
 	deadlock.Opts.Disable = true
-	os.Exit(m.Run())
+	code := m.Run()
+	if repEtcdDir != "" {
+		if e, err := repEtcd(); err == nil {
+			e.Close()
+		}
+		os.RemoveAll(repEtcdDir)
+	}
+	if cellBinPath != "" {
+		os.RemoveAll(filepath.Dir(cellBinPath))
+	}
+	os.Exit(code)
 }
 
 // repEtcd is one embedded etcd for the cell tests; each test has its prefix.
-var repEtcd = sync.OnceValues(func() (*embeddedetcd.Etcd, error) {
-	dir, err := os.MkdirTemp("", "basin-cell-etcd-")
-	if err != nil {
-		return nil, err
-	}
-	return embeddedetcd.Start(context.Background(), embeddedetcd.Config{Dir: dir})
-})
+// TestMain closes it and removes repEtcdDir.
+var (
+	repEtcdDir string
+	repEtcd    = sync.OnceValues(func() (*embeddedetcd.Etcd, error) {
+		dir, err := os.MkdirTemp("", "basin-cell-etcd-")
+		if err != nil {
+			return nil, err
+		}
+		repEtcdDir = dir
+		return embeddedetcd.Start(context.Background(), embeddedetcd.Config{Dir: dir})
+	})
+)
 
 var (
 	cellBinOnce sync.Once
@@ -748,10 +763,45 @@ func cleanupCellState(t *testing.T, state string) {
 	nctx := namespaces.WithNamespace(ctx, stack.Namespace)
 	cs, _ := c.Containers(nctx)
 	for _, ctr := range cs {
+		labels, _ := ctr.Labels(nctx)
 		if task, err := ctr.Task(nctx, nil); err == nil {
 			task.Delete(nctx, client.WithProcessKill)
 		}
 		ctr.Delete(nctx, client.WithSnapshotCleanup)
+		// What the executor's teardown would have undone: the port
+		// mapping's iptables rules and the pinned network namespace.
+		removePortmapRules(t, ctr.ID())
+		if ns := labels["basin.io/netns"]; ns != "" {
+			exec.Command("umount", ns).Run()
+			os.Remove(ns)
+		}
 		t.Logf("cleanup: removed leftover container %s", ctr.ID())
+	}
+}
+
+// removePortmapRules deletes the CNI portmap plugin's DNAT jump and chain
+// for a container whose network was never torn down.
+func removePortmapRules(t *testing.T, containerID string) {
+	out, err := exec.Command("iptables", "-w", "5", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT").Output()
+	if err != nil {
+		return
+	}
+	for _, rule := range strings.Split(string(out), "\n") {
+		if !strings.HasPrefix(rule, "-A ") || !strings.Contains(rule, `id: \"`+containerID+`\"`) {
+			continue
+		}
+		i := strings.Index(rule, "-j CNI-DN-")
+		if i < 0 {
+			continue
+		}
+		chain := strings.Fields(rule[i+3:])[0]
+		// The comment holds quotes: let a shell split the rule as iptables -S printed it.
+		del := "iptables -w 5 -t nat -D " + strings.TrimPrefix(rule, "-A ")
+		if out, err := exec.Command("sh", "-c", del).CombinedOutput(); err != nil {
+			t.Logf("cleanup: %s: %v %s", del, err, out)
+			continue
+		}
+		exec.Command("iptables", "-w", "5", "-t", "nat", "-F", chain).Run()
+		exec.Command("iptables", "-w", "5", "-t", "nat", "-X", chain).Run()
 	}
 }
