@@ -39,6 +39,11 @@ type lrp struct {
 	started   bool  // the executor has (or had) a container for it
 	evacuated bool  // unclaimed by evacuation: its index key going is expected
 	routes    []routeKV
+	// routeDefs are the desired LRP's routes as of schedule revision
+	// schedRev; info is the running container's (its host ports).
+	routeDefs []*basinv1.Route
+	schedRev  int64
+	info      executor.Info
 	cancel    context.CancelFunc // ends the start goroutine's work
 	// routeMu orders route writes and deletes of this instance, so a
 	// delete can never be overtaken by a late write.
@@ -256,7 +261,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		return
 	}
 
-	spec, routes, err := r.lrpSpec(ctx, l)
+	spec, err := r.lrpSpec(ctx, l)
 	if err != nil {
 		r.failStart(ctx, l, err)
 		return
@@ -321,7 +326,8 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		return
 	}
 	l.phase = phaseRunning
-	l.routes = routeKVs(r, l, routes, info)
+	l.info = info
+	l.routes = routeKVs(r, l, l.routeDefs, info)
 	r.mu.Unlock()
 	if err := r.writeRoutes(ctx, l); err != nil {
 		log.Error("write routes", "err", err)
@@ -344,18 +350,19 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 	r.release(l)
 }
 
-// lrpSpec reads the desired LRP and fetches its droplet.
-func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, []*basinv1.Route, error) {
+// lrpSpec reads the desired LRP (noting its routes) and fetches its droplet.
+func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
 	d, err := retry(ctx, func(ctx context.Context) (*basinv1.GetDesiredLRPResponse, error) {
 		return r.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: l.key.GetProcessGuid()})
 	})
 	if err != nil {
-		return executor.Spec{}, nil, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
+		return executor.Spec{}, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
 	}
 	sched, run := d.GetDesiredLrp().GetSchedule(), d.GetDesiredLrp().GetRun()
+	r.noteSchedule(l, sched, d.GetDesiredLrp().GetRevision())
 	path, err := r.drops.get(ctx, run.GetDroplet())
 	if err != nil {
-		return executor.Spec{}, nil, err
+		return executor.Spec{}, err
 	}
 	spec := executor.Spec{
 		InstanceGUID: l.guid, ProcessGUID: l.key.GetProcessGuid(), Index: int(l.key.GetIndex()),
@@ -389,7 +396,18 @@ func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, []*basinv1.Ro
 	spec.HealthCheck.Path = hc.GetHttpEndpoint()
 	spec.HealthCheck.StartTimeout = time.Duration(hc.GetStartTimeoutMs()) * time.Millisecond
 	spec.HealthCheck.Interval = time.Duration(hc.GetIntervalMs()) * time.Millisecond
-	return spec, sched.GetRoutes(), nil
+	return spec, nil
+}
+
+// noteSchedule records the desired routes when rev is newer than what the
+// instance has (the schedule watch may have delivered a later one first).
+func (r *Rep) noteSchedule(l *lrp, sched *basinv1.DesiredLRPSchedule, rev int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if rev > l.schedRev {
+		l.schedRev = rev
+		l.routeDefs = sched.GetRoutes()
+	}
 }
 
 // routeKVs builds the route keys and values of a running instance.

@@ -127,11 +127,13 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 	}
 	l.started = true
 	running := a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING
+	l.schedRev, l.routeDefs = d.GetDesiredLrp().GetRevision(), sched.GetRoutes()
 	if running {
 		// Keep it routed across the restart: re-write under the new lease
 		// at once; a failing health check ends it through the exit event.
 		l.phase = phaseRunning
-		l.routes = routeKVs(r, l, sched.GetRoutes(), info)
+		l.info = info
+		l.routes = routeKVs(r, l, l.routeDefs, info)
 	}
 	r.mu.Lock()
 	r.lrps[l.guid] = l
@@ -143,7 +145,6 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 		log.Info("adopted running instance", "pid", info.PID)
 		return
 	}
-	routes := sched.GetRoutes()
 	r.goAttach(func(ctx context.Context) {
 		info, err := r.exec.WaitHealthy(ctx, l.guid)
 		if err != nil {
@@ -173,7 +174,8 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 			return
 		}
 		l.phase = phaseRunning
-		l.routes = routeKVs(r, l, routes, info)
+		l.info = info
+		l.routes = routeKVs(r, l, l.routeDefs, info)
 		r.mu.Unlock()
 		if err := r.writeRoutes(ctx, l); err != nil {
 			log.Error("write routes", "err", err)

@@ -209,12 +209,16 @@ func (r *Rep) Run(ctx context.Context) error {
 	// The BBS or etcd may not answer yet (components start together):
 	// retry until they do.
 	var adopt adoptPlan
+	var schedRev int64 // schedules are watched from here: before any is read
 	for backoff := 100 * time.Millisecond; ; backoff = min(backoff*2, 5*time.Second) {
 		var err error
-		if adopt, err = r.reconcileContainers(runCtx); err == nil {
-			if err = r.register(runCtx); err == nil {
-				break
+		if schedRev, err = r.currentRevision(runCtx); err == nil {
+			if adopt, err = r.reconcileContainers(runCtx); err == nil {
+				err = r.register(runCtx)
 			}
+		}
+		if err == nil {
+			break
 		}
 		r.log.Warn("cell start-up: reconcile and register", "err", err)
 		select {
@@ -227,16 +231,21 @@ func (r *Rep) Run(ctx context.Context) error {
 	close(r.ready)
 	r.log.Info("cell registered", "fence", r.currentFence().GetCreateRevision(), "adopted", len(adopt.owned))
 
-	errc := make(chan error, 2)
-	go func() { errc <- r.watchIndex(runCtx) }()
-	go func() { errc <- r.keepAlive(runCtx) }()
-	err := <-errc
+	watchSchedules := func(ctx context.Context) error { return r.watchSchedules(ctx, schedRev) }
+	loops := []func(context.Context) error{r.watchIndex, watchSchedules, r.keepAlive}
+	errc := make(chan error, len(loops))
+	for _, loop := range loops {
+		go func() { errc <- loop(runCtx) }()
+	}
+	errs := []error{<-errc}
 	cancel()
-	err2 := <-errc
+	for range len(loops) - 1 {
+		errs = append(errs, <-errc)
+	}
 	if ctx.Err() != nil {
 		return nil
 	}
-	return errors.Join(err, err2)
+	return errors.Join(errs...)
 }
 
 // goAttach runs fn on a goroutine that Run waits for.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -597,5 +598,47 @@ func TestCrashDuringLeaseRenewalIsStillReported(t *testing.T) {
 	e.exec.exit(a.GetInstanceKey().GetInstanceGuid(), executor.ExitInfo{Status: 1, Reason: "app exited with status 1"})
 	if got := e.waitState("unlucky", 0, stateCrashed); !strings.Contains(got.GetCrashReason(), "status 1") {
 		t.Errorf("crash reason %q", got.GetCrashReason())
+	}
+}
+
+func TestRoutesFollowTheDesiredLRP(t *testing.T) {
+	e := newEnv(t)
+	e.desire("remap", 1, 64)
+	e.perform(lrpStart("remap", 0, 64))
+	a := e.waitState("remap", 0, stateRunning)
+	e.waitFor("first route", func() bool { ep, _ := e.route("remap.example.com", "remap", 0); return ep != nil })
+	tests := []struct {
+		name  string
+		hosts []string
+	}{
+		{"add", []string{"remap.example.com", "www.example.com"}},
+		{"replace", []string{"api.example.com"}},
+		{"none", nil},
+	}
+	all := []string{"remap.example.com", "www.example.com", "api.example.com"}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var routes []*basinv1.Route
+			for _, h := range tt.hosts {
+				routes = append(routes, &basinv1.Route{Host: h})
+			}
+			if _, err := e.bbs.UpdateDesiredLRP(e.ctx, &basinv1.UpdateDesiredLRPRequest{ProcessGuid: "remap",
+				Routes: &basinv1.RouteList{Routes: routes}}); err != nil {
+				t.Fatal(err)
+			}
+			e.waitFor("routes "+strings.Join(tt.hosts, ","), func() bool {
+				for _, h := range all {
+					ep, _ := e.route(h, "remap", 0)
+					want := slices.Contains(tt.hosts, h)
+					if (ep != nil) != want || (ep != nil && ep.GetInstanceGuid() != a.GetInstanceKey().GetInstanceGuid()) {
+						return false
+					}
+				}
+				return true
+			})
+		})
+	}
+	if e.exec.wasStopped(a.GetInstanceKey().GetInstanceGuid()) {
+		t.Error("re-routing restarted the instance")
 	}
 }
