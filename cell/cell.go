@@ -6,6 +6,8 @@ package cell
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,6 +22,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/cell/containerdproc"
@@ -46,6 +50,10 @@ type Config struct {
 	RepAddress    string
 	// DebugAddress serves /metrics and pprof; empty disables it.
 	DebugAddress string
+	// CertFile and KeyFile serve the rep's API over TLS; ClientCAFile then
+	// requires client certificates it signed (the auctioneer's, an
+	// operator's). Plaintext when CertFile is empty: loopback development.
+	CertFile, KeyFile, ClientCAFile string
 	// AdvertiseAddress is where instance ports are mapped; default 127.0.0.1.
 	AdvertiseAddress string
 
@@ -83,6 +91,7 @@ type Config struct {
 // Cell is one cell, ready to Run.
 type Cell struct {
 	cfg      Config
+	creds    []grpc.ServerOption
 	lis      net.Listener
 	registry *prometheus.Registry
 	log      *slog.Logger
@@ -102,6 +111,14 @@ func New(cfg Config) (*Cell, error) {
 	if cfg.AdvertiseAddress == "" {
 		cfg.AdvertiseAddress = "127.0.0.1"
 	}
+	var creds []grpc.ServerOption
+	if cfg.CertFile != "" {
+		tc, err := ServerTLS(cfg.CertFile, cfg.KeyFile, cfg.ClientCAFile)
+		if err != nil {
+			return nil, fmt.Errorf("cell %s: %w", cfg.ID, err)
+		}
+		creds = append(creds, grpc.Creds(credentials.NewTLS(tc)))
+	}
 	lis := cfg.Listener
 	if lis == nil {
 		var err error
@@ -114,7 +131,7 @@ func New(cfg Config) (*Cell, error) {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return &Cell{cfg: cfg, lis: lis, registry: reg, log: cfg.Logger.With("cell", cfg.ID), repDone: make(chan struct{})}, nil
+	return &Cell{cfg: cfg, creds: creds, lis: lis, registry: reg, log: cfg.Logger.With("cell", cfg.ID), repDone: make(chan struct{})}, nil
 }
 
 // Addr is the rep's gRPC address.
@@ -225,7 +242,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 		}
 	}()
 
-	gs, hs := rep.NewGRPCServer(r)
+	gs, hs := rep.NewGRPCServer(r, c.creds...)
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		select {
@@ -305,4 +322,27 @@ func Numbered(base Config, i int) Config {
 	c.Listener = nil
 	c.RepAddress = ""
 	return c
+}
+
+// ServerTLS is the rep's server TLS configuration: its key pair and, when
+// caFile is set, mandatory client certificates signed by that CA.
+func ServerTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("load TLS key pair %s: %w", certFile, err)
+	}
+	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("read client CA %s: %w", caFile, err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("client CA %s holds no PEM certificate", caFile)
+		}
+		// Only components and operators call a cell: no certificate, no call.
+		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
+	}
+	return tc, nil
 }

@@ -9,6 +9,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -20,6 +22,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/basinpaas/basin/bbs"
@@ -64,6 +67,9 @@ func run(args []string) error {
 	fs.StringVar(&cfg.ListenAddress, "listen", "127.0.0.1:1800", "rep gRPC listen address")
 	fs.StringVar(&cfg.RepAddress, "rep-address", "", "rep address written in presence (default: the listen address)")
 	fs.StringVar(&cfg.DebugAddress, "debug", "", "address of /metrics and pprof (empty: off)")
+	fs.StringVar(&cfg.CertFile, "tls-cert", "", "serve the rep's API over TLS with this certificate")
+	fs.StringVar(&cfg.KeyFile, "tls-key", "", "the certificate's key")
+	fs.StringVar(&cfg.ClientCAFile, "tls-client-ca", "", "require client certificates signed by this CA")
 	fs.StringVar(&cfg.BBS.Address, "bbs", "127.0.0.1:8889", "BBS gRPC address")
 	fs.StringVar(&cfg.BBS.Token, "bbs-token", os.Getenv("BASIN_BBS_TOKEN"), "BBS bearer token (default $BASIN_BBS_TOKEN)")
 	fs.StringVar(&cfg.BBS.CAFile, "bbs-ca", "", "CA file verifying the BBS")
@@ -161,10 +167,33 @@ func drain(args []string) error {
 	fs := flag.NewFlagSet("cell drain", flag.ContinueOnError)
 	addr := fs.String("rep", "127.0.0.1:1800", "the cell's rep gRPC address")
 	timeout := fs.Duration("timeout", time.Minute, "how long the cell waits for replacements")
+	caFile := fs.String("ca", "", "CA verifying the cell (TLS when set)")
+	certFile := fs.String("cert", "", "client certificate")
+	keyFile := fs.String("key", "", "client key")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds := insecure.NewCredentials()
+	if *caFile != "" {
+		pem, err := os.ReadFile(*caFile)
+		if err != nil {
+			return fmt.Errorf("read CA: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return fmt.Errorf("CA %s holds no PEM certificate", *caFile)
+		}
+		tc := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+		if *certFile != "" {
+			pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+			if err != nil {
+				return fmt.Errorf("load client key pair: %w", err)
+			}
+			tc.Certificates = []tls.Certificate{pair}
+		}
+		creds = credentials.NewTLS(tc)
+	}
+	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return fmt.Errorf("connect to cell at %s: %w", *addr, err)
 	}
