@@ -26,6 +26,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,14 +41,31 @@ import (
 )
 
 // routerEtcd is one embedded etcd for every router test of this binary;
-// tests keep apart by using their own key prefix.
+// tests keep apart by using their own key prefix. The package's TestMain
+// is another component's, so the data dir outlives the binary: its name
+// carries the pid, and the next run removes the dirs of dead pids.
 var routerEtcd = sync.OnceValues(func() (*embeddedetcd.Etcd, error) {
-	dir, err := os.MkdirTemp("", "basin-router-etcd-")
+	removeStaleRouterEtcdDirs()
+	dir, err := os.MkdirTemp("", fmt.Sprintf("basin-router-etcd-%d-", os.Getpid()))
 	if err != nil {
 		return nil, err
 	}
 	return embeddedetcd.Start(context.Background(), embeddedetcd.Config{Dir: dir})
 })
+
+func removeStaleRouterEtcdDirs() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "basin-router-etcd-*"))
+	for _, d := range dirs {
+		pidPart, _, named := strings.Cut(strings.TrimPrefix(filepath.Base(d), "basin-router-etcd-"), "-")
+		pid, err := strconv.Atoi(pidPart)
+		if !named || err != nil || pid == os.Getpid() {
+			continue
+		}
+		if syscall.Kill(pid, 0) == syscall.ESRCH {
+			os.RemoveAll(d)
+		}
+	}
+}
 
 type routerEnv struct {
 	t      *testing.T
