@@ -103,6 +103,8 @@ func (x *rawIO) Write(p []byte) (int, error) {
 			return total, err
 		case x.w.errno != 0:
 			return total, os.NewSyscallError("write", x.w.errno)
+		case x.w.n <= 0:
+			return total, io.ErrShortWrite // a socket never does this; do not spin if it did
 		}
 		total += x.w.n
 	}
