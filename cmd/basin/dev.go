@@ -28,6 +28,7 @@ type devUpOptions struct {
 	debugAddr  string
 	routerAddr string
 	domain     string
+	cells      int
 	verbose    bool
 }
 
@@ -40,8 +41,10 @@ func newDevCommand() *cobra.Command {
 	up := &cobra.Command{
 		Use:   "up",
 		Short: "Start the whole platform on this machine, in the foreground",
-		Long: `Start an embedded etcd, the BBS and the router on this machine and keep
-them running until Ctrl-C. The API address and a bearer token are printed and written to
+		Long: `Start the whole platform on this machine: an embedded etcd, the BBS with its
+blobstore, the router, the auctioneer, the converger, containerd (Debian's,
+started by basin when no system one runs) and N cells, and keep them running
+until Ctrl-C. Missing Debian packages are installed first (as root). The API address and a bearer token are printed and written to
 the target file that the other basin commands read.`,
 		Example: "  sudo basin dev up\n  basin dev up --dir /tmp/basin --api 127.0.0.1:9000",
 		Args:    cobra.NoArgs,
@@ -55,6 +58,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.debugAddr, "debug", "127.0.0.1:17017", "address of /metrics")
 	up.Flags().StringVar(&o.routerAddr, "router", "127.0.0.1:8080", "address of the HTTP router apps are reached through")
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
+	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up)
 	return dev
@@ -168,6 +172,25 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	}
 	step("router        http://%s (apps at NAME.%s)", router.Addr(), o.domain)
 
+	bbsClient, err := bbs.Dial(bbs.ClientConfig{Address: srv.Addr(), Token: token})
+	if err != nil {
+		return err
+	}
+	defer bbsClient.Close()
+	plat, err := startPlatform(ctx, platformConfig{
+		dir:       o.dir,
+		cells:     o.cells,
+		bbsClient: bbsClient,
+		etcd:      cli,
+		protected: []int{portOf(etcd.Endpoint()[len("http://"):]), portOf(srv.Addr()), portOf(o.debugAddr)},
+		log:       log,
+		step:      step,
+	})
+	if err != nil {
+		return err
+	}
+	defer plat.stop()
+
 	tp, err := writeTarget(target{API: srv.Addr(), Token: token})
 	if err != nil {
 		return err
@@ -189,6 +212,7 @@ Try it with grpcurl:
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Run(gctx) })
 	g.Go(func() error { return router.Run(gctx) })
+	plat.run(gctx, g)
 	g.Go(func() error {
 		select {
 		case err := <-etcd.Err():

@@ -1,0 +1,175 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/basinpaas/basin/auctioneer"
+	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/cell"
+	"github.com/basinpaas/basin/cell/containerdproc"
+	"github.com/basinpaas/basin/converger"
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"github.com/containerd/containerd/v2/client"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"golang.org/x/sync/errgroup"
+)
+
+// systemContainerd is where Debian's containerd listens when a system
+// service runs it.
+const systemContainerd = "/run/containerd/containerd.sock"
+
+// launcherPath finds basin-launcher next to the basin binary (make build
+// puts both in bin/).
+func launcherPath() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(filepath.Dir(exe), "basin-launcher")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("basin-launcher is not next to %s: build both with `make build`", exe)
+	}
+	return p, nil
+}
+
+// connectContainerd uses a running system containerd, or starts basin's own
+// under dir and returns a stop function for it.
+func connectContainerd(ctx context.Context, dir string, log *slog.Logger) (*client.Client, string, func(), error) {
+	if _, err := os.Stat(systemContainerd); err == nil {
+		c, err := client.New(systemContainerd, client.WithTimeout(2*time.Second))
+		if err == nil {
+			if _, err := c.Version(ctx); err == nil {
+				return c, systemContainerd, func() { c.Close() }, nil
+			}
+			c.Close()
+		}
+	}
+	// The daemon lives until its context ends: stop cancels it once the
+	// cells are done with it.
+	dctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	d, err := containerdproc.Start(dctx, containerdproc.Config{Dir: dir, Logger: log})
+	if err != nil {
+		cancel()
+		return nil, "", nil, fmt.Errorf("start containerd in %s: %w", dir, err)
+	}
+	stop := func() { cancel(); <-d.Stopped() }
+	c, err := client.New(d.Address())
+	if err != nil {
+		stop()
+		return nil, "", nil, fmt.Errorf("connect to containerd: %w", err)
+	}
+	return c, d.Address(), func() { c.Close(); stop() }, nil
+}
+
+// portOf returns the port of a host:port address, or 0.
+func portOf(addr string) int {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(p)
+	return n
+}
+
+// platform holds the components basin dev up runs besides etcd, the BBS and
+// the router: the auctioneer, the converger and the cells.
+type platform struct {
+	auctioneer *auctioneer.Auctioneer
+	converger  *converger.Converger
+	cells      []*cell.Cell
+	stop       func()
+}
+
+type platformConfig struct {
+	dir       string
+	cells     int
+	bbsClient *bbs.Client
+	etcd      *clientv3.Client
+	// protected are host ports containers must not reach.
+	protected []int
+	log       *slog.Logger
+	step      func(format string, args ...any)
+}
+
+func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
+	p := &platform{stop: func() {}}
+	host, _ := os.Hostname()
+	p.auctioneer = auctioneer.New(auctioneer.Config{ID: host + "/auctioneer"}, pc.etcd, pc.bbsClient, pc.log.With("component", "auctioneer"))
+	p.converger = converger.New(converger.Config{ID: host + "/converger"}, pc.etcd, pc.bbsClient, pc.log.With("component", "converger"))
+	pc.step("auctioneer, converger (leader-elected)")
+	if pc.cells == 0 {
+		return p, nil
+	}
+	launcher, err := launcherPath()
+	if err != nil {
+		return nil, err
+	}
+	ctrd, addr, stopCtrd, err := connectContainerd(ctx, filepath.Join(pc.dir, "containerd"), pc.log.With("component", "containerd"))
+	if err != nil {
+		return nil, err
+	}
+	p.stop = stopCtrd
+	pc.step("containerd    %s", addr)
+	// Containers must not reach any component, the cells' own reps
+	// included, so the reps' ports are bound first.
+	listeners := make([]net.Listener, pc.cells)
+	for i := range listeners {
+		if listeners[i], err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			for _, l := range listeners[:i] {
+				l.Close()
+			}
+			p.stop()
+			return nil, fmt.Errorf("listen for cell-%d: %w", i, err)
+		}
+		pc.protected = append(pc.protected, portOf(listeners[i].Addr().String()))
+	}
+	base := cell.Config{
+		ID:             "cell",
+		Capacity:       &basinv1.CellCapacity{MemoryMb: 4096, DiskMb: 16384, Containers: 100},
+		BBSClient:      pc.bbsClient,
+		Etcd:           pc.etcd,
+		Containerd:     ctrd,
+		LauncherPath:   launcher,
+		StateDir:       filepath.Join(pc.dir, "cells"),
+		ProtectedPorts: pc.protected,
+		Logger:         pc.log.With("component", "cell"),
+	}
+	for i := range pc.cells {
+		cfg := cell.Numbered(base, i)
+		cfg.Zone = fmt.Sprintf("z%d", i%2+1)
+		cfg.Listener = listeners[i]
+		c, err := cell.New(cfg)
+		if err != nil {
+			for _, l := range listeners[i:] {
+				l.Close()
+			}
+			p.stop()
+			return nil, err
+		}
+		p.cells = append(p.cells, c)
+		pc.step("%-13s %s (4 GiB, 100 containers, zone %s)", cfg.ID, c.Addr(), cfg.Zone)
+	}
+	return p, nil
+}
+
+// run runs every component until ctx ends.
+func (p *platform) run(ctx context.Context, g *errgroup.Group) {
+	g.Go(func() error { return p.auctioneer.Run(ctx) })
+	g.Go(func() error { return p.converger.Run(ctx) })
+	for _, c := range p.cells {
+		g.Go(func() error {
+			if err := c.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				return err
+			}
+			return nil
+		})
+	}
+}
