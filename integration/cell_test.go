@@ -21,7 +21,6 @@ import (
 
 	"github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/sasha-s/go-deadlock"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -36,12 +35,8 @@ import (
 	"github.com/basinpaas/basin/stack"
 )
 
-// TestMain turns off go-deadlock, which go-cni uses for its mutexes in -race
-// builds: on Go 1.26 its goroutine ids (petermattis/goid) all read 0, so two
-// CNI calls at once on one executor (two instances torn down together) look
-// like recursive locking, and it exits the whole test binary.
+// TestMain removes what the cell tests share once they are done.
 func TestMain(m *testing.M) {
-	deadlock.Opts.Disable = true
 	code := m.Run()
 	if repEtcdDir != "" {
 		if e, err := repEtcd(); err == nil {
