@@ -26,6 +26,7 @@ var ErrDroplet = errors.New("droplet unavailable")
 type dropletCache struct {
 	dir     string
 	http    *http.Client
+	blobs   Blobs // the BBS's blobstore, for droplets named by digest alone
 	max     int64
 	m       *Metrics
 	fetches atomic.Int64
@@ -40,8 +41,13 @@ type fetchCall struct {
 	err  error
 }
 
-func newDropletCache(dir string, hc *http.Client, maxBytes int64, m *Metrics) *dropletCache {
-	return &dropletCache{dir: dir, http: hc, max: maxBytes, m: m, inflight: map[string]*fetchCall{}}
+// Blobs downloads blobs by digest; *bbs.Client does, from the BBS's blobstore.
+type Blobs interface {
+	DownloadBlob(ctx context.Context, digest string, w io.Writer) (int64, error)
+}
+
+func newDropletCache(dir string, hc *http.Client, blobs Blobs, maxBytes int64, m *Metrics) *dropletCache {
+	return &dropletCache{dir: dir, http: hc, blobs: blobs, max: maxBytes, m: m, inflight: map[string]*fetchCall{}}
 }
 
 // get returns the local path of the droplet, fetching it if needed. The
@@ -66,7 +72,7 @@ func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string
 		c.inflight[digest] = call
 		c.mu.Unlock()
 		// Not tied to one caller's ctx: others may wait on the result.
-		call.path, call.err = c.fetch(context.WithoutCancel(ctx), ref, path, hexSum)
+		call.path, call.err = c.fetch(context.WithoutCancel(ctx), ref, path)
 		c.mu.Lock()
 		delete(c.inflight, digest)
 		c.mu.Unlock()
@@ -82,9 +88,22 @@ func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string
 	}
 }
 
-func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path, hexSum string) (string, error) {
+func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path string) (string, error) {
 	if ref.GetUrl() == "" {
-		return "", fmt.Errorf("%w: droplet %s has no url and this cell has no blobstore", ErrDroplet, ref.GetDigest())
+		if c.blobs == nil {
+			return "", fmt.Errorf("%w: droplet %s has no url and this cell has no blobstore", ErrDroplet, ref.GetDigest())
+		}
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		pr, pw := io.Pipe()
+		done := make(chan struct{})
+		defer func() { pr.Close(); <-done }()
+		go func() {
+			defer close(done)
+			_, err := c.blobs.DownloadBlob(ctx, ref.GetDigest(), pw)
+			pw.CloseWithError(err)
+		}()
+		return c.store(ref, pr, path)
 	}
 	u, err := url.Parse(ref.GetUrl())
 	if err != nil {
@@ -118,6 +137,27 @@ func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path,
 		return "", fmt.Errorf("%w: droplet url scheme %q (want file, http or https)", ErrDroplet, u.Scheme)
 	}
 	defer body.Close()
+	return c.store(ref, body, path)
+}
+
+func source(ref *basinv1.DropletRef) string {
+	if ref.GetUrl() == "" {
+		return "the blobstore"
+	}
+	if u, err := url.Parse(ref.GetUrl()); err == nil {
+		return u.Redacted()
+	}
+	return "its url"
+}
+
+// blobsOf returns the BBS client's blobstore when it has one.
+func blobsOf(b BBS) Blobs {
+	blobs, _ := b.(Blobs)
+	return blobs
+}
+
+// store copies a fetched droplet into the cache, verifying its digest.
+func (c *dropletCache) store(ref *basinv1.DropletRef, body io.Reader, path string) (string, error) {
 	c.fetches.Add(1)
 	c.m.dropletFetches.Inc()
 	if err := os.MkdirAll(c.dir, 0o700); err != nil {
@@ -139,8 +179,8 @@ func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path,
 	if n > c.max {
 		return "", fmt.Errorf("%w: droplet %s is larger than %d bytes", ErrDroplet, ref.GetDigest(), c.max)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != hexSum {
-		return "", fmt.Errorf("%w: droplet from %s is sha256:%s, want %s", ErrDroplet, u.Redacted(), got, ref.GetDigest())
+	if got := "sha256:" + hex.EncodeToString(h.Sum(nil)); got != ref.GetDigest() {
+		return "", fmt.Errorf("%w: droplet from %s is %s, want %s", ErrDroplet, source(ref), got, ref.GetDigest())
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return "", fmt.Errorf("%w: droplet cache: %v", ErrDroplet, err)

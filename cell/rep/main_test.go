@@ -16,6 +16,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 )
@@ -76,7 +77,11 @@ func newEnv(t *testing.T, opts ...envOpt) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: prefix}})
+	blobs, err := blobstore.NewLocal(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: prefix}, Blobs: blobs})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -182,7 +182,7 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 	log := cfg.Logger.With("cell", cfg.CellID)
 	return &Rep{
 		cfg: cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
-		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, cfg.MaxDropletBytes, cfg.Metrics),
+		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
 	}, nil
 }

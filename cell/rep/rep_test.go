@@ -1,6 +1,7 @@
 package rep
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -424,7 +425,7 @@ func TestDropletFetch(t *testing.T) {
 	}{
 		{"file", e.droplet, ""},
 		{"digest mismatch", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("0", 64), Url: e.droplet.GetUrl()}, "want sha256:000"},
-		{"no url", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("1", 64)}, "no url"},
+		{"not in the blobstore", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("1", 64)}, "blob not found"},
 		{"bad digest", &basinv1.DropletRef{Digest: "md5:x", Url: e.droplet.GetUrl()}, "not sha256"},
 		{"scheme", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("2", 64), Url: "ftp://x/y"}, "scheme"},
 	}
@@ -441,6 +442,12 @@ func TestDropletFetch(t *testing.T) {
 	}))
 	defer srv.Close()
 	httpRef := &basinv1.DropletRef{Digest: "sha256:" + hex.EncodeToString(sum[:]), Url: srv.URL + "/d.tgz"}
+	// A droplet named by digest alone comes from the BBS's blobstore.
+	stored := []byte("a droplet in the blobstore")
+	storedDigest, _, err := e.bbs.UploadBlob(context.Background(), bytes.NewReader(stored), "")
+	if err != nil {
+		t.Fatal(err)
+	}
 	tests = append(tests,
 		struct {
 			name string
@@ -452,6 +459,11 @@ func TestDropletFetch(t *testing.T) {
 			ref  *basinv1.DropletRef
 			want string
 		}{"http 404", &basinv1.DropletRef{Digest: "sha256:" + strings.Repeat("3", 64), Url: srv.URL + "/missing"}, "status 404"},
+		struct {
+			name string
+			ref  *basinv1.DropletRef
+			want string
+		}{"blobstore", &basinv1.DropletRef{Digest: storedDigest}, ""},
 	)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
