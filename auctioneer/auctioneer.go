@@ -131,7 +131,7 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, logger *slog.Logger) *Auction
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return &Auctioneer{
 		cfg: cfg, keys: bbs.NewKeys(cfg.Prefix), etcd: etcd, bbs: b,
-		log: logger.With("component", "auctioneer"), reg: reg, metrics: newMetrics(reg),
+		log: logger, reg: reg, metrics: newMetrics(reg),
 		conns: make(map[string]*grpc.ClientConn),
 	}
 }

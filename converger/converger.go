@@ -114,7 +114,7 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, logger *slog.Logger) *Converg
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return &Converger{cfg: cfg, keys: bbs.NewKeys(cfg.Prefix), etcd: etcd, bbs: b,
-		log: logger.With("component", "converger"), reg: reg, metrics: newMetrics(reg)}
+		log: logger, reg: reg, metrics: newMetrics(reg)}
 }
 
 // Registry holds the converger's metrics, for a shared debug server.

@@ -145,7 +145,7 @@ func (env *auctionEnv) startAuctioneer(id string, mutate func(*auctioneer.Config
 		mutate(&cfg)
 	}
 	return env.runReplica(id, func(cli *clientv3.Client) func(context.Context) error {
-		return auctioneer.New(cfg, cli, env.bbs, env.log).Run
+		return auctioneer.New(cfg, cli, env.bbs, env.log.With("component", "auctioneer", "id", id)).Run
 	})
 }
 
@@ -155,7 +155,7 @@ func (env *auctionEnv) startConverger(id string, mutate ...func(*converger.Confi
 		m(&cfg)
 	}
 	return env.runReplica(id, func(cli *clientv3.Client) func(context.Context) error {
-		return converger.New(cfg, cli, env.bbs, env.log).Run
+		return converger.New(cfg, cli, env.bbs, env.log.With("component", "converger", "id", id)).Run
 	})
 }
 

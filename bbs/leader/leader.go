@@ -56,7 +56,7 @@ func Run(ctx context.Context, cli *clientv3.Client, cfg Config, lead func(ctx co
 			return nil
 		}
 		if err != nil {
-			cfg.Logger.Warn("leadership ended", "component", cfg.Component, "err", err)
+			cfg.Logger.Warn("leadership ended", "election", cfg.Component, "err", err)
 		}
 		select {
 		case <-ctx.Done():
@@ -107,7 +107,7 @@ func term(ctx context.Context, cli *clientv3.Client, key string, ttl int, cfg Co
 		return fmt.Errorf("campaign for %s: %w", key, err)
 	}
 	fence := &basinv1.Fence{Key: e.Key(), CreateRevision: e.Rev()}
-	log := cfg.Logger.With("component", cfg.Component, "election_key", fence.Key, "revision", fence.CreateRevision)
+	log := cfg.Logger.With("election_key", fence.Key, "revision", fence.CreateRevision)
 	log.Info("elected leader")
 
 	lctx, lcancel := context.WithCancel(ctx)

@@ -75,5 +75,5 @@ func run() error {
 	}
 	defer b.Close()
 	logger.Info("auctioneer starting", "id", cfg.ID, "bbs", bbsCfg.Address, "debug", cfg.DebugAddress)
-	return auctioneer.New(cfg, cli, b, logger).Run(ctx)
+	return auctioneer.New(cfg, cli, b, logger.With("component", "auctioneer")).Run(ctx)
 }

@@ -78,7 +78,7 @@ func run() error {
 	}
 	defer b.Close()
 	logger.Info("converger starting", "id", cfg.ID, "bbs", bbsCfg.Address, "debug", cfg.DebugAddress)
-	return converger.New(cfg, cli, b, logger).Run(ctx)
+	return converger.New(cfg, cli, b, logger.With("component", "converger")).Run(ctx)
 }
 
 func intFlag(p *int32) func(string) error {
