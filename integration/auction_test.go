@@ -520,7 +520,7 @@ func waitRealRunning(t *testing.T, env *repEnv, guid string, n int, within time.
 }
 
 // TestRealCellsPlaceOnThreeCells: three instances of an app land on three
-// real cells and serve.
+// real cells and serve; seven spread within one; zero stop every container.
 func TestRealCellsPlaceOnThreeCells(t *testing.T) {
 	cenv := startCell(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -538,9 +538,18 @@ func TestRealCellsPlaceOnThreeCells(t *testing.T) {
 	if len(perCell) != 3 {
 		t.Errorf("3 instances on %d cells: %v", len(perCell), perCell)
 	}
-	if _, err := env.bbs.RemoveDesiredLRP(ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: "rc-web"}); err != nil {
-		t.Fatal(err)
+	scale := func(n int32) {
+		if _, err := env.bbs.UpdateDesiredLRP(ctx, &basinv1.UpdateDesiredLRPRequest{ProcessGuid: "rc-web", Instances: &n}); err != nil {
+			t.Fatalf("scale to %d: %v", n, err)
+		}
 	}
+	scale(7)
+	perCell = waitRealRunning(t, env, "rc-web", 7, time.Minute)
+	if d := spreadOf(perCell, []string{"rc-a", "rc-b", "rc-c"}); d > 1 {
+		t.Errorf("7 instances spread %v: counts differ by %d", perCell, d)
+	}
+	// Scaling to 0 stops every container.
+	scale(0)
 	waitNoContainers(t, ctx, cenv.client, 30*time.Second)
 }
 
