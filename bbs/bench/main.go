@@ -37,6 +37,7 @@ type options struct {
 	profile  string
 	workers  int
 	rounds   int
+	conns    int
 }
 
 func main() {
@@ -45,6 +46,7 @@ func main() {
 	flag.DurationVar(&o.duration, "duration", 5*time.Second, "length of each throughput measurement")
 	flag.IntVar(&o.actuals, "actuals", 100000, "actual LRPs stored for the memory figure")
 	flag.IntVar(&o.rounds, "rounds", 3, "alternating raw/BBS rounds; medians are reported, so load from elsewhere hits both alike")
+	flag.IntVar(&o.conns, "conns", 1, "gRPC connections the clients share, as the raw figure's goroutines share one etcd client")
 	flag.IntVar(&o.workers, "txn-concurrency", 4, "the BBS's etcd transactions in flight")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the BBS during the transition run to this file")
 	flag.Parse()
@@ -88,11 +90,16 @@ func run(ctx context.Context, o options) error {
 	defer bbsProc.stop()
 	debugAddr := bbsProc.debugAddr
 	keys := bbs.NewKeys("/bench/")
-	conns, closeConns, err := dialAll(ctx, bbsProc.addr, token, o.clients)
+	shared, closeConns, err := dialAll(ctx, bbsProc.addr, token, max(1, min(o.conns, o.clients)))
 	if err != nil {
 		return err
 	}
 	defer closeConns()
+	// Client i uses connection i mod conns.
+	conns := make([]*bbs.Client, o.clients)
+	for i := range conns {
+		conns[i] = shared[i%len(shared)]
+	}
 
 	fmt.Printf("BBS: DesireLRP (1 instance), %d clients, %s ...\n", o.clients, o.duration)
 	creations, err := desireRate(ctx, conns, o)

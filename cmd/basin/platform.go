@@ -102,8 +102,8 @@ type platformConfig struct {
 func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 	p := &platform{stop: func() {}}
 	host, _ := os.Hostname()
-	p.auctioneer = auctioneer.New(auctioneer.Config{ID: host + "/auctioneer"}, pc.etcd, pc.bbsClient, pc.log.With("component", "auctioneer"))
-	p.converger = converger.New(converger.Config{ID: host + "/converger"}, pc.etcd, pc.bbsClient, pc.log.With("component", "converger"))
+	p.auctioneer = auctioneer.New(auctioneer.Config{ID: host + "/auctioneer"}, pc.etcd, pc.bbsClient, pc.log)
+	p.converger = converger.New(converger.Config{ID: host + "/converger"}, pc.etcd, pc.bbsClient, pc.log)
 	pc.step("auctioneer, converger (leader-elected)")
 	if pc.cells == 0 {
 		return p, nil
@@ -140,7 +140,7 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		LauncherPath:   launcher,
 		StateDir:       filepath.Join(pc.dir, "cells"),
 		ProtectedPorts: pc.protected,
-		Logger:         pc.log.With("component", "cell"),
+		Logger:         pc.log,
 	}
 	for i := range pc.cells {
 		cfg := cell.Numbered(base, i)
