@@ -44,7 +44,7 @@ type committer struct {
 
 func newCommitter(kv clientv3.KV, workers int, m *metrics) *committer {
 	if workers <= 0 {
-		workers = 4
+		workers = 2
 	}
 	return &committer{kv: kv, queue: make(chan *txnItem, 4096), workers: workers, metrics: m}
 }

@@ -47,7 +47,7 @@ func main() {
 	flag.IntVar(&o.actuals, "actuals", 100000, "actual LRPs stored for the memory figure")
 	flag.IntVar(&o.rounds, "rounds", 3, "alternating raw/BBS rounds; medians are reported, so load from elsewhere hits both alike")
 	flag.IntVar(&o.conns, "conns", 1, "gRPC connections the clients share, as the raw figure's goroutines share one etcd client")
-	flag.IntVar(&o.workers, "txn-concurrency", 4, "the BBS's etcd transactions in flight")
+	flag.IntVar(&o.workers, "txn-concurrency", 2, "the BBS's etcd transactions in flight")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the BBS during the transition run to this file")
 	flag.Parse()
 	if err := run(context.Background(), o); err != nil {

@@ -54,7 +54,7 @@ func main() {
 	fs.StringVar(&c.tokenFile, "token-file", "", "file holding the users' bearer token (BASIN_TOKEN also works)")
 	var maxInstances int
 	fs.IntVar(&maxInstances, "max-instances", int(bbs.DefaultLimits.MaxInstances), "most instances one LRP may ask for")
-	fs.IntVar(&c.server.Store.Workers, "txn-concurrency", 4, "etcd transactions in flight at once; concurrent writes are merged into them")
+	fs.IntVar(&c.server.Store.Workers, "txn-concurrency", 2, "etcd transactions in flight at once; concurrent writes are merged into them")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
 	c.server.Limits.MaxInstances = int32(maxInstances)
