@@ -3,8 +3,13 @@
 package integration
 
 import (
+	"archive/tar"
 	"bufio"
+	"bytes"
+	"compress/gzip"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"io"
 	"net"
@@ -16,6 +21,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/containerd/containerd/v2/client"
 
 	"github.com/basinpaas/basin/bbs"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -30,7 +37,8 @@ var (
 	basinBinErr  error
 )
 
-// basinBinary builds cmd/basin once per test run.
+// basinBinary builds cmd/basin once per test run, with basin-launcher (a
+// static binary) beside it, as make build does.
 func basinBinary(t *testing.T) string {
 	t.Helper()
 	basinBinOnce.Do(func() {
@@ -40,10 +48,16 @@ func basinBinary(t *testing.T) string {
 			return
 		}
 		basinBinPath = filepath.Join(dir, "basin")
-		out, err := exec.Command("go", "build", "-o", basinBinPath, "../cmd/basin").CombinedOutput()
-		if err != nil {
+		if out, err := exec.Command("go", "build", "-o", basinBinPath, "../cmd/basin").CombinedOutput(); err != nil {
 			basinBinErr = err
-			t.Logf("go build: %s", out)
+			t.Logf("go build basin: %s", out)
+			return
+		}
+		launcher := exec.Command("go", "build", "-o", filepath.Join(dir, "basin-launcher"), "../cmd/basin-launcher")
+		launcher.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := launcher.CombinedOutput(); err != nil {
+			basinBinErr = err
+			t.Logf("go build basin-launcher: %s", out)
 		}
 	})
 	if basinBinErr != nil {
@@ -62,18 +76,24 @@ func freeLoopbackAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-// TestDevUpServesTheBBS runs `basin dev up` as a newcomer would and talks to
-// it the way grpcurl does: server reflection lists the BBS service, and an
-// LRP desired through the API shows its UNCLAIMED instances.
-func TestDevUpServesTheBBS(t *testing.T) {
+// devUp is a running `basin dev up`.
+type devUp struct {
+	api, router string
+	home        string
+	target      struct{ API, Token string }
+	printed     string
+}
+
+// startDevUp runs `basin dev up` with cells cells as a newcomer would, on
+// free loopback ports and a fresh BASIN_HOME, and stops it with SIGINT (as
+// Ctrl-C does) when the test ends, checking that it exits.
+func startDevUp(t *testing.T, cells int) *devUp {
+	t.Helper()
 	bin := basinBinary(t)
-	home := t.TempDir()
-	api := freeLoopbackAddr(t)
-	routerAddr := freeLoopbackAddr(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.Command(bin, "dev", "up", "--api", api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t), "--router", routerAddr)
-	cmd.Env = append(os.Environ(), "BASIN_HOME="+home)
+	d := &devUp{api: freeLoopbackAddr(t), router: freeLoopbackAddr(t), home: t.TempDir()}
+	cmd := exec.Command(bin, "dev", "up", "--api", d.api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t),
+		"--router", d.router, "--cells", strconvItoa(cells))
+	cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -84,15 +104,6 @@ func TestDevUpServesTheBBS(t *testing.T) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	defer func() {
-		cmd.Process.Signal(os.Interrupt)
-		select {
-		case <-exited:
-		case <-time.After(15 * time.Second):
-			cmd.Process.Kill()
-			t.Error("basin dev up did not stop within 15s of SIGINT")
-		}
-	}()
 	// up receives what dev up printed until it said it is up.
 	up := make(chan string, 1)
 	go func() {
@@ -106,42 +117,80 @@ func TestDevUpServesTheBBS(t *testing.T) {
 		}
 		io.Copy(io.Discard, stdout)
 	}()
-	var printed string
+	t.Cleanup(func() {
+		cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-exited:
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+			t.Error("basin dev up did not stop within 30s of SIGINT")
+		}
+	})
 	select {
-	case printed = <-up:
+	case d.printed = <-up:
 	case err := <-exited:
+		exited <- err // for the cleanup
 		t.Fatalf("basin dev up exited: %v", err)
-	case <-ctx.Done():
+	case <-time.After(2 * time.Minute):
 		t.Fatal("basin dev up did not come up in time")
 	}
-	if !strings.Contains(printed, api) {
-		t.Errorf("dev up did not print the API address %s:\n%s", api, printed)
-	}
-
-	// The router is up and names a host it has no route for.
-	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+routerAddr+"/", nil)
-	req.Host = "nosuchapp.apps.localhost"
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("router: %v", err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusNotFound || !strings.Contains(string(body), "nosuchapp.apps.localhost") {
-		t.Errorf("router answered %d %q for an unknown host, want 404 naming it", resp.StatusCode, body)
-	}
-
-	var tgt struct{ API, Token string }
-	b, err := os.ReadFile(filepath.Join(home, "target.json"))
+	b, err := os.ReadFile(filepath.Join(d.home, "target.json"))
 	if err != nil {
 		t.Fatalf("target file: %v", err)
 	}
-	if err := json.Unmarshal(b, &tgt); err != nil || tgt.API != api || tgt.Token == "" {
-		t.Fatalf("target file %s: %+v %v", b, tgt, err)
+	if err := json.Unmarshal(b, &d.target); err != nil || d.target.API != d.api || d.target.Token == "" {
+		t.Fatalf("target file %s: %+v %v", b, d.target, err)
+	}
+	return d
+}
+
+func strconvItoa(n int) string {
+	b, _ := json.Marshal(n)
+	return string(b)
+}
+
+func (d *devUp) client(t *testing.T) *bbs.Client {
+	t.Helper()
+	cli, err := bbs.Dial(bbs.ClientConfig{Address: d.api, Token: d.target.Token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	return cli
+}
+
+// routerGet sends GET / for host through the router.
+func (d *devUp) routerGet(ctx context.Context, host string) (int, string, error) {
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+d.router+"/", nil)
+	req.Host = host
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body), nil
+}
+
+// TestDevUpServesTheBBS runs `basin dev up` without cells and talks to it the
+// way grpcurl does: server reflection lists the BBS service, and an LRP
+// desired through the API shows its UNCLAIMED instances.
+func TestDevUpServesTheBBS(t *testing.T) {
+	d := startDevUp(t, 0)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if !strings.Contains(d.printed, d.api) || !strings.Contains(d.printed, d.router) {
+		t.Errorf("dev up did not print the API and router addresses:\n%s", d.printed)
+	}
+	// The router is up and names a host it has no route for.
+	code, body, err := d.routerGet(ctx, "nosuchapp.apps.localhost")
+	if err != nil || code != http.StatusNotFound || !strings.Contains(body, "nosuchapp.apps.localhost") {
+		t.Errorf("router answered %d %q %v for an unknown host, want 404 naming it", code, body, err)
 	}
 
 	// grpcurl's list: server reflection without a token.
-	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(d.api, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,11 +214,7 @@ func TestDevUpServesTheBBS(t *testing.T) {
 		t.Fatalf("reflection lists %v, not basin.v1.BBSService", services)
 	}
 
-	cli, err := bbs.Dial(bbs.ClientConfig{Address: api, Token: tgt.Token})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
+	cli := d.client(t)
 	if _, err := cli.DesireLRP(ctx, &basinv1.DesireLRPRequest{
 		Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: "demo", Instances: 3, Stack: "tiny",
 			Resources: &basinv1.ResourceLimits{MemoryMb: 128, DiskMb: 256, Pids: 64}},
@@ -189,4 +234,127 @@ func TestDevUpServesTheBBS(t *testing.T) {
 			t.Errorf("instance %d is %v, want UNCLAIMED", a.GetKey().GetIndex(), a.GetState())
 		}
 	}
+}
+
+// staticDroplet is a Cloud Foundry droplet whose start command serves
+// app/index.html with busybox httpd.
+func staticDroplet(t *testing.T, body string) []byte {
+	t.Helper()
+	var buf bytes.Buffer
+	gz := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gz)
+	for _, dir := range []string{"app/", "deps/", "profile.d/", "tmp/", "logs/"} {
+		tw.WriteHeader(&tar.Header{Name: dir, Typeflag: tar.TypeDir, Mode: 0o755})
+	}
+	files := map[string]string{
+		"app/index.html":   body,
+		"staging_info.yml": `{"detected_buildpack":"staticfile","start_command":"httpd -f -p $PORT -h /home/vcap/app"}`,
+	}
+	for name, content := range files {
+		tw.WriteHeader(&tar.Header{Name: name, Mode: 0o644, Size: int64(len(content)), Typeflag: tar.TypeReg})
+		tw.Write([]byte(content))
+	}
+	tw.Close()
+	gz.Close()
+	return buf.Bytes()
+}
+
+// TestDevUpRunsAnApp is the newcomer's path on one machine: `basin dev up`
+// with two real cells, a droplet uploaded to its blobstore, an LRP desired
+// through the API, and the app answering through the router by host name.
+func TestDevUpRunsAnApp(t *testing.T) {
+	needCell(t)
+	var home string
+	// Runs after dev up stopped (cleanups run last first): whatever a
+	// failing test left behind goes, and so do dev up's bridges.
+	t.Cleanup(func() {
+		if home != "" {
+			cleanupCellState(t, filepath.Join(home, "dev"))
+		}
+		for i := range 2 {
+			exec.Command("ip", "link", "del", "basin-dev"+strconvItoa(i)).Run()
+		}
+	})
+	d := startDevUp(t, 2)
+	home = d.home
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cli := d.client(t)
+
+	drop := staticDroplet(t, "hello from basin dev up")
+	sum := sha256.Sum256(drop)
+	digest := "sha256:" + hex.EncodeToString(sum[:])
+	if got, _, err := cli.UploadBlob(ctx, bytes.NewReader(drop), digest); err != nil || got != digest {
+		t.Fatalf("upload droplet: %s %v", got, err)
+	}
+	host := "hello.apps.localhost"
+	if _, err := cli.DesireLRP(ctx, &basinv1.DesireLRPRequest{
+		Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: "hello", Instances: 2, Stack: "tiny",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 64, DiskMb: 128, Pids: 64},
+			Routes:    []*basinv1.Route{{Host: host}}},
+		Run: &basinv1.DesiredLRPRun{Ports: []uint32{8080}, Droplet: &basinv1.DropletRef{Digest: digest}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	cells := map[string]bool{}
+	for {
+		list, err := cli.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{ProcessGuid: "hello"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		running := 0
+		clear(cells)
+		for _, a := range list.GetActualLrps() {
+			if a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING {
+				running++
+				cells[a.GetInstanceKey().GetCellId()] = true
+			}
+		}
+		if running == 2 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("instances never all RUNNING: %v", list.GetActualLrps())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Logf("desire to 2 RUNNING instances: %s", time.Since(start))
+	if len(cells) != 2 {
+		t.Errorf("both instances run on %v, want one per cell", cells)
+	}
+	for {
+		code, body, err := d.routerGet(ctx, host)
+		if err == nil && code == http.StatusOK {
+			if !strings.Contains(body, "hello from basin dev up") {
+				t.Fatalf("router gave %q", body)
+			}
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("app never answered through the router: %d %q %v", code, body, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// Removing the LRP stops its route, then its containers.
+	if _, err := cli.RemoveDesiredLRP(ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: "hello"}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		code, _, err := d.routerGet(ctx, host)
+		if err == nil && code == http.StatusNotFound {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("route still served after the LRP was removed: %d %v", code, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ctrd, err := client.New(filepath.Join(d.home, "dev", "containerd", "containerd.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrd.Close()
+	waitNoContainers(t, ctx, ctrd, 30*time.Second)
 }

@@ -144,6 +144,12 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 	}
 	for i := range pc.cells {
 		cfg := cell.Numbered(base, i)
+		// Names and a subnet of dev up's own, so a cell started on its own
+		// (cmd/cell, with the executor's defaults) never shares a bridge.
+		cfg.NetworkName = fmt.Sprintf("basin-dev-%d", i)
+		cfg.BridgeName = fmt.Sprintf("basin-dev%d", i)
+		cfg.Subnet = fmt.Sprintf("10.214.%d.0/24", i%256)
+		cfg.FirewallChain = fmt.Sprintf("BASIN-DEV-%d", i)
 		cfg.Zone = fmt.Sprintf("z%d", i%2+1)
 		cfg.Listener = listeners[i]
 		c, err := cell.New(cfg)
