@@ -31,7 +31,7 @@ func newRootCommand() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newVersionCommand(), newDevCommand(), newSetupCommand())
+	root.AddCommand(newVersionCommand(), newDevCommand(), newSetupCommand(), newCellCommand())
 	root.AddCommand(newStackCommand())
 	return root
 }

@@ -9,8 +9,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -20,10 +18,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/cell"
@@ -173,38 +167,11 @@ func drain(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	creds := insecure.NewCredentials()
-	if *caFile != "" {
-		pem, err := os.ReadFile(*caFile)
-		if err != nil {
-			return fmt.Errorf("read CA: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return fmt.Errorf("CA %s holds no PEM certificate", *caFile)
-		}
-		tc := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-		if *certFile != "" {
-			pair, err := tls.LoadX509KeyPair(*certFile, *keyFile)
-			if err != nil {
-				return fmt.Errorf("load client key pair: %w", err)
-			}
-			tc.Certificates = []tls.Certificate{pair}
-		}
-		creds = credentials.NewTLS(tc)
-	}
-	conn, err := grpc.NewClient(*addr, grpc.WithTransportCredentials(creds))
-	if err != nil {
-		return fmt.Errorf("connect to cell at %s: %w", *addr, err)
-	}
-	defer conn.Close()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
-	ctx, cancelT := context.WithTimeout(ctx, *timeout+30*time.Second)
-	defer cancelT()
 	t0 := time.Now()
-	if _, err := basinv1.NewCellServiceClient(conn).Drain(ctx, &basinv1.DrainRequest{TimeoutMs: timeout.Milliseconds()}); err != nil {
-		return fmt.Errorf("drain cell at %s: %w", *addr, err)
+	if err := cell.Drain(ctx, cell.DrainTarget{Address: *addr, CAFile: *caFile, CertFile: *certFile, KeyFile: *keyFile}, *timeout); err != nil {
+		return err
 	}
 	fmt.Printf("cell at %s drained in %s\n", *addr, time.Since(t0).Round(time.Millisecond))
 	return nil
