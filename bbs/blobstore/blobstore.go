@@ -87,24 +87,12 @@ func (l *Local) Put(ctx context.Context, r io.Reader, want string, limit int64) 
 			return "", 0, err
 		}
 	}
-	tmp, err := os.CreateTemp(filepath.Join(l.dir, "tmp"), "upload-")
+	tmp, digest, n, err := spool(ctx, r, filepath.Join(l.dir, "tmp"), want, limit)
 	if err != nil {
-		return "", 0, fmt.Errorf("create upload file: %w", err)
+		return "", 0, err
 	}
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
-	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, h), &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)})
-	if err != nil {
-		return "", 0, fmt.Errorf("receive blob: %w", err)
-	}
-	if n > limit {
-		return "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, limit)
-	}
-	digest := sum(h)
-	if want != "" && want != digest {
-		return "", 0, fmt.Errorf("%w: sent %s, content is %s", ErrDigestMismatch, want, digest)
-	}
 	if err := tmp.Sync(); err != nil {
 		return "", 0, fmt.Errorf("sync blob: %w", err)
 	}
@@ -179,6 +167,35 @@ func (l *Local) Delete(_ context.Context, digest string) error {
 }
 
 func sum(h hash.Hash) string { return "sha256:" + hex.EncodeToString(h.Sum(nil)) }
+
+// spool copies at most limit bytes of r into a new file in dir, hashing as it
+// goes, and checks the digest against want when given. On success the caller
+// owns the file (and removes it); on error nothing is left behind.
+func spool(ctx context.Context, r io.Reader, dir, want string, limit int64) (_ *os.File, digest string, n int64, err error) {
+	tmp, err := os.CreateTemp(dir, "upload-")
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("create upload file: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	h := sha256.New()
+	n, err = io.Copy(io.MultiWriter(tmp, h), &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)})
+	if err != nil {
+		return nil, "", 0, fmt.Errorf("receive blob: %w", err)
+	}
+	if n > limit {
+		return nil, "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, limit)
+	}
+	digest = sum(h)
+	if want != "" && want != digest {
+		return nil, "", 0, fmt.Errorf("%w: sent %s, content is %s", ErrDigestMismatch, want, digest)
+	}
+	return tmp, digest, n, nil
+}
 
 // ctxReader stops a copy when ctx ends.
 type ctxReader struct {

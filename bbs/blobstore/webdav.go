@@ -2,7 +2,6 @@ package blobstore
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -79,24 +78,12 @@ func (w *WebDAV) Put(ctx context.Context, r io.Reader, want string, limit int64)
 			return "", 0, err
 		}
 	}
-	tmp, err := os.CreateTemp(w.tmpDir, "upload-")
+	tmp, digest, n, err := spool(ctx, r, w.tmpDir, want, limit)
 	if err != nil {
-		return "", 0, fmt.Errorf("create upload spool: %w", err)
+		return "", 0, err
 	}
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
-	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, h), &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)})
-	if err != nil {
-		return "", 0, fmt.Errorf("receive blob: %w", err)
-	}
-	if n > limit {
-		return "", 0, fmt.Errorf("%w: more than %d bytes", ErrTooLarge, limit)
-	}
-	digest := sum(h)
-	if want != "" && want != digest {
-		return "", 0, fmt.Errorf("%w: sent %s, content is %s", ErrDigestMismatch, want, digest)
-	}
 	if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 		return "", 0, err
 	}
