@@ -14,7 +14,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/client"
@@ -206,14 +208,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 	}
 
 	var r *rep.Rep
-	ex, err := executor.New(executor.Config{
-		Client: cd, LauncherPath: cfg.LauncherPath, Logger: c.log,
-		OnEvent:  func(ev executor.Event) { r.OnEvent(ev) }, // r is set before Run starts the executor
-		StateDir: filepath.Join(cfg.StateDir, "executor"), Stacks: cfg.Stacks,
-		CNIBinDir: cfg.CNIBinDir, NetworkName: cfg.NetworkName, BridgeName: cfg.BridgeName, Subnet: cfg.Subnet,
-		AdvertiseAddress: cfg.AdvertiseAddress, HostPortLow: cfg.HostPortLow, HostPortHigh: cfg.HostPortHigh,
-		ProtectedPorts: cfg.ProtectedPorts, FirewallChain: cfg.FirewallChain,
-	})
+	ex, err := executor.New(executorConfig(cfg, cd, c.log, func(ev executor.Event) { r.OnEvent(ev) })) // r is set before Run starts the executor
 	if err != nil {
 		return fmt.Errorf("cell %s: %w", cfg.ID, err)
 	}
@@ -322,6 +317,63 @@ func Numbered(base Config, i int) Config {
 	c.Listener = nil
 	c.RepAddress = ""
 	return c
+}
+
+// executorConfig is the executor a cell with cfg runs.
+func executorConfig(cfg Config, cd *client.Client, log *slog.Logger, onEvent func(executor.Event)) executor.Config {
+	return executor.Config{
+		Client: cd, LauncherPath: cfg.LauncherPath, Logger: log, OnEvent: onEvent,
+		StateDir: filepath.Join(cfg.StateDir, "executor"), Stacks: cfg.Stacks,
+		CNIBinDir: cfg.CNIBinDir, NetworkName: cfg.NetworkName, BridgeName: cfg.BridgeName, Subnet: cfg.Subnet,
+		AdvertiseAddress: cfg.AdvertiseAddress, HostPortLow: cfg.HostPortLow, HostPortHigh: cfg.HostPortHigh,
+		ProtectedPorts: cfg.ProtectedPorts, FirewallChain: cfg.FirewallChain,
+	}
+}
+
+// Purge removes what a cell with cfg left on this machine while it is not
+// running: its containers (tasks, snapshots, network namespaces, port
+// mappings), its firewall chain and its bridge. cfg.Containerd is required.
+// basin dev down uses it.
+func Purge(ctx context.Context, cfg Config) error {
+	if cfg.Containerd == nil {
+		return errors.New("cell purge: Config.Containerd is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	ex, err := executor.New(executorConfig(cfg, cfg.Containerd, cfg.Logger, nil))
+	if err != nil {
+		return fmt.Errorf("cell %s: %w", cfg.ID, err)
+	}
+	rctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- ex.Run(rctx) }()
+	var errs []error
+	infos, err := ex.List(ctx)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, info := range infos {
+		if info.Labels[rep.LabelCellID] != cfg.ID {
+			continue // another cell's, on a shared containerd
+		}
+		if err := ex.Destroy(ctx, info.InstanceGUID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	stop() // Run removes the firewall chain on its way out
+	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+		errs = append(errs, err)
+	}
+	bridge := cfg.BridgeName
+	if bridge == "" {
+		bridge = "basin0"
+	}
+	if out, err := exec.CommandContext(ctx, "ip", "link", "del", bridge).CombinedOutput(); err != nil &&
+		!strings.Contains(string(out), "Cannot find device") {
+		errs = append(errs, fmt.Errorf("delete bridge %s: %v: %s", bridge, err, out))
+	}
+	return errors.Join(errs...)
 }
 
 // ServerTLS is the rep's server TLS configuration: its key pair and, when

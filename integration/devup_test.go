@@ -82,6 +82,8 @@ type devUp struct {
 	home        string
 	target      struct{ API, Token string }
 	printed     string
+	// stop sends SIGINT, as Ctrl-C does, and waits for dev up to exit.
+	stop func()
 }
 
 // startDevUp runs `basin dev up` with cells cells as a newcomer would, on
@@ -117,7 +119,7 @@ func startDevUp(t *testing.T, cells int) *devUp {
 		}
 		io.Copy(io.Discard, stdout)
 	}()
-	t.Cleanup(func() {
+	d.stop = sync.OnceFunc(func() {
 		cmd.Process.Signal(os.Interrupt)
 		select {
 		case <-exited:
@@ -127,6 +129,7 @@ func startDevUp(t *testing.T, cells int) *devUp {
 			t.Error("basin dev up did not stop within 30s of SIGINT")
 		}
 	})
+	t.Cleanup(d.stop)
 	select {
 	case d.printed = <-up:
 	case err := <-exited:
@@ -357,4 +360,80 @@ func TestDevUpRunsAnApp(t *testing.T) {
 	}
 	defer ctrd.Close()
 	waitNoContainers(t, ctx, ctrd, 30*time.Second)
+}
+
+// TestDevDownRemovesWhatDevUpLeft: after Ctrl-C the apps' containers keep
+// running (for the next dev up to adopt); basin dev down removes them, the
+// cells' bridges and the platform's state.
+func TestDevDownRemovesWhatDevUpLeft(t *testing.T) {
+	needCell(t)
+	d := startDevUp(t, 1)
+	t.Cleanup(func() {
+		cleanupCellState(t, filepath.Join(d.home, "dev"))
+		exec.Command("ip", "link", "del", "basin-dev0").Run()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cli := d.client(t)
+	drop := staticDroplet(t, "soon gone")
+	digest, _, err := cli.UploadBlob(ctx, bytes.NewReader(drop), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.DesireLRP(ctx, &basinv1.DesireLRPRequest{
+		Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: "leftover", Instances: 1, Stack: "tiny",
+			Resources: &basinv1.ResourceLimits{MemoryMb: 64, DiskMb: 128, Pids: 64}},
+		Run: &basinv1.DesiredLRPRun{Ports: []uint32{8080}, Droplet: &basinv1.DropletRef{Digest: digest}},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		list, err := cli.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{ProcessGuid: "leftover"})
+		if err == nil && len(list.GetActualLrps()) == 1 && list.GetActualLrps()[0].GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("instance never RUNNING")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	d.stop()
+	sock := filepath.Join(d.home, "dev", "containerd", "containerd.sock")
+	if n := shimsFor(t, sock); n == 0 {
+		t.Fatal("the app's container did not outlive dev up: nothing for dev down to remove")
+	}
+
+	cmd := exec.Command(basinBinary(t), "dev", "down")
+	cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("basin dev down: %v\n%s", err, out)
+	}
+	t.Logf("basin dev down:\n%s", out)
+	deadline := time.Now().Add(10 * time.Second)
+	for shimsFor(t, sock) > 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("containers still running after dev down")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := exec.Command("ip", "link", "show", "basin-dev0").Run(); err == nil {
+		t.Error("bridge basin-dev0 still exists after dev down")
+	}
+	if _, err := os.Stat(filepath.Join(d.home, "dev")); !os.IsNotExist(err) {
+		t.Errorf("state dir still there after dev down: %v", err)
+	}
+}
+
+// shimsFor counts the live containerd shims serving the daemon at sock.
+func shimsFor(t *testing.T, sock string) int {
+	t.Helper()
+	out, _ := exec.Command("pgrep", "-f", "containerd-shim-runc-v2 .*-address "+sock).Output()
+	n := 0
+	for _, f := range strings.Fields(string(out)) {
+		if st, err := os.ReadFile("/proc/" + f + "/stat"); err == nil && !strings.Contains(string(st), ") Z ") {
+			n++
+		}
+	}
+	return n
 }

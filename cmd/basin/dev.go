@@ -60,7 +60,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
-	dev.AddCommand(up)
+	dev.AddCommand(up, newDevDownCommand())
 	return dev
 }
 
@@ -134,6 +134,13 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", o.dir, err)
 	}
+	if pid := runningPID(o.dir); pid != 0 {
+		return fmt.Errorf("basin dev up is already running on %s (pid %d)", o.dir, pid)
+	}
+	if err := writePID(o.dir); err != nil {
+		return err
+	}
+	defer os.Remove(filepath.Join(o.dir, pidFile))
 	token, err := devToken(o.dir)
 	if err != nil {
 		return err

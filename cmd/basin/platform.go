@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/basinpaas/basin/auctioneer"
@@ -47,7 +48,7 @@ func connectContainerd(ctx context.Context, dir string, log *slog.Logger) (*clie
 		c, err := client.New(systemContainerd, client.WithTimeout(2*time.Second))
 		if err == nil {
 			if _, err := c.Version(ctx); err == nil {
-				return c, systemContainerd, func() { c.Close() }, nil
+				return c, systemContainerd, sync.OnceFunc(func() { c.Close() }), nil
 			}
 			c.Close()
 		}
@@ -66,7 +67,7 @@ func connectContainerd(ctx context.Context, dir string, log *slog.Logger) (*clie
 		stop()
 		return nil, "", nil, fmt.Errorf("connect to containerd: %w", err)
 	}
-	return c, d.Address(), func() { c.Close(); stop() }, nil
+	return c, d.Address(), sync.OnceFunc(func() { c.Close(); stop() }), nil
 }
 
 // portOf returns the port of a host:port address, or 0.
@@ -143,14 +144,7 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		Logger:         pc.log,
 	}
 	for i := range pc.cells {
-		cfg := cell.Numbered(base, i)
-		// Names and a subnet of dev up's own, so a cell started on its own
-		// (cmd/cell, with the executor's defaults) never shares a bridge.
-		cfg.NetworkName = fmt.Sprintf("basin-dev-%d", i)
-		cfg.BridgeName = fmt.Sprintf("basin-dev%d", i)
-		cfg.Subnet = fmt.Sprintf("10.214.%d.0/24", i%256)
-		cfg.FirewallChain = fmt.Sprintf("BASIN-DEV-%d", i)
-		cfg.Zone = fmt.Sprintf("z%d", i%2+1)
+		cfg := devCellConfig(base, i)
 		cfg.Listener = listeners[i]
 		c, err := cell.New(cfg)
 		if err != nil {
@@ -164,6 +158,19 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		pc.step("%-13s %s (4 GiB, 100 containers, zone %s)", cfg.ID, c.Addr(), cfg.Zone)
 	}
 	return p, nil
+}
+
+// devCellConfig is dev up's cell i: names and a subnet of dev up's own, so a
+// cell started on its own (cmd/cell, with the executor's defaults) never
+// shares a bridge. dev down derives the same names to clean up.
+func devCellConfig(base cell.Config, i int) cell.Config {
+	cfg := cell.Numbered(base, i)
+	cfg.NetworkName = fmt.Sprintf("basin-dev-%d", i)
+	cfg.BridgeName = fmt.Sprintf("basin-dev%d", i)
+	cfg.Subnet = fmt.Sprintf("10.214.%d.0/24", i%256)
+	cfg.FirewallChain = fmt.Sprintf("BASIN-DEV-%d", i)
+	cfg.Zone = fmt.Sprintf("z%d", i%2+1)
+	return cfg
 }
 
 // run runs every component until ctx ends.
