@@ -46,7 +46,7 @@ func needCell(t *testing.T) {
 		t.Skip("running containers needs root")
 	}
 	if err := containerdproc.Binaries(); err != nil {
-		t.Skip(err)
+		t.Skipf("containerd binaries not installed: %v", err)
 	}
 	for _, p := range []string{"/bin/busybox", "/usr/lib/cni/bridge", "/usr/lib/cni/portmap", "/usr/lib/cni/host-local", "/usr/lib/cni/loopback"} {
 		if _, err := os.Stat(p); err != nil {

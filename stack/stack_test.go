@@ -72,7 +72,7 @@ func TestImportOnce(t *testing.T) {
 		t.Skip("importing into containerd needs root")
 	}
 	if err := containerdproc.Binaries(); err != nil {
-		t.Skip(err)
+		t.Skipf("containerd binaries not installed: %v", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	dir, err := containerdproc.ShortDir("basin-stack-test")
