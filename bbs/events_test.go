@@ -170,10 +170,10 @@ func TestEventsSurviveCompaction(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	relistsBefore := s.actual.relists
+	relistsBefore := s.actual.relistCount()
 	runStore(t, s)
 	log.drain(sub, currentRevisions(t, w, "a", "b"))
-	if s.actual.relists == relistsBefore {
+	if s.actual.relistCount() == relistsBefore {
 		t.Error("the store resumed its watch without hitting the compaction: the test did not exercise re-listing")
 	}
 

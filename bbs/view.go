@@ -54,7 +54,7 @@ type view struct {
 	ready   chan struct{}
 	readyMu sync.Once
 
-	// relists counts full re-lists after the first, for tests and metrics.
+	// relists counts full re-lists after the first (under mu).
 	relists int
 }
 
@@ -97,6 +97,13 @@ func (v *view) noteWrite(key string, val []byte, modRev int64, deleted bool) {
 		clear(v.recent)
 	}
 	v.recent[key] = overlay{kvEntry: kvEntry{val: val, modRev: modRev}, deleted: deleted}
+}
+
+// relistCount is how many times the view re-listed after its first list.
+func (v *view) relistCount() int {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.relists
 }
 
 // revision is the etcd revision the view reflects.
