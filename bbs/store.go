@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -198,9 +199,9 @@ func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, st
 
 func (s *Store) viewFor(key string) *view {
 	switch {
-	case hasPrefix(key, s.keys.ActualPrefix()):
+	case strings.HasPrefix(key, s.keys.ActualPrefix()):
 		return s.actual
-	case hasPrefix(key, s.keys.TaskPrefix()):
+	case strings.HasPrefix(key, s.keys.TaskPrefix()):
 		return s.tasks
 	default:
 		return s.desired
@@ -221,8 +222,6 @@ func (s *Store) read(ctx context.Context, key string) (record, error) {
 	s.viewFor(key).noteWrite(key, kv.Value, kv.ModRevision, false)
 	return record{val: kv.Value, modRev: kv.ModRevision, exists: true}, nil
 }
-
-func hasPrefix(s, p string) bool { return len(s) >= len(p) && s[:len(p)] == p }
 
 func marshal(m proto.Message) []byte {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
@@ -250,7 +249,7 @@ func (s *Store) checkLeaderFence(field string, f *basinv1.Fence) error {
 	if err := checkFence(field, f, false); err != nil || f == nil {
 		return err
 	}
-	if !hasPrefix(f.GetKey(), s.keys.LeaderPrefix()) && !hasPrefix(f.GetKey(), s.keys.CellPrefix()) {
+	if !strings.HasPrefix(f.GetKey(), s.keys.LeaderPrefix()) && !strings.HasPrefix(f.GetKey(), s.keys.CellPrefix()) {
 		return fieldErr(field+".key", "must be an election key under %q or a presence key under %q, got %q", s.keys.LeaderPrefix(), s.keys.CellPrefix(), f.GetKey())
 	}
 	return nil
