@@ -10,8 +10,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -144,23 +142,7 @@ func (a *Auctioneer) Run(ctx context.Context) error {
 	defer a.closeConns()
 	g, gctx := errgroup.WithContext(ctx)
 	if a.cfg.DebugAddress != "" {
-		lis, err := net.Listen("tcp", a.cfg.DebugAddress)
-		if err != nil {
-			return fmt.Errorf("listen on debug address %s: %w", a.cfg.DebugAddress, err)
-		}
-		srv := &http.Server{Handler: bbs.DebugHandler(a.reg), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("debug server: %w", err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(gctx), 2*time.Second)
-			defer cancel()
-			return srv.Shutdown(sctx)
-		})
+		g.Go(func() error { return bbs.ServeDebug(gctx, a.cfg.DebugAddress, a.reg) })
 	}
 	g.Go(func() error {
 		return leader.Run(gctx, a.etcd, leader.Config{

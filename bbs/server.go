@@ -161,19 +161,7 @@ func (s *Server) Run(ctx context.Context) error {
 		g.Go(func() error { s.collectBlobs(gctx); return nil })
 	}
 	if s.cfg.DebugAddress != "" {
-		dbg := &http.Server{Addr: s.cfg.DebugAddress, Handler: DebugHandler(s.registry), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := dbg.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("serve debug on %s: %w", s.cfg.DebugAddress, err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			return dbg.Shutdown(sctx)
-		})
+		g.Go(func() error { return ServeDebug(gctx, s.cfg.DebugAddress, s.registry) })
 	}
 	g.Go(func() error {
 		<-gctx.Done()
@@ -215,10 +203,33 @@ func DebugHandler(reg *prometheus.Registry) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+// ServeDebug serves DebugHandler(reg) on addr until ctx ends, then shuts it
+// down within 2 s. Every component's debug port runs through it.
+func ServeDebug(ctx context.Context, addr string, reg *prometheus.Registry) error {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("listen on debug address %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: DebugHandler(reg), ReadHeaderTimeout: 5 * time.Second}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve debug on %s: %w", addr, err)
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+	defer cancel()
+	err = srv.Shutdown(sctx)
+	<-served
+	return err
 }
 
 func serverTLS(certFile, keyFile, caFile string) (*tls.Config, error) {

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -254,19 +253,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return r.Run(gctx) })
 	g.Go(func() error { return rep.Serve(gctx, r, gs, hs, c.lis) })
 	if cfg.DebugAddress != "" {
-		dbg := &http.Server{Addr: cfg.DebugAddress, Handler: bbs.DebugHandler(c.registry), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := dbg.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("serve debug on %s: %w", cfg.DebugAddress, err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			return dbg.Shutdown(sctx)
-		})
+		g.Go(func() error { return bbs.ServeDebug(gctx, cfg.DebugAddress, c.registry) })
 	}
 	c.log.Info("cell serving", "addr", c.Addr(), "debug", cfg.DebugAddress)
 	return g.Wait()

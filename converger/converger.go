@@ -12,8 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -124,23 +122,7 @@ func (c *Converger) Registry() *prometheus.Registry { return c.reg }
 func (c *Converger) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	if c.cfg.DebugAddress != "" {
-		lis, err := net.Listen("tcp", c.cfg.DebugAddress)
-		if err != nil {
-			return fmt.Errorf("listen on debug address %s: %w", c.cfg.DebugAddress, err)
-		}
-		srv := &http.Server{Handler: bbs.DebugHandler(c.reg), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			if err := srv.Serve(lis); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("debug server: %w", err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(gctx), 2*time.Second)
-			defer cancel()
-			return srv.Shutdown(sctx)
-		})
+		g.Go(func() error { return bbs.ServeDebug(gctx, c.cfg.DebugAddress, c.reg) })
 	}
 	g.Go(func() error {
 		return leader.Run(gctx, c.etcd, leader.Config{

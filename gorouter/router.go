@@ -26,13 +26,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/pprof"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/basinpaas/basin/bbs"
@@ -217,7 +215,7 @@ func (r *Router) Run(ctx context.Context) error {
 		goRun(func() error { return serveHTTP(hs, r.healthLn) })
 	}
 	if r.debugLn != nil {
-		ds := &http.Server{Handler: r.debugMux(), ReadHeaderTimeout: 5 * time.Second}
+		ds := &http.Server{Handler: bbs.DebugHandler(r.reg), ReadHeaderTimeout: 5 * time.Second}
 		aux = append(aux, ds)
 		goRun(func() error { return serveHTTP(ds, r.debugLn) })
 	}
@@ -299,15 +297,4 @@ func (r *Router) health(w http.ResponseWriter, req *http.Request) {
 	default:
 		io.WriteString(w, "ok\n")
 	}
-}
-
-func (r *Router) debugMux() *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	return mux
 }
