@@ -53,27 +53,31 @@ func describe(a *basinv1.ActualLRP) string {
 	return stateName(a.GetState())
 }
 
-// actualTransition decodes the record, lets fn change it, and writes it back
-// with the index-key ops fn asks for. fn returns noop=true to write nothing.
-func (s *Store) actualTransition(ctx context.Context, guid string, index int32, fence *basinv1.Fence,
-	fn func(a *basinv1.ActualLRP) (extra []clientv3.Op, writes []string, noop bool, err error)) (*basinv1.ActualLRP, error) {
-	key := s.keys.Actual(guid, index)
-	var out *basinv1.ActualLRP
+// stepFunc changes a decoded record and names the index-key ops to write with
+// it; noop=true writes nothing.
+type stepFunc[T proto.Message] func(rec T) (extra []clientv3.Op, writes []string, noop bool, err error)
+
+// recordTransition decodes the record at key, lets fn change it, and writes it
+// back with the ops fn asks for, in one guarded transaction. setRev sets the
+// record's Revision field, which is filled from etcd and never stored.
+func recordTransition[T proto.Message](ctx context.Context, s *Store, key string, fence *basinv1.Fence,
+	decode func(string, record) (T, error), setRev func(T, int64), fn stepFunc[T]) (T, error) {
+	var out, zero T
 	rec, err := s.mutate(ctx, key, fence, func(cur record) (plan, error) {
-		a, err := decodeActual(key, cur)
+		r, err := decode(key, cur)
 		if err != nil {
 			return plan{}, err
 		}
-		extra, writes, noop, err := fn(a)
+		extra, writes, noop, err := fn(r)
 		if err != nil {
 			return plan{}, err
 		}
-		out = a
+		out = r
 		if noop {
 			return plan{noop: true}, nil
 		}
-		a.Revision = 0
-		val := marshal(a)
+		setRev(r, 0)
+		val := marshal(r)
 		return plan{
 			ops:    append([]clientv3.Op{clientv3.OpPut(key, string(val))}, extra...),
 			writes: append([]string{key}, writes...),
@@ -81,10 +85,16 @@ func (s *Store) actualTransition(ctx context.Context, guid string, index int32, 
 		}, nil
 	})
 	if err != nil {
-		return nil, err
+		return zero, err
 	}
-	out.Revision = rec.modRev
+	setRev(out, rec.modRev)
 	return out, nil
+}
+
+// actualTransition is recordTransition for the instance guid/index.
+func (s *Store) actualTransition(ctx context.Context, guid string, index int32, fence *basinv1.Fence, fn stepFunc[*basinv1.ActualLRP]) (*basinv1.ActualLRP, error) {
+	return recordTransition(ctx, s, s.keys.Actual(guid, index), fence, decodeActual,
+		func(a *basinv1.ActualLRP, rev int64) { a.Revision = rev }, fn)
 }
 
 // ClaimActualLRP moves an UNCLAIMED instance to CLAIMED on the calling cell,

@@ -64,38 +64,17 @@ func (s *Store) DesireTask(ctx context.Context, guid, domain string, def *basinv
 	return t, nil
 }
 
-// taskTransition decodes a task, lets fn change it and writes it back.
-func (s *Store) taskTransition(ctx context.Context, guid string, fence *basinv1.Fence,
-	fn func(t *basinv1.Task) (extra []clientv3.Op, writes []string, noop bool, err error)) (*basinv1.Task, error) {
-	key := s.keys.Task(guid)
-	var out *basinv1.Task
-	rec, err := s.mutate(ctx, key, fence, func(cur record) (plan, error) {
-		t, err := decodeTask(key, cur)
-		if err != nil {
-			return plan{}, err
-		}
-		extra, writes, noop, err := fn(t)
-		if err != nil {
-			return plan{}, err
-		}
-		out = t
-		if noop {
-			return plan{noop: true}, nil
-		}
-		t.Revision = 0
-		t.UpdatedAtUnixNano = s.now().UnixNano()
-		val := marshal(t)
-		return plan{
-			ops:    append([]clientv3.Op{clientv3.OpPut(key, string(val))}, extra...),
-			writes: append([]string{key}, writes...),
-			val:    val,
-		}, nil
-	})
-	if err != nil {
-		return nil, err
-	}
-	out.Revision = rec.modRev
-	return out, nil
+// taskTransition is recordTransition for a task, stamping its update time.
+func (s *Store) taskTransition(ctx context.Context, guid string, fence *basinv1.Fence, fn stepFunc[*basinv1.Task]) (*basinv1.Task, error) {
+	return recordTransition(ctx, s, s.keys.Task(guid), fence, decodeTask,
+		func(t *basinv1.Task, rev int64) { t.Revision = rev },
+		func(t *basinv1.Task) ([]clientv3.Op, []string, bool, error) {
+			extra, writes, noop, err := fn(t)
+			if err == nil && !noop {
+				t.UpdatedAtUnixNano = s.now().UnixNano()
+			}
+			return extra, writes, noop, err
+		})
 }
 
 // StartTask moves a PENDING task to RUNNING on a cell. shouldStart is false
