@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"sort"
 	"sync"
@@ -686,28 +687,12 @@ func TestConvergerRestartsCrashes(t *testing.T) {
 	}
 }
 
-var (
-	leaderBinOnce sync.Once
-	leaderBinDir  string
-	leaderBinErr  error
-)
-
-// leaderBinaries builds cmd/auctioneer and cmd/converger once per run.
+// leaderBinaries builds cmd/auctioneer and cmd/converger once per run and
+// returns the directory holding them.
 func leaderBinaries(t *testing.T) string {
 	t.Helper()
-	leaderBinOnce.Do(func() {
-		if leaderBinDir, leaderBinErr = os.MkdirTemp("", "basin-leaders-bin-"); leaderBinErr != nil {
-			return
-		}
-		out, err := exec.Command("go", "build", "-o", leaderBinDir+"/", "../cmd/auctioneer", "../cmd/converger").CombinedOutput()
-		if err != nil {
-			leaderBinErr = fmt.Errorf("%w: %s", err, out)
-		}
-	})
-	if leaderBinErr != nil {
-		t.Fatalf("build cmd/auctioneer, cmd/converger: %v", leaderBinErr)
-	}
-	return leaderBinDir
+	command(t, "converger")
+	return filepath.Dir(command(t, "auctioneer"))
 }
 
 // TestLeaderProcessesSIGKILLedWhileScaling: two cmd/auctioneer and two

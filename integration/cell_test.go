@@ -44,8 +44,8 @@ func TestMain(m *testing.M) {
 		}
 		os.RemoveAll(repEtcdDir)
 	}
-	if cellBinPath != "" {
-		os.RemoveAll(filepath.Dir(cellBinPath))
+	if binDir != "" {
+		os.RemoveAll(binDir)
 	}
 	os.Exit(code)
 }
@@ -64,31 +64,10 @@ var (
 	})
 )
 
-var (
-	cellBinOnce sync.Once
-	cellBinPath string
-	cellBinErr  error
-)
-
 // cellBinary builds cmd/cell once per test run.
 func cellBinary(t *testing.T) string {
 	t.Helper()
-	cellBinOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "basin-cell-bin-")
-		if err != nil {
-			cellBinErr = err
-			return
-		}
-		cellBinPath = filepath.Join(dir, "cell")
-		out, err := exec.Command("go", "build", "-o", cellBinPath, "../cmd/cell").CombinedOutput()
-		if err != nil {
-			cellBinErr = fmt.Errorf("%w: %s", err, out)
-		}
-	})
-	if cellBinErr != nil {
-		t.Fatalf("build cmd/cell: %v", cellBinErr)
-	}
-	return cellBinPath
+	return command(t, "cell")
 }
 
 // repEnv is etcd, a real BBS server in this process, and a BBS client.
@@ -582,12 +561,7 @@ func TestCellProcessRestartsAndDies(t *testing.T) {
 	defer cancel()
 	env := newRepEnv(t, ctx)
 	bin := cellBinary(t)
-	launcher := filepath.Join(t.TempDir(), "basin-launcher")
-	build := exec.Command("go", "build", "-o", launcher, "github.com/basinpaas/basin/cmd/basin-launcher")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build basin-launcher: %v\n%s", err, out)
-	}
+	launcher := command(t, "basin-launcher")
 	state, err := containerdproc.ShortDir("bcellp")
 	if err != nil {
 		t.Fatal(err)

@@ -31,39 +31,11 @@ import (
 	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 )
 
-var (
-	basinBinOnce sync.Once
-	basinBinPath string
-	basinBinErr  error
-)
-
-// basinBinary builds cmd/basin once per test run, with basin-launcher (a
-// static binary) beside it, as make build does.
+// basinBinary builds cmd/basin with basin-launcher beside it, as make build does.
 func basinBinary(t *testing.T) string {
 	t.Helper()
-	basinBinOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "basin-bin-")
-		if err != nil {
-			basinBinErr = err
-			return
-		}
-		basinBinPath = filepath.Join(dir, "basin")
-		if out, err := exec.Command("go", "build", "-o", basinBinPath, "../cmd/basin").CombinedOutput(); err != nil {
-			basinBinErr = err
-			t.Logf("go build basin: %s", out)
-			return
-		}
-		launcher := exec.Command("go", "build", "-o", filepath.Join(dir, "basin-launcher"), "../cmd/basin-launcher")
-		launcher.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := launcher.CombinedOutput(); err != nil {
-			basinBinErr = err
-			t.Logf("go build basin-launcher: %s", out)
-		}
-	})
-	if basinBinErr != nil {
-		t.Fatalf("build basin: %v", basinBinErr)
-	}
-	return basinBinPath
+	command(t, "basin-launcher")
+	return command(t, "basin")
 }
 
 func freeLoopbackAddr(t *testing.T) string {

@@ -83,13 +83,7 @@ func startCell(t *testing.T) *cellEnv {
 	}
 	t.Cleanup(func() { c.Close() })
 
-	bin := t.TempDir()
-	launcher := filepath.Join(bin, "basin-launcher")
-	build := exec.Command("go", "build", "-o", launcher, "github.com/basinpaas/basin/cmd/basin-launcher")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build basin-launcher: %v\n%s", err, out)
-	}
+	launcher := command(t, "basin-launcher")
 
 	start := time.Now()
 	rootfs, err := stack.BuildTiny(ctx, filepath.Join(t.TempDir(), "tiny"))
