@@ -142,7 +142,11 @@ func (a *Auctioneer) Run(ctx context.Context) error {
 	defer a.closeConns()
 	g, gctx := errgroup.WithContext(ctx)
 	if a.cfg.DebugAddress != "" {
-		g.Go(func() error { return bbs.ServeDebug(gctx, a.cfg.DebugAddress, a.reg) })
+		lis, err := bbs.ListenDebug(a.cfg.DebugAddress)
+		if err != nil {
+			return err
+		}
+		g.Go(func() error { return bbs.ServeDebug(gctx, lis, a.reg) })
 	}
 	g.Go(func() error {
 		return leader.Run(gctx, a.etcd, leader.Config{

@@ -161,7 +161,11 @@ func (s *Server) Run(ctx context.Context) error {
 		g.Go(func() error { s.collectBlobs(gctx); return nil })
 	}
 	if s.cfg.DebugAddress != "" {
-		g.Go(func() error { return ServeDebug(gctx, s.cfg.DebugAddress, s.registry) })
+		lis, err := ListenDebug(s.cfg.DebugAddress)
+		if err != nil {
+			return err
+		}
+		g.Go(func() error { return ServeDebug(gctx, lis, s.registry) })
 	}
 	g.Go(func() error {
 		<-gctx.Done()
@@ -210,13 +214,19 @@ func DebugHandler(reg *prometheus.Registry) http.Handler {
 	return mux
 }
 
-// ServeDebug serves DebugHandler(reg) on addr until ctx ends, then shuts it
-// down within 2 s. Every component's debug port runs through it.
-func ServeDebug(ctx context.Context, addr string, reg *prometheus.Registry) error {
+// ListenDebug binds a debug address, saying which on failure.
+func ListenDebug(addr string) (net.Listener, error) {
 	lis, err := net.Listen("tcp", addr)
 	if err != nil {
-		return fmt.Errorf("listen on debug address %s: %w", addr, err)
+		return nil, fmt.Errorf("listen on debug address %s: %w", addr, err)
 	}
+	return lis, nil
+}
+
+// ServeDebug serves DebugHandler(reg) on lis until ctx ends, then shuts it
+// down within 2 s. Every component's debug port runs through it.
+func ServeDebug(ctx context.Context, lis net.Listener, reg *prometheus.Registry) error {
+	addr := lis.Addr().String()
 	srv := &http.Server{Handler: DebugHandler(reg), ReadHeaderTimeout: 5 * time.Second}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(lis) }()
@@ -227,7 +237,7 @@ func ServeDebug(ctx context.Context, addr string, reg *prometheus.Registry) erro
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	err = srv.Shutdown(sctx)
+	err := srv.Shutdown(sctx)
 	<-served
 	return err
 }

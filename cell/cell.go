@@ -50,7 +50,9 @@ type Config struct {
 	Listener      net.Listener
 	RepAddress    string
 	// DebugAddress serves /metrics and pprof; empty disables it.
-	DebugAddress string
+	// DebugListener, when set, is used instead (already bound).
+	DebugAddress  string
+	DebugListener net.Listener
 	// CertFile and KeyFile serve the rep's API over TLS; ClientCAFile then
 	// requires client certificates it signed (the auctioneer's, an
 	// operator's). Plaintext when CertFile is empty: loopback development.
@@ -252,8 +254,14 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 	})
 	g.Go(func() error { return r.Run(gctx) })
 	g.Go(func() error { return rep.Serve(gctx, r, gs, hs, c.lis) })
-	if cfg.DebugAddress != "" {
-		g.Go(func() error { return bbs.ServeDebug(gctx, cfg.DebugAddress, c.registry) })
+	if dbg := cfg.DebugListener; dbg != nil || cfg.DebugAddress != "" {
+		if dbg == nil {
+			var err error
+			if dbg, err = bbs.ListenDebug(cfg.DebugAddress); err != nil {
+				return err
+			}
+		}
+		g.Go(func() error { return bbs.ServeDebug(gctx, dbg, c.registry) })
 	}
 	c.log.Info("cell serving", "addr", c.Addr(), "debug", cfg.DebugAddress)
 	return g.Wait()

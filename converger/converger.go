@@ -122,7 +122,11 @@ func (c *Converger) Registry() *prometheus.Registry { return c.reg }
 func (c *Converger) Run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	if c.cfg.DebugAddress != "" {
-		g.Go(func() error { return bbs.ServeDebug(gctx, c.cfg.DebugAddress, c.reg) })
+		lis, err := bbs.ListenDebug(c.cfg.DebugAddress)
+		if err != nil {
+			return err
+		}
+		g.Go(func() error { return bbs.ServeDebug(gctx, lis, c.reg) })
 	}
 	g.Go(func() error {
 		return leader.Run(gctx, c.etcd, leader.Config{

@@ -528,7 +528,7 @@ func TestRealCellsPlaceOnThreeCells(t *testing.T) {
 	defer cancel()
 	env := newRepEnv(t, ctx)
 	for i, id := range []string{"rc-a", "rc-b", "rc-c"} {
-		c := runTestCell(t, cenv, env, id, 4+i, "")
+		c := runTestCell(t, cenv, env, id, 4+i, nil)
 		waitServing(t, ctx, c.Addr())
 	}
 	startLeaders(t, env)
@@ -583,7 +583,7 @@ func TestCellLoss(t *testing.T) {
 		"--subnet", subnet, "--firewall-chain", chain, "--host-ports", "63600-63699", "--lease-ttl", "3s",
 		"--stop-grace", "2s", "--evacuation-timeout", "2s", "--memory-mb", "1024"})
 	for i, id := range []string{"rk-a", "rk-b"} {
-		c := runTestCell(t, cenv, env, id, 4+i, "")
+		c := runTestCell(t, cenv, env, id, 4+i, nil)
 		waitServing(t, ctx, c.Addr())
 	}
 	waitServing(t, ctx, listen)

@@ -222,9 +222,15 @@ func TestCellRunsAndCrashesLRPs(t *testing.T) {
 
 	// Two cells in this process on one containerd, as basin dev up --cells
 	// N runs them: each has its own id, state, bridge, subnet, ports.
-	debugAddr := freeLoopbackAddr(t)
-	a := runTestCell(t, cenv, env, "it-cell", 0, debugAddr)
-	b := runTestCell(t, cenv, env, "it-cell-b", 1, "")
+	// Bound here, not picked and released: a released port can be taken by
+	// any outgoing connection before the cell binds it.
+	debugLis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	debugAddr := debugLis.Addr().String()
+	a := runTestCell(t, cenv, env, "it-cell", 0, debugLis)
+	b := runTestCell(t, cenv, env, "it-cell-b", 1, nil)
 	rc := cellClient(t, a.Addr())
 	rcB := cellClient(t, b.Addr())
 	waitServing(t, ctx, a.Addr())
@@ -421,7 +427,7 @@ if [ "$n" -ge 3 ]; then (sleep 0.2; touch /home/vcap/tmp/done) >/dev/null 2>&1 &
 
 // runTestCell runs cell n of this process on the shared containerd until
 // the test ends.
-func runTestCell(t *testing.T, cenv *cellEnv, env *repEnv, id string, n int, debug string) *cell.Cell {
+func runTestCell(t *testing.T, cenv *cellEnv, env *repEnv, id string, n int, debug net.Listener) *cell.Cell {
 	t.Helper()
 	state, err := containerdproc.ShortDir("bcell")
 	if err != nil {
@@ -434,7 +440,7 @@ func runTestCell(t *testing.T, cenv *cellEnv, env *repEnv, id string, n int, deb
 	}
 	c, err := cell.New(cell.Config{
 		ID: id, Zone: "z1", Capacity: &basinv1.CellCapacity{MemoryMb: 1024, DiskMb: 4096, Containers: 10},
-		Listener: lis, DebugAddress: debug, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
+		Listener: lis, DebugListener: debug, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
 		LauncherPath: cenv.launcher, StateDir: state,
 		NetworkName: bridge, BridgeName: bridge, Subnet: fmt.Sprintf("10.%d.0.0/24", 221+2*n),
 		FirewallChain: fmt.Sprintf("BASIN-CELLTEST%d", 2*n),
