@@ -435,11 +435,14 @@ func (t *term) fullPass(ctx context.Context) (time.Time, error) {
 	if in.Queued, err = t.queued(ctx, t.c.keys.UnclaimedPrefix()); err != nil {
 		return t.retrySoon(err)
 	}
-	ds, err := t.c.bbs.ListDesiredLRPSchedules(ctx, &basinv1.ListDesiredLRPSchedulesRequest{})
+	// Actuals before desired: an LRP desired in between then has its
+	// instances missing from this pass (creating them is a guarded no-op),
+	// never instances without their LRP, which would be retired as extra.
+	as, err := t.c.bbs.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{})
 	if err != nil {
 		return t.retrySoon(err)
 	}
-	as, err := t.c.bbs.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{})
+	ds, err := t.c.bbs.ListDesiredLRPSchedules(ctx, &basinv1.ListDesiredLRPSchedulesRequest{})
 	if err != nil {
 		return t.retrySoon(err)
 	}
@@ -463,14 +466,16 @@ func (t *term) lrpPass(ctx context.Context, guids []string) (time.Time, error) {
 		if in.Queued, err = t.queued(ctx, t.c.keys.UnclaimedPrefix()+guid+"/"); err != nil {
 			return t.retrySoon(err)
 		}
+		// Actuals before desired, as in the full pass: a scale-up in
+		// between must not make its new instances look extra.
+		as, err := t.c.bbs.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{ProcessGuid: guid})
+		if err != nil {
+			return t.retrySoon(err)
+		}
 		d, err := t.c.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: guid})
 		if status.Code(err) == codes.NotFound {
 			continue
 		}
-		if err != nil {
-			return t.retrySoon(err)
-		}
-		as, err := t.c.bbs.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{ProcessGuid: guid})
 		if err != nil {
 			return t.retrySoon(err)
 		}
