@@ -2,9 +2,12 @@ package bbs
 
 import (
 	"context"
+	"slices"
+	"sync"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 )
 
 // API serves the BBSService over gRPC: validate, call the store, return.
@@ -109,6 +112,24 @@ func (a *API) ListDesiredLRPs(ctx context.Context, req *basinv1.ListDesiredLRPsR
 	if err := checkOptionalGUID("domain", req.GetDomain()); err != nil {
 		return nil, err
 	}
+	if guids := req.GetProcessGuids(); len(guids) > 0 {
+		if len(guids) > maxBatch {
+			return nil, fieldErr("process_guids", "must list at most %d guids, got %d", maxBatch, len(guids))
+		}
+		for i, g := range guids {
+			if err := checkGUID(indexed("process_guids", i), g); err != nil {
+				return nil, err
+			}
+		}
+		ds, err := a.store.GetDesiredLRPs(ctx, guids)
+		if err != nil {
+			return nil, err
+		}
+		if d := req.GetDomain(); d != "" {
+			ds = slices.DeleteFunc(ds, func(x *basinv1.DesiredLRP) bool { return x.GetSchedule().GetDomain() != d })
+		}
+		return &basinv1.ListDesiredLRPsResponse{DesiredLrps: ds}, nil
+	}
 	ds, err := a.store.ListDesiredLRPs(ctx, req.GetDomain())
 	if err != nil {
 		return nil, err
@@ -190,6 +211,56 @@ func (a *API) StartActualLRP(ctx context.Context, req *basinv1.StartActualLRPReq
 		return nil, err
 	}
 	return &basinv1.StartActualLRPResponse{ActualLrp: al}, nil
+}
+
+// maxBatch bounds the items of one batched request.
+const maxBatch = 1000
+
+// ApplyActualLRPTransitions runs each transition through its single call's
+// handler, concurrently, so validation, fencing and the guarded transaction
+// are exactly the same; the store's committer merges them into few etcd
+// transactions. One gRPC call instead of many is what makes a cell's batch
+// cheap: the per-call cost of gRPC, not etcd, dominates at high rates.
+func (a *API) ApplyActualLRPTransitions(ctx context.Context, req *basinv1.ApplyActualLRPTransitionsRequest) (*basinv1.ApplyActualLRPTransitionsResponse, error) {
+	ts := req.GetTransitions()
+	if len(ts) > maxBatch {
+		return nil, fieldErr("transitions", "must hold at most %d transitions, got %d", maxBatch, len(ts))
+	}
+	results := make([]*basinv1.ActualLRPTransitionResult, len(ts))
+	var wg sync.WaitGroup
+	for i, t := range ts {
+		wg.Go(func() {
+			var al *basinv1.ActualLRP
+			var err error
+			switch op := t.GetTransition().(type) {
+			case *basinv1.ActualLRPTransition_Claim:
+				var r *basinv1.ClaimActualLRPResponse
+				if r, err = a.ClaimActualLRP(ctx, op.Claim); err == nil {
+					al = r.GetActualLrp()
+				}
+			case *basinv1.ActualLRPTransition_Start:
+				var r *basinv1.StartActualLRPResponse
+				if r, err = a.StartActualLRP(ctx, op.Start); err == nil {
+					al = r.GetActualLrp()
+				}
+			case *basinv1.ActualLRPTransition_Crash:
+				var r *basinv1.CrashActualLRPResponse
+				if r, err = a.CrashActualLRP(ctx, op.Crash); err == nil {
+					al = r.GetActualLrp()
+				}
+			default:
+				err = fieldErr(indexed("transitions", i), "must set claim, start or crash")
+			}
+			res := &basinv1.ActualLRPTransitionResult{ActualLrp: al}
+			if err != nil {
+				st, _ := status.FromError(toStatus(err))
+				res.Code, res.Message = int32(st.Code()), st.Message()
+			}
+			results[i] = res
+		})
+	}
+	wg.Wait()
+	return &basinv1.ApplyActualLRPTransitionsResponse{Results: results}, nil
 }
 
 func (a *API) CrashActualLRP(ctx context.Context, req *basinv1.CrashActualLRPRequest) (*basinv1.CrashActualLRPResponse, error) {

@@ -3,6 +3,7 @@ package bbs
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -363,4 +364,44 @@ func (s *Store) CreateMissingActualLRPs(ctx context.Context, guid string, fence 
 		created = append(created, i)
 	}
 	return created, nil
+}
+
+// maxDesiredPerTxn keeps a batched read within etcd's per-txn op limit
+// (two gets per LRP).
+const maxDesiredPerTxn = 64
+
+// GetDesiredLRPs reads the named desired LRPs, in batched transactions run
+// concurrently; unknown guids are left out. A cell uses it to read every LRP
+// of one Perform at once.
+func (s *Store) GetDesiredLRPs(ctx context.Context, guids []string) ([]*basinv1.DesiredLRP, error) {
+	chunks := slices.Collect(slices.Chunk(guids, maxDesiredPerTxn))
+	found := make([][]*basinv1.DesiredLRP, len(chunks))
+	g, gctx := errgroup.WithContext(ctx)
+	for i, chunk := range chunks {
+		g.Go(func() error {
+			ops := make([]clientv3.Op, 0, 2*len(chunk))
+			for _, guid := range chunk {
+				ops = append(ops, clientv3.OpGet(s.keys.DesiredSchedule(guid)), clientv3.OpGet(s.keys.DesiredRun(guid)))
+			}
+			resp, err := s.cli.Txn(gctx).Then(ops...).Commit()
+			if err != nil {
+				return fmt.Errorf("get %d desired LRPs: %w", len(chunk), err)
+			}
+			for j := range chunk {
+				sr, rr := resp.Responses[2*j].GetResponseRange(), resp.Responses[2*j+1].GetResponseRange()
+				if len(sr.Kvs) == 0 || len(rr.Kvs) == 0 {
+					continue
+				}
+				d := decodeDesiredEntries(&kvEntry{val: sr.Kvs[0].Value, modRev: sr.Kvs[0].ModRevision}, &kvEntry{val: rr.Kvs[0].Value, modRev: rr.Kvs[0].ModRevision})
+				if d != nil {
+					found[i] = append(found[i], d)
+				}
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
+	}
+	return slices.Concat(found...), nil
 }

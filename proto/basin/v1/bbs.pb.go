@@ -522,7 +522,9 @@ func (x *GetDesiredLRPResponse) GetDesiredLrp() *DesiredLRP {
 type ListDesiredLRPsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only LRPs of this domain; empty lists all.
-	Domain        string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
+	Domain string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
+	// Only these LRPs (at most 1,000); unknown guids are left out.
+	ProcessGuids  []string `protobuf:"bytes,2,rep,name=process_guids,json=processGuids,proto3" json:"process_guids,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -562,6 +564,13 @@ func (x *ListDesiredLRPsRequest) GetDomain() string {
 		return x.Domain
 	}
 	return ""
+}
+
+func (x *ListDesiredLRPsRequest) GetProcessGuids() []string {
+	if x != nil {
+		return x.ProcessGuids
+	}
+	return nil
 }
 
 type ListDesiredLRPsResponse struct {
@@ -1626,6 +1635,256 @@ func (*RemoveActualLRPResponse) Descriptor() ([]byte, []int) {
 	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{31}
 }
 
+type ActualLRPTransition struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Transition:
+	//
+	//	*ActualLRPTransition_Claim
+	//	*ActualLRPTransition_Start
+	//	*ActualLRPTransition_Crash
+	Transition    isActualLRPTransition_Transition `protobuf_oneof:"transition"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActualLRPTransition) Reset() {
+	*x = ActualLRPTransition{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActualLRPTransition) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActualLRPTransition) ProtoMessage() {}
+
+func (x *ActualLRPTransition) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActualLRPTransition.ProtoReflect.Descriptor instead.
+func (*ActualLRPTransition) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *ActualLRPTransition) GetTransition() isActualLRPTransition_Transition {
+	if x != nil {
+		return x.Transition
+	}
+	return nil
+}
+
+func (x *ActualLRPTransition) GetClaim() *ClaimActualLRPRequest {
+	if x != nil {
+		if x, ok := x.Transition.(*ActualLRPTransition_Claim); ok {
+			return x.Claim
+		}
+	}
+	return nil
+}
+
+func (x *ActualLRPTransition) GetStart() *StartActualLRPRequest {
+	if x != nil {
+		if x, ok := x.Transition.(*ActualLRPTransition_Start); ok {
+			return x.Start
+		}
+	}
+	return nil
+}
+
+func (x *ActualLRPTransition) GetCrash() *CrashActualLRPRequest {
+	if x != nil {
+		if x, ok := x.Transition.(*ActualLRPTransition_Crash); ok {
+			return x.Crash
+		}
+	}
+	return nil
+}
+
+type isActualLRPTransition_Transition interface {
+	isActualLRPTransition_Transition()
+}
+
+type ActualLRPTransition_Claim struct {
+	Claim *ClaimActualLRPRequest `protobuf:"bytes,1,opt,name=claim,proto3,oneof"`
+}
+
+type ActualLRPTransition_Start struct {
+	Start *StartActualLRPRequest `protobuf:"bytes,2,opt,name=start,proto3,oneof"`
+}
+
+type ActualLRPTransition_Crash struct {
+	Crash *CrashActualLRPRequest `protobuf:"bytes,3,opt,name=crash,proto3,oneof"`
+}
+
+func (*ActualLRPTransition_Claim) isActualLRPTransition_Transition() {}
+
+func (*ActualLRPTransition_Start) isActualLRPTransition_Transition() {}
+
+func (*ActualLRPTransition_Crash) isActualLRPTransition_Transition() {}
+
+type ApplyActualLRPTransitionsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most 1,000.
+	Transitions   []*ActualLRPTransition `protobuf:"bytes,1,rep,name=transitions,proto3" json:"transitions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyActualLRPTransitionsRequest) Reset() {
+	*x = ApplyActualLRPTransitionsRequest{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyActualLRPTransitionsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyActualLRPTransitionsRequest) ProtoMessage() {}
+
+func (x *ApplyActualLRPTransitionsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyActualLRPTransitionsRequest.ProtoReflect.Descriptor instead.
+func (*ApplyActualLRPTransitionsRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *ApplyActualLRPTransitionsRequest) GetTransitions() []*ActualLRPTransition {
+	if x != nil {
+		return x.Transitions
+	}
+	return nil
+}
+
+type ActualLRPTransitionResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The instance after the transition, when it succeeded.
+	ActualLrp *ActualLRP `protobuf:"bytes,1,opt,name=actual_lrp,json=actualLrp,proto3" json:"actual_lrp,omitempty"`
+	// The gRPC status code the single call would have returned (0 = OK), and
+	// its message.
+	Code          int32  `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ActualLRPTransitionResult) Reset() {
+	*x = ActualLRPTransitionResult{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ActualLRPTransitionResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ActualLRPTransitionResult) ProtoMessage() {}
+
+func (x *ActualLRPTransitionResult) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ActualLRPTransitionResult.ProtoReflect.Descriptor instead.
+func (*ActualLRPTransitionResult) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *ActualLRPTransitionResult) GetActualLrp() *ActualLRP {
+	if x != nil {
+		return x.ActualLrp
+	}
+	return nil
+}
+
+func (x *ActualLRPTransitionResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *ActualLRPTransitionResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type ApplyActualLRPTransitionsResponse struct {
+	state         protoimpl.MessageState       `protogen:"open.v1"`
+	Results       []*ActualLRPTransitionResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ApplyActualLRPTransitionsResponse) Reset() {
+	*x = ApplyActualLRPTransitionsResponse{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ApplyActualLRPTransitionsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ApplyActualLRPTransitionsResponse) ProtoMessage() {}
+
+func (x *ApplyActualLRPTransitionsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ApplyActualLRPTransitionsResponse.ProtoReflect.Descriptor instead.
+func (*ApplyActualLRPTransitionsResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *ApplyActualLRPTransitionsResponse) GetResults() []*ActualLRPTransitionResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
 type CreateMissingActualLRPsRequest struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	ProcessGuid string                 `protobuf:"bytes,1,opt,name=process_guid,json=processGuid,proto3" json:"process_guid,omitempty"`
@@ -1637,7 +1896,7 @@ type CreateMissingActualLRPsRequest struct {
 
 func (x *CreateMissingActualLRPsRequest) Reset() {
 	*x = CreateMissingActualLRPsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1649,7 +1908,7 @@ func (x *CreateMissingActualLRPsRequest) String() string {
 func (*CreateMissingActualLRPsRequest) ProtoMessage() {}
 
 func (x *CreateMissingActualLRPsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1662,7 +1921,7 @@ func (x *CreateMissingActualLRPsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMissingActualLRPsRequest.ProtoReflect.Descriptor instead.
 func (*CreateMissingActualLRPsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *CreateMissingActualLRPsRequest) GetProcessGuid() string {
@@ -1689,7 +1948,7 @@ type CreateMissingActualLRPsResponse struct {
 
 func (x *CreateMissingActualLRPsResponse) Reset() {
 	*x = CreateMissingActualLRPsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1701,7 +1960,7 @@ func (x *CreateMissingActualLRPsResponse) String() string {
 func (*CreateMissingActualLRPsResponse) ProtoMessage() {}
 
 func (x *CreateMissingActualLRPsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1714,7 +1973,7 @@ func (x *CreateMissingActualLRPsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMissingActualLRPsResponse.ProtoReflect.Descriptor instead.
 func (*CreateMissingActualLRPsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *CreateMissingActualLRPsResponse) GetCreated() []int32 {
@@ -1735,7 +1994,7 @@ type DesireTaskRequest struct {
 
 func (x *DesireTaskRequest) Reset() {
 	*x = DesireTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1747,7 +2006,7 @@ func (x *DesireTaskRequest) String() string {
 func (*DesireTaskRequest) ProtoMessage() {}
 
 func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1760,7 +2019,7 @@ func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskRequest.ProtoReflect.Descriptor instead.
 func (*DesireTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DesireTaskRequest) GetTaskGuid() string {
@@ -1793,7 +2052,7 @@ type DesireTaskResponse struct {
 
 func (x *DesireTaskResponse) Reset() {
 	*x = DesireTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1805,7 +2064,7 @@ func (x *DesireTaskResponse) String() string {
 func (*DesireTaskResponse) ProtoMessage() {}
 
 func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1818,7 +2077,7 @@ func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskResponse.ProtoReflect.Descriptor instead.
 func (*DesireTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DesireTaskResponse) GetTask() *Task {
@@ -1839,7 +2098,7 @@ type StartTaskRequest struct {
 
 func (x *StartTaskRequest) Reset() {
 	*x = StartTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1851,7 +2110,7 @@ func (x *StartTaskRequest) String() string {
 func (*StartTaskRequest) ProtoMessage() {}
 
 func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1864,7 +2123,7 @@ func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskRequest.ProtoReflect.Descriptor instead.
 func (*StartTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *StartTaskRequest) GetTaskGuid() string {
@@ -1899,7 +2158,7 @@ type StartTaskResponse struct {
 
 func (x *StartTaskResponse) Reset() {
 	*x = StartTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2170,7 @@ func (x *StartTaskResponse) String() string {
 func (*StartTaskResponse) ProtoMessage() {}
 
 func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2183,7 @@ func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskResponse.ProtoReflect.Descriptor instead.
 func (*StartTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *StartTaskResponse) GetShouldStart() bool {
@@ -1955,7 +2214,7 @@ type CompleteTaskRequest struct {
 
 func (x *CompleteTaskRequest) Reset() {
 	*x = CompleteTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1967,7 +2226,7 @@ func (x *CompleteTaskRequest) String() string {
 func (*CompleteTaskRequest) ProtoMessage() {}
 
 func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1980,7 +2239,7 @@ func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskRequest.ProtoReflect.Descriptor instead.
 func (*CompleteTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *CompleteTaskRequest) GetTaskGuid() string {
@@ -2034,7 +2293,7 @@ type CompleteTaskResponse struct {
 
 func (x *CompleteTaskResponse) Reset() {
 	*x = CompleteTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2046,7 +2305,7 @@ func (x *CompleteTaskResponse) String() string {
 func (*CompleteTaskResponse) ProtoMessage() {}
 
 func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2059,7 +2318,7 @@ func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskResponse.ProtoReflect.Descriptor instead.
 func (*CompleteTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *CompleteTaskResponse) GetTask() *Task {
@@ -2080,7 +2339,7 @@ type FailTaskRequest struct {
 
 func (x *FailTaskRequest) Reset() {
 	*x = FailTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2092,7 +2351,7 @@ func (x *FailTaskRequest) String() string {
 func (*FailTaskRequest) ProtoMessage() {}
 
 func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2105,7 +2364,7 @@ func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskRequest.ProtoReflect.Descriptor instead.
 func (*FailTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *FailTaskRequest) GetTaskGuid() string {
@@ -2138,7 +2397,7 @@ type FailTaskResponse struct {
 
 func (x *FailTaskResponse) Reset() {
 	*x = FailTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2409,7 @@ func (x *FailTaskResponse) String() string {
 func (*FailTaskResponse) ProtoMessage() {}
 
 func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2422,7 @@ func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskResponse.ProtoReflect.Descriptor instead.
 func (*FailTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *FailTaskResponse) GetTask() *Task {
@@ -2182,7 +2441,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2453,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2466,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CancelTaskRequest) GetTaskGuid() string {
@@ -2226,7 +2485,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2238,7 +2497,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2251,7 +2510,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *CancelTaskResponse) GetTask() *Task {
@@ -2271,7 +2530,7 @@ type ResolveTaskRequest struct {
 
 func (x *ResolveTaskRequest) Reset() {
 	*x = ResolveTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2283,7 +2542,7 @@ func (x *ResolveTaskRequest) String() string {
 func (*ResolveTaskRequest) ProtoMessage() {}
 
 func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2296,7 +2555,7 @@ func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskRequest.ProtoReflect.Descriptor instead.
 func (*ResolveTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *ResolveTaskRequest) GetTaskGuid() string {
@@ -2321,7 +2580,7 @@ type ResolveTaskResponse struct {
 
 func (x *ResolveTaskResponse) Reset() {
 	*x = ResolveTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2333,7 +2592,7 @@ func (x *ResolveTaskResponse) String() string {
 func (*ResolveTaskResponse) ProtoMessage() {}
 
 func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2346,7 +2605,7 @@ func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskResponse.ProtoReflect.Descriptor instead.
 func (*ResolveTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
 }
 
 type GetTaskRequest struct {
@@ -2358,7 +2617,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2370,7 +2629,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2383,7 +2642,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *GetTaskRequest) GetTaskGuid() string {
@@ -2402,7 +2661,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2414,7 +2673,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2427,7 +2686,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -2447,7 +2706,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2459,7 +2718,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2472,7 +2731,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ListTasksRequest) GetDomain() string {
@@ -2498,7 +2757,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2510,7 +2769,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2523,7 +2782,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{53}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -2541,7 +2800,7 @@ type ListCellsRequest struct {
 
 func (x *ListCellsRequest) Reset() {
 	*x = ListCellsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2553,7 +2812,7 @@ func (x *ListCellsRequest) String() string {
 func (*ListCellsRequest) ProtoMessage() {}
 
 func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2566,7 +2825,7 @@ func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsRequest.ProtoReflect.Descriptor instead.
 func (*ListCellsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{54}
 }
 
 type ListCellsResponse struct {
@@ -2578,7 +2837,7 @@ type ListCellsResponse struct {
 
 func (x *ListCellsResponse) Reset() {
 	*x = ListCellsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2590,7 +2849,7 @@ func (x *ListCellsResponse) String() string {
 func (*ListCellsResponse) ProtoMessage() {}
 
 func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2603,7 +2862,7 @@ func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsResponse.ProtoReflect.Descriptor instead.
 func (*ListCellsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *ListCellsResponse) GetCells() []*CellPresence {
@@ -2623,7 +2882,7 @@ type SubscribeToEventsRequest struct {
 
 func (x *SubscribeToEventsRequest) Reset() {
 	*x = SubscribeToEventsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[52]
+	mi := &file_basin_v1_bbs_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2635,7 +2894,7 @@ func (x *SubscribeToEventsRequest) String() string {
 func (*SubscribeToEventsRequest) ProtoMessage() {}
 
 func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[52]
+	mi := &file_basin_v1_bbs_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2648,7 +2907,7 @@ func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{52}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *SubscribeToEventsRequest) GetGuid() string {
@@ -2667,7 +2926,7 @@ type SubscribeToEventsResponse struct {
 
 func (x *SubscribeToEventsResponse) Reset() {
 	*x = SubscribeToEventsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[53]
+	mi := &file_basin_v1_bbs_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2679,7 +2938,7 @@ func (x *SubscribeToEventsResponse) String() string {
 func (*SubscribeToEventsResponse) ProtoMessage() {}
 
 func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[53]
+	mi := &file_basin_v1_bbs_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2692,7 +2951,7 @@ func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{53}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *SubscribeToEventsResponse) GetEvent() *Event {
@@ -2743,9 +3002,10 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\"N\n" +
 	"\x15GetDesiredLRPResponse\x125\n" +
 	"\vdesired_lrp\x18\x01 \x01(\v2\x14.basin.v1.DesiredLRPR\n" +
-	"desiredLrp\"0\n" +
+	"desiredLrp\"U\n" +
 	"\x16ListDesiredLRPsRequest\x12\x16\n" +
-	"\x06domain\x18\x01 \x01(\tR\x06domain\"R\n" +
+	"\x06domain\x18\x01 \x01(\tR\x06domain\x12#\n" +
+	"\rprocess_guids\x18\x02 \x03(\tR\fprocessGuids\"R\n" +
 	"\x17ListDesiredLRPsResponse\x127\n" +
 	"\fdesired_lrps\x18\x01 \x03(\v2\x14.basin.v1.DesiredLRPR\vdesiredLrps\"8\n" +
 	"\x1eListDesiredLRPSchedulesRequest\x12\x16\n" +
@@ -2810,7 +3070,22 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\x03key\x18\x01 \x01(\v2\x16.basin.v1.ActualLRPKeyR\x03key\x12A\n" +
 	"\finstance_key\x18\x02 \x01(\v2\x1e.basin.v1.ActualLRPInstanceKeyR\vinstanceKey\x12%\n" +
 	"\x05fence\x18\x03 \x01(\v2\x0f.basin.v1.FenceR\x05fence\"\x19\n" +
-	"\x17RemoveActualLRPResponse\"j\n" +
+	"\x17RemoveActualLRPResponse\"\xce\x01\n" +
+	"\x13ActualLRPTransition\x127\n" +
+	"\x05claim\x18\x01 \x01(\v2\x1f.basin.v1.ClaimActualLRPRequestH\x00R\x05claim\x127\n" +
+	"\x05start\x18\x02 \x01(\v2\x1f.basin.v1.StartActualLRPRequestH\x00R\x05start\x127\n" +
+	"\x05crash\x18\x03 \x01(\v2\x1f.basin.v1.CrashActualLRPRequestH\x00R\x05crashB\f\n" +
+	"\n" +
+	"transition\"c\n" +
+	" ApplyActualLRPTransitionsRequest\x12?\n" +
+	"\vtransitions\x18\x01 \x03(\v2\x1d.basin.v1.ActualLRPTransitionR\vtransitions\"}\n" +
+	"\x19ActualLRPTransitionResult\x122\n" +
+	"\n" +
+	"actual_lrp\x18\x01 \x01(\v2\x13.basin.v1.ActualLRPR\tactualLrp\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\"b\n" +
+	"!ApplyActualLRPTransitionsResponse\x12=\n" +
+	"\aresults\x18\x01 \x03(\v2#.basin.v1.ActualLRPTransitionResultR\aresults\"j\n" +
 	"\x1eCreateMissingActualLRPsRequest\x12!\n" +
 	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12%\n" +
 	"\x05fence\x18\x02 \x01(\v2\x0f.basin.v1.FenceR\x05fence\";\n" +
@@ -2869,7 +3144,7 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\x18SubscribeToEventsRequest\x12\x12\n" +
 	"\x04guid\x18\x01 \x01(\tR\x04guid\"B\n" +
 	"\x19SubscribeToEventsResponse\x12%\n" +
-	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\xf4\x10\n" +
+	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\xea\x11\n" +
 	"\n" +
 	"BBSService\x12D\n" +
 	"\tDesireLRP\x12\x1a.basin.v1.DesireLRPRequest\x1a\x1b.basin.v1.DesireLRPResponse\x12Y\n" +
@@ -2886,7 +3161,8 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\rFailActualLRP\x12\x1e.basin.v1.FailActualLRPRequest\x1a\x1f.basin.v1.FailActualLRPResponse\x12Y\n" +
 	"\x10UnclaimActualLRP\x12!.basin.v1.UnclaimActualLRPRequest\x1a\".basin.v1.UnclaimActualLRPResponse\x12V\n" +
 	"\x0fRetireActualLRP\x12 .basin.v1.RetireActualLRPRequest\x1a!.basin.v1.RetireActualLRPResponse\x12V\n" +
-	"\x0fRemoveActualLRP\x12 .basin.v1.RemoveActualLRPRequest\x1a!.basin.v1.RemoveActualLRPResponse\x12n\n" +
+	"\x0fRemoveActualLRP\x12 .basin.v1.RemoveActualLRPRequest\x1a!.basin.v1.RemoveActualLRPResponse\x12t\n" +
+	"\x19ApplyActualLRPTransitions\x12*.basin.v1.ApplyActualLRPTransitionsRequest\x1a+.basin.v1.ApplyActualLRPTransitionsResponse\x12n\n" +
 	"\x17CreateMissingActualLRPs\x12(.basin.v1.CreateMissingActualLRPsRequest\x1a).basin.v1.CreateMissingActualLRPsResponse\x12G\n" +
 	"\n" +
 	"DesireTask\x12\x1b.basin.v1.DesireTaskRequest\x1a\x1c.basin.v1.DesireTaskResponse\x12D\n" +
@@ -2913,190 +3189,202 @@ func file_basin_v1_bbs_proto_rawDescGZIP() []byte {
 	return file_basin_v1_bbs_proto_rawDescData
 }
 
-var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
+var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
 var file_basin_v1_bbs_proto_goTypes = []any{
-	(*DesireLRPRequest)(nil),                // 0: basin.v1.DesireLRPRequest
-	(*DesireLRPResponse)(nil),               // 1: basin.v1.DesireLRPResponse
-	(*RouteList)(nil),                       // 2: basin.v1.RouteList
-	(*EnvList)(nil),                         // 3: basin.v1.EnvList
-	(*UpdateDesiredLRPRequest)(nil),         // 4: basin.v1.UpdateDesiredLRPRequest
-	(*UpdateDesiredLRPResponse)(nil),        // 5: basin.v1.UpdateDesiredLRPResponse
-	(*RemoveDesiredLRPRequest)(nil),         // 6: basin.v1.RemoveDesiredLRPRequest
-	(*RemoveDesiredLRPResponse)(nil),        // 7: basin.v1.RemoveDesiredLRPResponse
-	(*GetDesiredLRPRequest)(nil),            // 8: basin.v1.GetDesiredLRPRequest
-	(*GetDesiredLRPResponse)(nil),           // 9: basin.v1.GetDesiredLRPResponse
-	(*ListDesiredLRPsRequest)(nil),          // 10: basin.v1.ListDesiredLRPsRequest
-	(*ListDesiredLRPsResponse)(nil),         // 11: basin.v1.ListDesiredLRPsResponse
-	(*ListDesiredLRPSchedulesRequest)(nil),  // 12: basin.v1.ListDesiredLRPSchedulesRequest
-	(*ListDesiredLRPSchedulesResponse)(nil), // 13: basin.v1.ListDesiredLRPSchedulesResponse
-	(*ListActualLRPsRequest)(nil),           // 14: basin.v1.ListActualLRPsRequest
-	(*ListActualLRPsResponse)(nil),          // 15: basin.v1.ListActualLRPsResponse
-	(*GetActualLRPRequest)(nil),             // 16: basin.v1.GetActualLRPRequest
-	(*GetActualLRPResponse)(nil),            // 17: basin.v1.GetActualLRPResponse
-	(*ClaimActualLRPRequest)(nil),           // 18: basin.v1.ClaimActualLRPRequest
-	(*ClaimActualLRPResponse)(nil),          // 19: basin.v1.ClaimActualLRPResponse
-	(*StartActualLRPRequest)(nil),           // 20: basin.v1.StartActualLRPRequest
-	(*StartActualLRPResponse)(nil),          // 21: basin.v1.StartActualLRPResponse
-	(*CrashActualLRPRequest)(nil),           // 22: basin.v1.CrashActualLRPRequest
-	(*CrashActualLRPResponse)(nil),          // 23: basin.v1.CrashActualLRPResponse
-	(*FailActualLRPRequest)(nil),            // 24: basin.v1.FailActualLRPRequest
-	(*FailActualLRPResponse)(nil),           // 25: basin.v1.FailActualLRPResponse
-	(*UnclaimActualLRPRequest)(nil),         // 26: basin.v1.UnclaimActualLRPRequest
-	(*UnclaimActualLRPResponse)(nil),        // 27: basin.v1.UnclaimActualLRPResponse
-	(*RetireActualLRPRequest)(nil),          // 28: basin.v1.RetireActualLRPRequest
-	(*RetireActualLRPResponse)(nil),         // 29: basin.v1.RetireActualLRPResponse
-	(*RemoveActualLRPRequest)(nil),          // 30: basin.v1.RemoveActualLRPRequest
-	(*RemoveActualLRPResponse)(nil),         // 31: basin.v1.RemoveActualLRPResponse
-	(*CreateMissingActualLRPsRequest)(nil),  // 32: basin.v1.CreateMissingActualLRPsRequest
-	(*CreateMissingActualLRPsResponse)(nil), // 33: basin.v1.CreateMissingActualLRPsResponse
-	(*DesireTaskRequest)(nil),               // 34: basin.v1.DesireTaskRequest
-	(*DesireTaskResponse)(nil),              // 35: basin.v1.DesireTaskResponse
-	(*StartTaskRequest)(nil),                // 36: basin.v1.StartTaskRequest
-	(*StartTaskResponse)(nil),               // 37: basin.v1.StartTaskResponse
-	(*CompleteTaskRequest)(nil),             // 38: basin.v1.CompleteTaskRequest
-	(*CompleteTaskResponse)(nil),            // 39: basin.v1.CompleteTaskResponse
-	(*FailTaskRequest)(nil),                 // 40: basin.v1.FailTaskRequest
-	(*FailTaskResponse)(nil),                // 41: basin.v1.FailTaskResponse
-	(*CancelTaskRequest)(nil),               // 42: basin.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),              // 43: basin.v1.CancelTaskResponse
-	(*ResolveTaskRequest)(nil),              // 44: basin.v1.ResolveTaskRequest
-	(*ResolveTaskResponse)(nil),             // 45: basin.v1.ResolveTaskResponse
-	(*GetTaskRequest)(nil),                  // 46: basin.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),                 // 47: basin.v1.GetTaskResponse
-	(*ListTasksRequest)(nil),                // 48: basin.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),               // 49: basin.v1.ListTasksResponse
-	(*ListCellsRequest)(nil),                // 50: basin.v1.ListCellsRequest
-	(*ListCellsResponse)(nil),               // 51: basin.v1.ListCellsResponse
-	(*SubscribeToEventsRequest)(nil),        // 52: basin.v1.SubscribeToEventsRequest
-	(*SubscribeToEventsResponse)(nil),       // 53: basin.v1.SubscribeToEventsResponse
-	(*DesiredLRPSchedule)(nil),              // 54: basin.v1.DesiredLRPSchedule
-	(*DesiredLRPRun)(nil),                   // 55: basin.v1.DesiredLRPRun
-	(*DesiredLRP)(nil),                      // 56: basin.v1.DesiredLRP
-	(*Route)(nil),                           // 57: basin.v1.Route
-	(*EnvVar)(nil),                          // 58: basin.v1.EnvVar
-	(*DropletRef)(nil),                      // 59: basin.v1.DropletRef
-	(*ActualLRP)(nil),                       // 60: basin.v1.ActualLRP
-	(*ActualLRPKey)(nil),                    // 61: basin.v1.ActualLRPKey
-	(*ActualLRPInstanceKey)(nil),            // 62: basin.v1.ActualLRPInstanceKey
-	(*Fence)(nil),                           // 63: basin.v1.Fence
-	(*ActualLRPNetInfo)(nil),                // 64: basin.v1.ActualLRPNetInfo
-	(*TaskDefinition)(nil),                  // 65: basin.v1.TaskDefinition
-	(*Task)(nil),                            // 66: basin.v1.Task
-	(*CellPresence)(nil),                    // 67: basin.v1.CellPresence
-	(*Event)(nil),                           // 68: basin.v1.Event
+	(*DesireLRPRequest)(nil),                  // 0: basin.v1.DesireLRPRequest
+	(*DesireLRPResponse)(nil),                 // 1: basin.v1.DesireLRPResponse
+	(*RouteList)(nil),                         // 2: basin.v1.RouteList
+	(*EnvList)(nil),                           // 3: basin.v1.EnvList
+	(*UpdateDesiredLRPRequest)(nil),           // 4: basin.v1.UpdateDesiredLRPRequest
+	(*UpdateDesiredLRPResponse)(nil),          // 5: basin.v1.UpdateDesiredLRPResponse
+	(*RemoveDesiredLRPRequest)(nil),           // 6: basin.v1.RemoveDesiredLRPRequest
+	(*RemoveDesiredLRPResponse)(nil),          // 7: basin.v1.RemoveDesiredLRPResponse
+	(*GetDesiredLRPRequest)(nil),              // 8: basin.v1.GetDesiredLRPRequest
+	(*GetDesiredLRPResponse)(nil),             // 9: basin.v1.GetDesiredLRPResponse
+	(*ListDesiredLRPsRequest)(nil),            // 10: basin.v1.ListDesiredLRPsRequest
+	(*ListDesiredLRPsResponse)(nil),           // 11: basin.v1.ListDesiredLRPsResponse
+	(*ListDesiredLRPSchedulesRequest)(nil),    // 12: basin.v1.ListDesiredLRPSchedulesRequest
+	(*ListDesiredLRPSchedulesResponse)(nil),   // 13: basin.v1.ListDesiredLRPSchedulesResponse
+	(*ListActualLRPsRequest)(nil),             // 14: basin.v1.ListActualLRPsRequest
+	(*ListActualLRPsResponse)(nil),            // 15: basin.v1.ListActualLRPsResponse
+	(*GetActualLRPRequest)(nil),               // 16: basin.v1.GetActualLRPRequest
+	(*GetActualLRPResponse)(nil),              // 17: basin.v1.GetActualLRPResponse
+	(*ClaimActualLRPRequest)(nil),             // 18: basin.v1.ClaimActualLRPRequest
+	(*ClaimActualLRPResponse)(nil),            // 19: basin.v1.ClaimActualLRPResponse
+	(*StartActualLRPRequest)(nil),             // 20: basin.v1.StartActualLRPRequest
+	(*StartActualLRPResponse)(nil),            // 21: basin.v1.StartActualLRPResponse
+	(*CrashActualLRPRequest)(nil),             // 22: basin.v1.CrashActualLRPRequest
+	(*CrashActualLRPResponse)(nil),            // 23: basin.v1.CrashActualLRPResponse
+	(*FailActualLRPRequest)(nil),              // 24: basin.v1.FailActualLRPRequest
+	(*FailActualLRPResponse)(nil),             // 25: basin.v1.FailActualLRPResponse
+	(*UnclaimActualLRPRequest)(nil),           // 26: basin.v1.UnclaimActualLRPRequest
+	(*UnclaimActualLRPResponse)(nil),          // 27: basin.v1.UnclaimActualLRPResponse
+	(*RetireActualLRPRequest)(nil),            // 28: basin.v1.RetireActualLRPRequest
+	(*RetireActualLRPResponse)(nil),           // 29: basin.v1.RetireActualLRPResponse
+	(*RemoveActualLRPRequest)(nil),            // 30: basin.v1.RemoveActualLRPRequest
+	(*RemoveActualLRPResponse)(nil),           // 31: basin.v1.RemoveActualLRPResponse
+	(*ActualLRPTransition)(nil),               // 32: basin.v1.ActualLRPTransition
+	(*ApplyActualLRPTransitionsRequest)(nil),  // 33: basin.v1.ApplyActualLRPTransitionsRequest
+	(*ActualLRPTransitionResult)(nil),         // 34: basin.v1.ActualLRPTransitionResult
+	(*ApplyActualLRPTransitionsResponse)(nil), // 35: basin.v1.ApplyActualLRPTransitionsResponse
+	(*CreateMissingActualLRPsRequest)(nil),    // 36: basin.v1.CreateMissingActualLRPsRequest
+	(*CreateMissingActualLRPsResponse)(nil),   // 37: basin.v1.CreateMissingActualLRPsResponse
+	(*DesireTaskRequest)(nil),                 // 38: basin.v1.DesireTaskRequest
+	(*DesireTaskResponse)(nil),                // 39: basin.v1.DesireTaskResponse
+	(*StartTaskRequest)(nil),                  // 40: basin.v1.StartTaskRequest
+	(*StartTaskResponse)(nil),                 // 41: basin.v1.StartTaskResponse
+	(*CompleteTaskRequest)(nil),               // 42: basin.v1.CompleteTaskRequest
+	(*CompleteTaskResponse)(nil),              // 43: basin.v1.CompleteTaskResponse
+	(*FailTaskRequest)(nil),                   // 44: basin.v1.FailTaskRequest
+	(*FailTaskResponse)(nil),                  // 45: basin.v1.FailTaskResponse
+	(*CancelTaskRequest)(nil),                 // 46: basin.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),                // 47: basin.v1.CancelTaskResponse
+	(*ResolveTaskRequest)(nil),                // 48: basin.v1.ResolveTaskRequest
+	(*ResolveTaskResponse)(nil),               // 49: basin.v1.ResolveTaskResponse
+	(*GetTaskRequest)(nil),                    // 50: basin.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),                   // 51: basin.v1.GetTaskResponse
+	(*ListTasksRequest)(nil),                  // 52: basin.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),                 // 53: basin.v1.ListTasksResponse
+	(*ListCellsRequest)(nil),                  // 54: basin.v1.ListCellsRequest
+	(*ListCellsResponse)(nil),                 // 55: basin.v1.ListCellsResponse
+	(*SubscribeToEventsRequest)(nil),          // 56: basin.v1.SubscribeToEventsRequest
+	(*SubscribeToEventsResponse)(nil),         // 57: basin.v1.SubscribeToEventsResponse
+	(*DesiredLRPSchedule)(nil),                // 58: basin.v1.DesiredLRPSchedule
+	(*DesiredLRPRun)(nil),                     // 59: basin.v1.DesiredLRPRun
+	(*DesiredLRP)(nil),                        // 60: basin.v1.DesiredLRP
+	(*Route)(nil),                             // 61: basin.v1.Route
+	(*EnvVar)(nil),                            // 62: basin.v1.EnvVar
+	(*DropletRef)(nil),                        // 63: basin.v1.DropletRef
+	(*ActualLRP)(nil),                         // 64: basin.v1.ActualLRP
+	(*ActualLRPKey)(nil),                      // 65: basin.v1.ActualLRPKey
+	(*ActualLRPInstanceKey)(nil),              // 66: basin.v1.ActualLRPInstanceKey
+	(*Fence)(nil),                             // 67: basin.v1.Fence
+	(*ActualLRPNetInfo)(nil),                  // 68: basin.v1.ActualLRPNetInfo
+	(*TaskDefinition)(nil),                    // 69: basin.v1.TaskDefinition
+	(*Task)(nil),                              // 70: basin.v1.Task
+	(*CellPresence)(nil),                      // 71: basin.v1.CellPresence
+	(*Event)(nil),                             // 72: basin.v1.Event
 }
 var file_basin_v1_bbs_proto_depIdxs = []int32{
-	54, // 0: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
-	55, // 1: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
-	56, // 2: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	57, // 3: basin.v1.RouteList.routes:type_name -> basin.v1.Route
-	58, // 4: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
+	58, // 0: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
+	59, // 1: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
+	60, // 2: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	61, // 3: basin.v1.RouteList.routes:type_name -> basin.v1.Route
+	62, // 4: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
 	2,  // 5: basin.v1.UpdateDesiredLRPRequest.routes:type_name -> basin.v1.RouteList
 	3,  // 6: basin.v1.UpdateDesiredLRPRequest.env:type_name -> basin.v1.EnvList
-	59, // 7: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
-	56, // 8: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	56, // 9: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	56, // 10: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
-	54, // 11: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
-	60, // 12: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
-	60, // 13: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 14: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	62, // 15: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	63, // 16: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	60, // 17: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 18: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	62, // 19: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	64, // 20: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
-	63, // 21: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
-	60, // 22: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 23: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	62, // 24: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	63, // 25: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
-	60, // 26: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 27: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	63, // 28: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
-	60, // 29: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 30: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	62, // 31: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	63, // 32: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	60, // 33: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	61, // 34: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	63, // 35: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
-	61, // 36: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	62, // 37: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	63, // 38: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
-	63, // 39: basin.v1.CreateMissingActualLRPsRequest.fence:type_name -> basin.v1.Fence
-	65, // 40: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
-	66, // 41: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
-	63, // 42: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
-	66, // 43: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
-	63, // 44: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
-	66, // 45: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
-	63, // 46: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
-	66, // 47: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
-	66, // 48: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
-	63, // 49: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
-	66, // 50: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
-	66, // 51: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
-	67, // 52: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
-	68, // 53: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
-	0,  // 54: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
-	4,  // 55: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
-	6,  // 56: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
-	8,  // 57: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
-	10, // 58: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
-	12, // 59: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
-	14, // 60: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
-	16, // 61: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
-	18, // 62: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
-	20, // 63: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
-	22, // 64: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
-	24, // 65: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
-	26, // 66: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
-	28, // 67: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
-	30, // 68: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
-	32, // 69: basin.v1.BBSService.CreateMissingActualLRPs:input_type -> basin.v1.CreateMissingActualLRPsRequest
-	34, // 70: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
-	36, // 71: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
-	38, // 72: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
-	40, // 73: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
-	42, // 74: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
-	44, // 75: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
-	46, // 76: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
-	48, // 77: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
-	50, // 78: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
-	52, // 79: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
-	1,  // 80: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
-	5,  // 81: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
-	7,  // 82: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
-	9,  // 83: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
-	11, // 84: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
-	13, // 85: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
-	15, // 86: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
-	17, // 87: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
-	19, // 88: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
-	21, // 89: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
-	23, // 90: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
-	25, // 91: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
-	27, // 92: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
-	29, // 93: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
-	31, // 94: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
-	33, // 95: basin.v1.BBSService.CreateMissingActualLRPs:output_type -> basin.v1.CreateMissingActualLRPsResponse
-	35, // 96: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
-	37, // 97: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
-	39, // 98: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
-	41, // 99: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
-	43, // 100: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
-	45, // 101: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
-	47, // 102: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
-	49, // 103: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
-	51, // 104: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
-	53, // 105: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
-	80, // [80:106] is the sub-list for method output_type
-	54, // [54:80] is the sub-list for method input_type
-	54, // [54:54] is the sub-list for extension type_name
-	54, // [54:54] is the sub-list for extension extendee
-	0,  // [0:54] is the sub-list for field type_name
+	63, // 7: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
+	60, // 8: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	60, // 9: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	60, // 10: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
+	58, // 11: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
+	64, // 12: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
+	64, // 13: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 14: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	66, // 15: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	67, // 16: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	64, // 17: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 18: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	66, // 19: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	68, // 20: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
+	67, // 21: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
+	64, // 22: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 23: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	66, // 24: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	67, // 25: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
+	64, // 26: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 27: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	67, // 28: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
+	64, // 29: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 30: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	66, // 31: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	67, // 32: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	64, // 33: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	65, // 34: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	67, // 35: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
+	65, // 36: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	66, // 37: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	67, // 38: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
+	18, // 39: basin.v1.ActualLRPTransition.claim:type_name -> basin.v1.ClaimActualLRPRequest
+	20, // 40: basin.v1.ActualLRPTransition.start:type_name -> basin.v1.StartActualLRPRequest
+	22, // 41: basin.v1.ActualLRPTransition.crash:type_name -> basin.v1.CrashActualLRPRequest
+	32, // 42: basin.v1.ApplyActualLRPTransitionsRequest.transitions:type_name -> basin.v1.ActualLRPTransition
+	64, // 43: basin.v1.ActualLRPTransitionResult.actual_lrp:type_name -> basin.v1.ActualLRP
+	34, // 44: basin.v1.ApplyActualLRPTransitionsResponse.results:type_name -> basin.v1.ActualLRPTransitionResult
+	67, // 45: basin.v1.CreateMissingActualLRPsRequest.fence:type_name -> basin.v1.Fence
+	69, // 46: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
+	70, // 47: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
+	67, // 48: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
+	70, // 49: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
+	67, // 50: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
+	70, // 51: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
+	67, // 52: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
+	70, // 53: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
+	70, // 54: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
+	67, // 55: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
+	70, // 56: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
+	70, // 57: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
+	71, // 58: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
+	72, // 59: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
+	0,  // 60: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
+	4,  // 61: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
+	6,  // 62: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
+	8,  // 63: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
+	10, // 64: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
+	12, // 65: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
+	14, // 66: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
+	16, // 67: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
+	18, // 68: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
+	20, // 69: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
+	22, // 70: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
+	24, // 71: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
+	26, // 72: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
+	28, // 73: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
+	30, // 74: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
+	33, // 75: basin.v1.BBSService.ApplyActualLRPTransitions:input_type -> basin.v1.ApplyActualLRPTransitionsRequest
+	36, // 76: basin.v1.BBSService.CreateMissingActualLRPs:input_type -> basin.v1.CreateMissingActualLRPsRequest
+	38, // 77: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
+	40, // 78: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
+	42, // 79: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
+	44, // 80: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
+	46, // 81: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
+	48, // 82: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
+	50, // 83: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
+	52, // 84: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
+	54, // 85: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
+	56, // 86: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
+	1,  // 87: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
+	5,  // 88: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
+	7,  // 89: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
+	9,  // 90: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
+	11, // 91: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
+	13, // 92: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
+	15, // 93: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
+	17, // 94: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
+	19, // 95: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
+	21, // 96: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
+	23, // 97: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
+	25, // 98: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
+	27, // 99: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
+	29, // 100: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
+	31, // 101: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
+	35, // 102: basin.v1.BBSService.ApplyActualLRPTransitions:output_type -> basin.v1.ApplyActualLRPTransitionsResponse
+	37, // 103: basin.v1.BBSService.CreateMissingActualLRPs:output_type -> basin.v1.CreateMissingActualLRPsResponse
+	39, // 104: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
+	41, // 105: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
+	43, // 106: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
+	45, // 107: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
+	47, // 108: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
+	49, // 109: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
+	51, // 110: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
+	53, // 111: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
+	55, // 112: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
+	57, // 113: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
+	87, // [87:114] is the sub-list for method output_type
+	60, // [60:87] is the sub-list for method input_type
+	60, // [60:60] is the sub-list for extension type_name
+	60, // [60:60] is the sub-list for extension extendee
+	0,  // [0:60] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_bbs_proto_init() }
@@ -3107,13 +3395,18 @@ func file_basin_v1_bbs_proto_init() {
 	file_basin_v1_events_proto_init()
 	file_basin_v1_models_proto_init()
 	file_basin_v1_bbs_proto_msgTypes[4].OneofWrappers = []any{}
+	file_basin_v1_bbs_proto_msgTypes[32].OneofWrappers = []any{
+		(*ActualLRPTransition_Claim)(nil),
+		(*ActualLRPTransition_Start)(nil),
+		(*ActualLRPTransition_Crash)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_bbs_proto_rawDesc), len(file_basin_v1_bbs_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   54,
+			NumMessages:   58,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

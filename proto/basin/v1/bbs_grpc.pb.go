@@ -19,32 +19,33 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	BBSService_DesireLRP_FullMethodName               = "/basin.v1.BBSService/DesireLRP"
-	BBSService_UpdateDesiredLRP_FullMethodName        = "/basin.v1.BBSService/UpdateDesiredLRP"
-	BBSService_RemoveDesiredLRP_FullMethodName        = "/basin.v1.BBSService/RemoveDesiredLRP"
-	BBSService_GetDesiredLRP_FullMethodName           = "/basin.v1.BBSService/GetDesiredLRP"
-	BBSService_ListDesiredLRPs_FullMethodName         = "/basin.v1.BBSService/ListDesiredLRPs"
-	BBSService_ListDesiredLRPSchedules_FullMethodName = "/basin.v1.BBSService/ListDesiredLRPSchedules"
-	BBSService_ListActualLRPs_FullMethodName          = "/basin.v1.BBSService/ListActualLRPs"
-	BBSService_GetActualLRP_FullMethodName            = "/basin.v1.BBSService/GetActualLRP"
-	BBSService_ClaimActualLRP_FullMethodName          = "/basin.v1.BBSService/ClaimActualLRP"
-	BBSService_StartActualLRP_FullMethodName          = "/basin.v1.BBSService/StartActualLRP"
-	BBSService_CrashActualLRP_FullMethodName          = "/basin.v1.BBSService/CrashActualLRP"
-	BBSService_FailActualLRP_FullMethodName           = "/basin.v1.BBSService/FailActualLRP"
-	BBSService_UnclaimActualLRP_FullMethodName        = "/basin.v1.BBSService/UnclaimActualLRP"
-	BBSService_RetireActualLRP_FullMethodName         = "/basin.v1.BBSService/RetireActualLRP"
-	BBSService_RemoveActualLRP_FullMethodName         = "/basin.v1.BBSService/RemoveActualLRP"
-	BBSService_CreateMissingActualLRPs_FullMethodName = "/basin.v1.BBSService/CreateMissingActualLRPs"
-	BBSService_DesireTask_FullMethodName              = "/basin.v1.BBSService/DesireTask"
-	BBSService_StartTask_FullMethodName               = "/basin.v1.BBSService/StartTask"
-	BBSService_CompleteTask_FullMethodName            = "/basin.v1.BBSService/CompleteTask"
-	BBSService_FailTask_FullMethodName                = "/basin.v1.BBSService/FailTask"
-	BBSService_CancelTask_FullMethodName              = "/basin.v1.BBSService/CancelTask"
-	BBSService_ResolveTask_FullMethodName             = "/basin.v1.BBSService/ResolveTask"
-	BBSService_GetTask_FullMethodName                 = "/basin.v1.BBSService/GetTask"
-	BBSService_ListTasks_FullMethodName               = "/basin.v1.BBSService/ListTasks"
-	BBSService_ListCells_FullMethodName               = "/basin.v1.BBSService/ListCells"
-	BBSService_SubscribeToEvents_FullMethodName       = "/basin.v1.BBSService/SubscribeToEvents"
+	BBSService_DesireLRP_FullMethodName                 = "/basin.v1.BBSService/DesireLRP"
+	BBSService_UpdateDesiredLRP_FullMethodName          = "/basin.v1.BBSService/UpdateDesiredLRP"
+	BBSService_RemoveDesiredLRP_FullMethodName          = "/basin.v1.BBSService/RemoveDesiredLRP"
+	BBSService_GetDesiredLRP_FullMethodName             = "/basin.v1.BBSService/GetDesiredLRP"
+	BBSService_ListDesiredLRPs_FullMethodName           = "/basin.v1.BBSService/ListDesiredLRPs"
+	BBSService_ListDesiredLRPSchedules_FullMethodName   = "/basin.v1.BBSService/ListDesiredLRPSchedules"
+	BBSService_ListActualLRPs_FullMethodName            = "/basin.v1.BBSService/ListActualLRPs"
+	BBSService_GetActualLRP_FullMethodName              = "/basin.v1.BBSService/GetActualLRP"
+	BBSService_ClaimActualLRP_FullMethodName            = "/basin.v1.BBSService/ClaimActualLRP"
+	BBSService_StartActualLRP_FullMethodName            = "/basin.v1.BBSService/StartActualLRP"
+	BBSService_CrashActualLRP_FullMethodName            = "/basin.v1.BBSService/CrashActualLRP"
+	BBSService_FailActualLRP_FullMethodName             = "/basin.v1.BBSService/FailActualLRP"
+	BBSService_UnclaimActualLRP_FullMethodName          = "/basin.v1.BBSService/UnclaimActualLRP"
+	BBSService_RetireActualLRP_FullMethodName           = "/basin.v1.BBSService/RetireActualLRP"
+	BBSService_RemoveActualLRP_FullMethodName           = "/basin.v1.BBSService/RemoveActualLRP"
+	BBSService_ApplyActualLRPTransitions_FullMethodName = "/basin.v1.BBSService/ApplyActualLRPTransitions"
+	BBSService_CreateMissingActualLRPs_FullMethodName   = "/basin.v1.BBSService/CreateMissingActualLRPs"
+	BBSService_DesireTask_FullMethodName                = "/basin.v1.BBSService/DesireTask"
+	BBSService_StartTask_FullMethodName                 = "/basin.v1.BBSService/StartTask"
+	BBSService_CompleteTask_FullMethodName              = "/basin.v1.BBSService/CompleteTask"
+	BBSService_FailTask_FullMethodName                  = "/basin.v1.BBSService/FailTask"
+	BBSService_CancelTask_FullMethodName                = "/basin.v1.BBSService/CancelTask"
+	BBSService_ResolveTask_FullMethodName               = "/basin.v1.BBSService/ResolveTask"
+	BBSService_GetTask_FullMethodName                   = "/basin.v1.BBSService/GetTask"
+	BBSService_ListTasks_FullMethodName                 = "/basin.v1.BBSService/ListTasks"
+	BBSService_ListCells_FullMethodName                 = "/basin.v1.BBSService/ListCells"
+	BBSService_SubscribeToEvents_FullMethodName         = "/basin.v1.BBSService/SubscribeToEvents"
 )
 
 // BBSServiceClient is the client API for BBSService service.
@@ -73,6 +74,12 @@ type BBSServiceClient interface {
 	UnclaimActualLRP(ctx context.Context, in *UnclaimActualLRPRequest, opts ...grpc.CallOption) (*UnclaimActualLRPResponse, error)
 	RetireActualLRP(ctx context.Context, in *RetireActualLRPRequest, opts ...grpc.CallOption) (*RetireActualLRPResponse, error)
 	RemoveActualLRP(ctx context.Context, in *RemoveActualLRPRequest, opts ...grpc.CallOption) (*RemoveActualLRPResponse, error)
+	// ApplyActualLRPTransitions applies many cell transitions (claim, start,
+	// crash) in one call, as a cell does for the instances of one Perform.
+	// Each is its own guarded transition with exactly the semantics of the
+	// single call (no atomicity across them); results come back in request
+	// order, each with the instance or the status code it got.
+	ApplyActualLRPTransitions(ctx context.Context, in *ApplyActualLRPTransitionsRequest, opts ...grpc.CallOption) (*ApplyActualLRPTransitionsResponse, error)
 	// CreateMissingActualLRPs creates the UNCLAIMED instances of an LRP that
 	// are missing below its desired count (the converger's repair when a BBS
 	// died between the batches of a scale-up).
@@ -252,6 +259,16 @@ func (c *bBSServiceClient) RemoveActualLRP(ctx context.Context, in *RemoveActual
 	return out, nil
 }
 
+func (c *bBSServiceClient) ApplyActualLRPTransitions(ctx context.Context, in *ApplyActualLRPTransitionsRequest, opts ...grpc.CallOption) (*ApplyActualLRPTransitionsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ApplyActualLRPTransitionsResponse)
+	err := c.cc.Invoke(ctx, BBSService_ApplyActualLRPTransitions_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *bBSServiceClient) CreateMissingActualLRPs(ctx context.Context, in *CreateMissingActualLRPsRequest, opts ...grpc.CallOption) (*CreateMissingActualLRPsResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CreateMissingActualLRPsResponse)
@@ -397,6 +414,12 @@ type BBSServiceServer interface {
 	UnclaimActualLRP(context.Context, *UnclaimActualLRPRequest) (*UnclaimActualLRPResponse, error)
 	RetireActualLRP(context.Context, *RetireActualLRPRequest) (*RetireActualLRPResponse, error)
 	RemoveActualLRP(context.Context, *RemoveActualLRPRequest) (*RemoveActualLRPResponse, error)
+	// ApplyActualLRPTransitions applies many cell transitions (claim, start,
+	// crash) in one call, as a cell does for the instances of one Perform.
+	// Each is its own guarded transition with exactly the semantics of the
+	// single call (no atomicity across them); results come back in request
+	// order, each with the instance or the status code it got.
+	ApplyActualLRPTransitions(context.Context, *ApplyActualLRPTransitionsRequest) (*ApplyActualLRPTransitionsResponse, error)
 	// CreateMissingActualLRPs creates the UNCLAIMED instances of an LRP that
 	// are missing below its desired count (the converger's repair when a BBS
 	// died between the batches of a scale-up).
@@ -470,6 +493,9 @@ func (UnimplementedBBSServiceServer) RetireActualLRP(context.Context, *RetireAct
 }
 func (UnimplementedBBSServiceServer) RemoveActualLRP(context.Context, *RemoveActualLRPRequest) (*RemoveActualLRPResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RemoveActualLRP not implemented")
+}
+func (UnimplementedBBSServiceServer) ApplyActualLRPTransitions(context.Context, *ApplyActualLRPTransitionsRequest) (*ApplyActualLRPTransitionsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ApplyActualLRPTransitions not implemented")
 }
 func (UnimplementedBBSServiceServer) CreateMissingActualLRPs(context.Context, *CreateMissingActualLRPsRequest) (*CreateMissingActualLRPsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateMissingActualLRPs not implemented")
@@ -795,6 +821,24 @@ func _BBSService_RemoveActualLRP_Handler(srv interface{}, ctx context.Context, d
 	return interceptor(ctx, in, info, handler)
 }
 
+func _BBSService_ApplyActualLRPTransitions_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ApplyActualLRPTransitionsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(BBSServiceServer).ApplyActualLRPTransitions(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: BBSService_ApplyActualLRPTransitions_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(BBSServiceServer).ApplyActualLRPTransitions(ctx, req.(*ApplyActualLRPTransitionsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _BBSService_CreateMissingActualLRPs_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CreateMissingActualLRPsRequest)
 	if err := dec(in); err != nil {
@@ -1052,6 +1096,10 @@ var BBSService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RemoveActualLRP",
 			Handler:    _BBSService_RemoveActualLRP_Handler,
+		},
+		{
+			MethodName: "ApplyActualLRPTransitions",
+			Handler:    _BBSService_ApplyActualLRPTransitions_Handler,
 		},
 		{
 			MethodName: "CreateMissingActualLRPs",
