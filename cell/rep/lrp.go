@@ -233,9 +233,9 @@ func (r *Rep) release(l *lrp) {
 func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	log := r.log.With("lrp", l.name(), "instance", l.guid)
 	t0 := time.Now()
-	claim, err := retry(ctx, func(ctx context.Context) (*basinv1.ClaimActualLRPResponse, error) {
-		return r.bbs.ClaimActualLRP(ctx, &basinv1.ClaimActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
+	claimed, err := retry(ctx, func(ctx context.Context) (*basinv1.ActualLRP, error) {
+		return r.transitions.do(ctx, &basinv1.ActualLRPTransition{Transition: &basinv1.ActualLRPTransition_Claim{
+			Claim: &basinv1.ClaimActualLRPRequest{Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()}}})
 	})
 	if err != nil {
 		log.Info("claim refused; releasing the reservation", "err", err)
@@ -246,7 +246,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	if l.phase == phaseReserved {
 		l.phase = phaseClaimed
 	}
-	l.claimRev = claim.GetActualLrp().GetRevision()
+	l.claimRev = claimed.GetRevision()
 	evacuating := r.evacuating
 	r.mu.Unlock()
 	if evacuating {
@@ -301,8 +301,8 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		net.Ports = append(net.Ports, &basinv1.PortMapping{ContainerPort: uint32(p.ContainerPort), HostPort: uint32(p.HostPort)})
 	}
 	if err := r.whileOurs(ctx, l, func(ctx context.Context) error {
-		_, err := r.bbs.StartActualLRP(ctx, &basinv1.StartActualLRPRequest{
-			Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()})
+		_, err := r.transitions.do(ctx, &basinv1.ActualLRPTransition{Transition: &basinv1.ActualLRPTransition_Start{
+			Start: &basinv1.StartActualLRPRequest{Key: l.key, InstanceKey: r.instanceKey(l.guid), NetInfo: net, Fence: r.currentFence()}}})
 		return err
 	}); err != nil {
 		if ctx.Err() != nil {
@@ -352,14 +352,14 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 
 // lrpSpec reads the desired LRP (noting its routes) and fetches its droplet.
 func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
-	d, err := retry(ctx, func(ctx context.Context) (*basinv1.GetDesiredLRPResponse, error) {
-		return r.bbs.GetDesiredLRP(ctx, &basinv1.GetDesiredLRPRequest{ProcessGuid: l.key.GetProcessGuid()})
+	d, err := retry(ctx, func(ctx context.Context) (*basinv1.DesiredLRP, error) {
+		return r.desired.do(ctx, l.key.GetProcessGuid())
 	})
 	if err != nil {
 		return executor.Spec{}, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
 	}
-	sched, run := d.GetDesiredLrp().GetSchedule(), d.GetDesiredLrp().GetRun()
-	r.noteSchedule(l, sched, d.GetDesiredLrp().GetRevision())
+	sched, run := d.GetSchedule(), d.GetRun()
+	r.noteSchedule(l, sched, d.GetRevision())
 	path, err := r.drops.get(ctx, run.GetDroplet())
 	if err != nil {
 		return executor.Spec{}, err

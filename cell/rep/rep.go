@@ -51,6 +51,8 @@ type Executor interface {
 // BBS is the part of the BBS API a cell calls; *bbs.Client satisfies it.
 type BBS interface {
 	GetDesiredLRP(ctx context.Context, in *basinv1.GetDesiredLRPRequest, opts ...grpc.CallOption) (*basinv1.GetDesiredLRPResponse, error)
+	ListDesiredLRPs(ctx context.Context, in *basinv1.ListDesiredLRPsRequest, opts ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error)
+	ApplyActualLRPTransitions(ctx context.Context, in *basinv1.ApplyActualLRPTransitionsRequest, opts ...grpc.CallOption) (*basinv1.ApplyActualLRPTransitionsResponse, error)
 	GetActualLRP(ctx context.Context, in *basinv1.GetActualLRPRequest, opts ...grpc.CallOption) (*basinv1.GetActualLRPResponse, error)
 	ListActualLRPs(ctx context.Context, in *basinv1.ListActualLRPsRequest, opts ...grpc.CallOption) (*basinv1.ListActualLRPsResponse, error)
 	ClaimActualLRP(ctx context.Context, in *basinv1.ClaimActualLRPRequest, opts ...grpc.CallOption) (*basinv1.ClaimActualLRPResponse, error)
@@ -150,6 +152,10 @@ type Rep struct {
 	m     *Metrics
 	drops *dropletCache
 	ready chan struct{} // closed once Run registered and reconciled
+	// transitions and desired batch the claims, starts and desired-LRP
+	// reads of instances starting together.
+	transitions *coalescer[*basinv1.ActualLRPTransition, *basinv1.ActualLRP]
+	desired     *coalescer[string, *basinv1.DesiredLRP]
 
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context
@@ -184,6 +190,8 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 		cfg: cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
 		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
+		transitions: newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
+		desired:     newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
 	}, nil
 }
 
