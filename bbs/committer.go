@@ -39,14 +39,21 @@ type committer struct {
 	kv      clientv3.KV
 	queue   chan *txnItem
 	workers int
+	// maxOps bounds each of a merged transaction's compares and ops: the
+	// cluster's --max-txn-ops. Under a deep queue, larger transactions are
+	// what raise throughput: etcd's cost is mostly per transaction.
+	maxOps  int
 	metrics *metrics
 }
 
-func newCommitter(kv clientv3.KV, workers int, m *metrics) *committer {
+func newCommitter(kv clientv3.KV, workers, maxOps int, m *metrics) *committer {
 	if workers <= 0 {
 		workers = 2
 	}
-	return &committer{kv: kv, queue: make(chan *txnItem, 4096), workers: workers, metrics: m}
+	if maxOps <= 0 {
+		maxOps = maxTxnOps
+	}
+	return &committer{kv: kv, queue: make(chan *txnItem, 4096), workers: workers, maxOps: maxOps, metrics: m}
 }
 
 func (c *committer) run(ctx context.Context) error {
@@ -61,8 +68,8 @@ func (c *committer) run(ctx context.Context) error {
 // do submits it and waits for its outcome. When ctx ends first the write may
 // still happen, as with any request whose reply is lost.
 func (c *committer) do(ctx context.Context, it *txnItem) txnResult {
-	if len(it.cmps) > maxTxnOps || len(it.ops) > maxTxnOps || len(it.elses) > maxTxnOps {
-		return txnResult{err: fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), maxTxnOps)}
+	if len(it.cmps) > c.maxOps || len(it.ops) > c.maxOps || len(it.elses) > c.maxOps {
+		return txnResult{err: fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), c.maxOps)}
 	}
 	it.res = make(chan txnResult, 1)
 	select {
@@ -103,7 +110,7 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 	var ncmp, nops int
 	add := func(it *txnItem) bool {
 		if len(batch) > 0 {
-			if ncmp+len(it.cmps) > maxTxnOps || nops+len(it.ops) > maxTxnOps {
+			if ncmp+len(it.cmps) > c.maxOps || nops+len(it.ops) > c.maxOps {
 				return false
 			}
 			for _, k := range it.writes {
@@ -126,7 +133,7 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 		}
 	}
 	// Drain what is waiting, bounded so carried items cannot pile up.
-	for len(rest) < maxTxnOps {
+	for len(rest) < c.maxOps {
 		select {
 		case it := <-c.queue:
 			if !add(it) {

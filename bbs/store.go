@@ -25,6 +25,9 @@ type StoreConfig struct {
 	CrashResetAfter time.Duration
 	// Workers is how many merged transactions may be in flight at once.
 	Workers int
+	// MaxTxnOps is the etcd cluster's --max-txn-ops: concurrent writes are
+	// merged into transactions up to it. Default 128, etcd's default.
+	MaxTxnOps int
 	// SubscriberBuffer is how many events a subscriber may fall behind.
 	SubscriberBuffer int
 	Registerer       prometheus.Registerer
@@ -73,7 +76,7 @@ func NewStore(cli *clientv3.Client, cfg StoreConfig) *Store {
 		reset:   cfg.CrashResetAfter,
 		log:     cfg.Logger,
 		metrics: m,
-		commit:  newCommitter(cli.KV, cfg.Workers, m),
+		commit:  newCommitter(cli.KV, cfg.Workers, cfg.MaxTxnOps, m),
 		hub:     newHub(cfg.SubscriberBuffer, m),
 	}
 	s.desired = newView(cli, s.keys.DesiredPrefix(), cfg.Logger, s.onDesiredChange)

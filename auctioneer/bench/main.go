@@ -26,6 +26,7 @@ import (
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/protobuf/proto"
@@ -36,6 +37,7 @@ type options struct {
 	zones                  int
 	maxBatch               int
 	timeout                time.Duration
+	txnWorkers             int
 	profile                string
 	kind                   string
 	leaseTTL               time.Duration
@@ -56,6 +58,7 @@ func main() {
 	// starved keepalive costs the leader its term (and its batch in flight).
 	flag.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "auctioneer election lease")
 	flag.TextVar(&o.auctioneerLog, "auctioneer-log", slog.LevelWarn, "auctioneer log level (debug shows each auction's phases)")
+	flag.IntVar(&o.txnWorkers, "txn-concurrency", 0, "the BBS's merged etcd transactions in flight (0: its default)")
 	flag.Parse()
 	if err := run(context.Background(), o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-auction:", err)
@@ -95,7 +98,7 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: keys.Prefix}, Logger: logger})
+	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: keys.Prefix, Workers: o.txnWorkers, MaxTxnOps: embeddedetcd.MaxTxnOps}, Logger: logger})
 	if err != nil {
 		return err
 	}
@@ -199,7 +202,7 @@ func run(ctx context.Context, o options) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	running := countRunning(sctx, cli, keys, &wg)
+	running, claimed := countRunning(sctx, cli, keys, &wg)
 	placeStart := time.Now()
 	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", LeaseTTL: o.leaseTTL, MaxBatch: o.maxBatch, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client,
 		slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: o.auctioneerLog})))
@@ -215,7 +218,7 @@ func run(ctx context.Context, o options) error {
 		case <-ctx.Done():
 			return fmt.Errorf("only %d of %d RUNNING: %w", running.Load(), total, ctx.Err())
 		case <-tick.C:
-			fmt.Printf("  %5.1fs: %d RUNNING\n", time.Since(placeStart).Seconds(), running.Load())
+			fmt.Printf("  %5.1fs: %6.0f placed, %6d claimed, %6d RUNNING\n", time.Since(placeStart).Seconds(), placed(a), claimed.Load(), running.Load())
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
@@ -258,6 +261,7 @@ func run(ctx context.Context, o options) error {
 			return fmt.Errorf("an instance ran on two cells: %w", err)
 		}
 	}
+	printStoreStats(srv.Registry())
 	pps := float64(total) / elapsed.Seconds()
 	fmt.Printf("%d instances of %d LRPs on %d cells: queue to all RUNNING in %s (desire to all RUNNING %s)\n",
 		total, o.lrps, o.cells, elapsed.Round(time.Millisecond), (desireTook + elapsed).Round(time.Millisecond))
@@ -305,16 +309,16 @@ func rawBatchedPuts(ctx context.Context, cli *clientv3.Client, n int) (float64, 
 // countRunning counts instances whose record turns RUNNING, from an etcd
 // watch on the actual records (the BBS's event stream drops a subscriber
 // that falls 4096 events behind, which a burst of 100,000 does).
-func countRunning(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, wg *sync.WaitGroup) *atomic.Int64 {
-	var n atomic.Int64
+func countRunning(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, wg *sync.WaitGroup) (n, claimed *atomic.Int64) {
+	n, claimed = new(atomic.Int64), new(atomic.Int64)
 	resp, err := cli.Get(ctx, keys.ActualPrefix(), clientv3.WithPrefix(), clientv3.WithCountOnly())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench-auction: count:", err)
-		return &n
+		return n, claimed
 	}
 	wch := cli.Watch(ctx, keys.ActualPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 	wg.Go(func() {
-		running := map[string]bool{}
+		running, claims := map[string]bool{}, map[string]bool{}
 		for wr := range wch {
 			for _, ev := range wr.Events {
 				a := &basinv1.ActualLRP{}
@@ -322,6 +326,10 @@ func countRunning(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, wg *
 					continue
 				}
 				k := string(ev.Kv.Key)
+				if a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_CLAIMED && !claims[k] {
+					claims[k] = true
+					claimed.Add(1)
+				}
 				if a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING && !running[k] {
 					running[k] = true
 					n.Add(1)
@@ -329,7 +337,7 @@ func countRunning(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, wg *
 			}
 		}
 	})
-	return &n
+	return n, claimed
 }
 
 // placed reads the auctioneer's placements counter.
@@ -344,4 +352,29 @@ func placed(a *auctioneer.Auctioneer) float64 {
 		}
 	}
 	return 0
+}
+
+// printStoreStats shows how the BBS merged the cells' writes.
+func printStoreStats(reg prometheus.Gatherer) {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return
+	}
+	var batches, merged, splits, conflicts, txns, txnSecs float64
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			switch mf.GetName() {
+			case "basin_bbs_txn_batch_size":
+				batches, merged = float64(m.GetHistogram().GetSampleCount()), m.GetHistogram().GetSampleSum()
+			case "basin_bbs_txn_batch_splits_total":
+				splits = m.GetCounter().GetValue()
+			case "basin_bbs_write_conflicts_total":
+				conflicts = m.GetCounter().GetValue()
+			case "basin_bbs_txn_seconds":
+				txns, txnSecs = float64(m.GetHistogram().GetSampleCount()), m.GetHistogram().GetSampleSum()
+			}
+		}
+	}
+	fmt.Printf("BBS: %.0f merged transactions of %.1f writes on average, %.0f split, %.0f guard conflicts; %.0f etcd txns, %.1f ms mean\n",
+		batches, merged/max(batches, 1), splits, conflicts, txns, 1000*txnSecs/max(txns, 1))
 }

@@ -550,7 +550,8 @@ func startBBS(ctx context.Context, bin, endpoint, prefix, token string, o option
 		return nil, err
 	}
 	cmd := exec.CommandContext(ctx, bin, "-listen", addr, "-debug-listen", debugAddr, "-etcd-endpoints", endpoint,
-		"-prefix", prefix, "-log-level", "error", "-txn-concurrency", strconv.Itoa(o.workers))
+		"-prefix", prefix, "-log-level", "error", "-txn-concurrency", strconv.Itoa(o.workers),
+		"-max-txn-ops", strconv.Itoa(embeddedetcd.MaxTxnOps))
 	cmd.Env = append(os.Environ(), "BASIN_TOKEN="+token)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {

@@ -26,6 +26,12 @@ type Config struct {
 	Logger        *slog.Logger
 }
 
+// MaxTxnOps is the embedded member's --max-txn-ops. A BBS on it merges
+// concurrent writes into transactions this large: under a burst (1,000 cells
+// claiming at once) etcd's cost is per transaction, and 128 (etcd's default)
+// made the transaction count, not the writes, the limit.
+const MaxTxnOps = 1024
+
 // Etcd is a running embedded etcd member.
 type Etcd struct {
 	e        *embed.Etcd
@@ -58,6 +64,10 @@ func Start(ctx context.Context, cfg Config) (*Etcd, error) {
 	ec.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	// Room for a busy installation's state; etcd's 2 GiB default is low.
 	ec.QuotaBackendBytes = 8 << 30
+	ec.MaxTxnOps = MaxTxnOps
+	// Slow requests are logged (with the request rendered as text) past
+	// this; the logger here discards them, so do not pay for rendering.
+	ec.WarningUnaryRequestDuration = time.Hour
 	// A compaction every hour keeps history bounded; watchers re-list.
 	ec.AutoCompactionMode = "periodic"
 	ec.AutoCompactionRetention = "1h"

@@ -55,6 +55,7 @@ func main() {
 	var maxInstances int
 	fs.IntVar(&maxInstances, "max-instances", int(bbs.DefaultLimits.MaxInstances), "most instances one LRP may ask for")
 	fs.IntVar(&c.server.Store.Workers, "txn-concurrency", 2, "etcd transactions in flight at once; concurrent writes are merged into them")
+	fs.IntVar(&c.server.Store.MaxTxnOps, "max-txn-ops", 0, "the etcd cluster's --max-txn-ops, up to which writes are merged (default: 128, etcd's default; the embedded etcd's 1024)")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
 	c.server.Limits.MaxInstances = int32(maxInstances)
@@ -97,6 +98,9 @@ func run(ctx context.Context, c config) error {
 			return err
 		}
 		defer e.Close()
+		if c.server.Store.MaxTxnOps == 0 {
+			c.server.Store.MaxTxnOps = embeddedetcd.MaxTxnOps
+		}
 		if cli, err = e.Client(); err != nil {
 			return err
 		}
