@@ -1867,6 +1867,78 @@ func (x *Fence) GetCreateRevision() int64 {
 	return 0
 }
 
+// BuildCache is what buildcache/<app_guid> holds: the app's build cache
+// (a tar.gz blob) saved by its last successful staging, on any cell.
+type BuildCache struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	AppGuid string                 `protobuf:"bytes,1,opt,name=app_guid,json=appGuid,proto3" json:"app_guid,omitempty"`
+	// "sha256:<hex>" of the tar.gz in the blobstore.
+	Digest string `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	// The staging task that saved it.
+	TaskGuid          string `protobuf:"bytes,3,opt,name=task_guid,json=taskGuid,proto3" json:"task_guid,omitempty"`
+	UpdatedAtUnixNano int64  `protobuf:"varint,4,opt,name=updated_at_unix_nano,json=updatedAtUnixNano,proto3" json:"updated_at_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *BuildCache) Reset() {
+	*x = BuildCache{}
+	mi := &file_basin_v1_models_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BuildCache) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BuildCache) ProtoMessage() {}
+
+func (x *BuildCache) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_models_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BuildCache.ProtoReflect.Descriptor instead.
+func (*BuildCache) Descriptor() ([]byte, []int) {
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BuildCache) GetAppGuid() string {
+	if x != nil {
+		return x.AppGuid
+	}
+	return ""
+}
+
+func (x *BuildCache) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *BuildCache) GetTaskGuid() string {
+	if x != nil {
+		return x.TaskGuid
+	}
+	return ""
+}
+
+func (x *BuildCache) GetUpdatedAtUnixNano() int64 {
+	if x != nil {
+		return x.UpdatedAtUnixNano
+	}
+	return 0
+}
+
 var File_basin_v1_models_proto protoreflect.FileDescriptor
 
 const file_basin_v1_models_proto_rawDesc = "" +
@@ -2022,7 +2094,13 @@ const file_basin_v1_models_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"B\n" +
 	"\x05Fence\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12'\n" +
-	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision*\x8b\x01\n" +
+	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\"\x8d\x01\n" +
+	"\n" +
+	"BuildCache\x12\x19\n" +
+	"\bapp_guid\x18\x01 \x01(\tR\aappGuid\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x1b\n" +
+	"\ttask_guid\x18\x03 \x01(\tR\btaskGuid\x12/\n" +
+	"\x14updated_at_unix_nano\x18\x04 \x01(\x03R\x11updatedAtUnixNano*\x8b\x01\n" +
 	"\x0fHealthCheckType\x12!\n" +
 	"\x1dHEALTH_CHECK_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16HEALTH_CHECK_TYPE_PORT\x10\x01\x12\x1a\n" +
@@ -2053,7 +2131,7 @@ func file_basin_v1_models_proto_rawDescGZIP() []byte {
 }
 
 var file_basin_v1_models_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_basin_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_basin_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_basin_v1_models_proto_goTypes = []any{
 	(HealthCheckType)(0),         // 0: basin.v1.HealthCheckType
 	(ActualLRPState)(0),          // 1: basin.v1.ActualLRPState
@@ -2080,7 +2158,8 @@ var file_basin_v1_models_proto_goTypes = []any{
 	(*CellPresence)(nil),         // 22: basin.v1.CellPresence
 	(*RouteEndpoint)(nil),        // 23: basin.v1.RouteEndpoint
 	(*Fence)(nil),                // 24: basin.v1.Fence
-	nil,                          // 25: basin.v1.RouteEndpoint.TagsEntry
+	(*BuildCache)(nil),           // 25: basin.v1.BuildCache
+	nil,                          // 26: basin.v1.RouteEndpoint.TagsEntry
 }
 var file_basin_v1_models_proto_depIdxs = []int32{
 	0,  // 0: basin.v1.HealthCheck.type:type_name -> basin.v1.HealthCheckType
@@ -2106,7 +2185,7 @@ var file_basin_v1_models_proto_depIdxs = []int32{
 	17, // 20: basin.v1.Task.definition:type_name -> basin.v1.TaskDefinition
 	2,  // 21: basin.v1.Task.state:type_name -> basin.v1.TaskState
 	21, // 22: basin.v1.CellPresence.capacity:type_name -> basin.v1.CellCapacity
-	25, // 23: basin.v1.RouteEndpoint.tags:type_name -> basin.v1.RouteEndpoint.TagsEntry
+	26, // 23: basin.v1.RouteEndpoint.tags:type_name -> basin.v1.RouteEndpoint.TagsEntry
 	24, // [24:24] is the sub-list for method output_type
 	24, // [24:24] is the sub-list for method input_type
 	24, // [24:24] is the sub-list for extension type_name
@@ -2125,7 +2204,7 @@ func file_basin_v1_models_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_models_proto_rawDesc), len(file_basin_v1_models_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   23,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
