@@ -167,7 +167,8 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	if err != nil {
 		return err
 	}
-	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs, Logger: log})
+	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs,
+		BuiltinBuildpacks: builtinBuildpacks, Logger: log})
 	if err != nil {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}
