@@ -242,11 +242,11 @@ func (r *Rep) finishStaging(ctx context.Context, t *task, x *executor.ExitInfo, 
 			failWith("staging", x.Status, fmt.Sprintf("staging failed: basin-builder exited with status %d", x.Status))
 			break
 		}
-		what := phase + " failed"
+		reason := fmt.Sprintf("staging failed in the %s phase (exit status %d)", phase, x.Status)
 		if phase == "detect" {
-			what = "no buildpack detected the app"
+			reason = fmt.Sprintf("staging failed: no buildpack detected the app (detect phase, exit status %d)", x.Status)
 		}
-		failWith(phase, x.Status, fmt.Sprintf("staging failed: %s (%s phase, exit status %d)", what, phase, x.Status))
+		failWith(phase, x.Status, reason)
 	default:
 		if err := r.collectStaging(ctx, w, res); err != nil {
 			var se *stagingError
