@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -43,6 +44,11 @@ echo $((n + 1)) > "$cache/runs"
 if [ -f "$build/FAIL" ]; then
 	echo "compile error: syntax error in app.rb line 3" >&2
 	exit 1
+fi
+if [ -n "${PROBE_GW:-}" ]; then
+	if nc -w 2 "$PROBE_GW" "$PROBE_PROTECTED" </dev/null; then p=open; else p=closed; fi
+	if nc -w 2 "$PROBE_GW" "$PROBE_OPEN" </dev/null; then o=open; else o=closed; fi
+	echo "-----> fake compile: probe protected=$p open=$o"
 fi
 echo "-----> fake compile: compiling"
 sleep 2
@@ -122,7 +128,7 @@ func newStagingEnv(t *testing.T, ctx context.Context) *repEnv {
 
 // runStagingCell runs a cell with the fake builder on its own bridge and
 // subnet until the test ends.
-func runStagingCell(t *testing.T, cenv *cellEnv, env *repEnv) *cell.Cell {
+func runStagingCell(t *testing.T, cenv *cellEnv, env *repEnv, protected []int) *cell.Cell {
 	t.Helper()
 	builder, err := filepath.Abs("testdata/fake-builder.sh")
 	if err != nil {
@@ -142,7 +148,7 @@ func runStagingCell(t *testing.T, cenv *cellEnv, env *repEnv) *cell.Cell {
 		Listener: lis, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
 		LauncherPath: cenv.launcher, BuilderPath: builder, StateDir: state,
 		NetworkName: bridge, BridgeName: bridge, Subnet: "10.231.0.0/24", FirewallChain: "BASIN-STGTEST0",
-		HostPortLow: 62800, HostPortHigh: 62899, StopGrace: 2 * time.Second,
+		HostPortLow: 62800, HostPortHigh: 62899, StopGrace: 2 * time.Second, ProtectedPorts: protected,
 		Logger: slog.New(slog.NewTextHandler(testLog{t}, nil)),
 	})
 	if err != nil {
@@ -253,7 +259,12 @@ func TestStagingOnARealCell(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	env := newStagingEnv(t, ctx)
-	c := runStagingCell(t, cenv, env)
+	// Staging containers reach what the host serves (as they reach package
+	// registries through the bridge's NAT) but not the components' ports.
+	_, bbsPort, _ := net.SplitHostPort(env.bbsURL)
+	protected, _ := strconv.Atoi(bbsPort)
+	open := listen(t)
+	c := runStagingCell(t, cenv, env, []int{protected})
 	waitServing(t, ctx, c.Addr())
 	startLeaders(t, env)
 
@@ -267,10 +278,12 @@ func TestStagingOnARealCell(t *testing.T) {
 		Name: "fake_static", Digest: bpDigest, Enabled: true}}); err != nil {
 		t.Fatal(err)
 	}
+	probe := []*basinv1.EnvVar{{Name: "PROBE_GW", Value: "10.231.0.1"}, {Name: "PROBE_PROTECTED", Value: strconv.Itoa(protected)},
+		{Name: "PROBE_OPEN", Value: strconv.Itoa(open)}}
 	stage := func(app, bits string, buildpacks ...string) string {
 		t.Helper()
 		resp, err := env.bbs.Staging.StageApp(ctx, &basinv1.StageAppRequest{AppGuid: app, BitsDigest: bits, Stack: "tiny",
-			Buildpacks: buildpacks, Resources: &basinv1.ResourceLimits{MemoryMb: 256, DiskMb: 512}, TimeoutMs: 120000})
+			Env: probe, Buildpacks: buildpacks, Resources: &basinv1.ResourceLimits{MemoryMb: 256, DiskMb: 512}, TimeoutMs: 120000})
 		if err != nil {
 			t.Fatalf("StageApp %s: %v", app, err)
 		}
@@ -311,7 +324,8 @@ func TestStagingOnARealCell(t *testing.T) {
 		}
 		stg := rec.text("STG")
 		t.Logf("staging output:\n%s", stg)
-		for _, want := range []string{"fake builder running as 2000:2000 in /tmp/app", "previous stagings in cache: 0", "fake compile: compiling", "fake compile: done"} {
+		for _, want := range []string{"fake builder running as 2000:2000 in /tmp/app", "previous stagings in cache: 0", "fake compile: compiling", "fake compile: done",
+			"probe protected=closed open=open"} {
 			if !strings.Contains(stg, want) {
 				t.Errorf("staging logs lack %q", want)
 			}
