@@ -153,15 +153,14 @@ func (c *Config) withDefaults() {
 // Rep speaks for one cell. Create it with New, deliver the executor's events
 // to OnEvent, and call Run.
 type Rep struct {
-	cfg        Config
-	etcd       *clientv3.Client
-	bbs        BBS
-	exec       Executor
-	log        *slog.Logger
-	m          *Metrics
-	drops      *dropletCache
-	buildpacks *buildpackCache
-	ready      chan struct{} // closed once Run registered and reconciled
+	cfg   Config
+	etcd  *clientv3.Client
+	bbs   BBS
+	exec  Executor
+	log   *slog.Logger
+	m     *Metrics
+	drops *dropletCache
+	ready chan struct{} // closed once Run registered and reconciled
 
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context
@@ -174,6 +173,9 @@ type Rep struct {
 	evacDone   chan struct{} // closed when an evacuation finished
 	lease      clientv3.LeaseID
 	fence      *basinv1.Fence
+
+	// buildpacks keeps staging tasks' buildpacks unpacked by digest.
+	buildpacks *buildpackCache
 }
 
 // New validates cfg and returns a Rep; nothing happens until Run.
