@@ -84,8 +84,13 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	def := resp.GetTask().GetDefinition()
 	fail := func(reason string) {
 		log.Warn("task failed to start", "reason", reason)
-		r.reportTask(context.WithoutCancel(ctx), &basinv1.CompleteTaskRequest{
-			TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason)})
+		req := &basinv1.CompleteTaskRequest{TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason)}
+		if def.GetStaging() != nil {
+			// Whoever staged reads a StagingResult whatever the outcome.
+			res, _ := protojson.Marshal(&basinv1.StagingResult{FailedPhase: "setup", Stack: def.GetStack()})
+			req.Result = string(res)
+		}
+		r.reportTask(context.WithoutCancel(ctx), req)
 		r.releaseTask(t)
 	}
 	var st *stagingWork
