@@ -10,6 +10,7 @@ import (
 
 	"github.com/basinpaas/basin/bbs/blobstore"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"google.golang.org/protobuf/encoding/protojson"
 )
 
 const blobChunk = 256 << 10
@@ -130,24 +131,66 @@ func (a *BlobAPI) StatBlobs(ctx context.Context, req *basinv1.StatBlobsRequest) 
 	return resp, nil
 }
 
-// collectBlobs deletes blobs that no desired LRP or task references and that
-// are older than grace, so an upload about to be referenced is kept.
-func collectBlobs(ctx context.Context, store *Store, blobs blobstore.Store, grace time.Duration, now time.Time, log *slog.Logger) (int, error) {
+// referencedBlobs is every digest something in etcd points at: droplets of
+// desired LRPs and tasks, the bits, buildpacks and build cache of staging
+// tasks and the droplet a completed one produced, admin buildpacks' archives
+// and apps' build caches.
+func referencedBlobs(ctx context.Context, store *Store) (map[string]bool, error) {
 	referenced := map[string]bool{}
 	lrps, err := store.ListDesiredLRPs(ctx, "")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	for _, d := range lrps {
 		referenced[d.GetRun().GetDroplet().GetDigest()] = true
 	}
 	tasks, err := store.ListTasks(ctx, "", "")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	for _, t := range tasks {
 		referenced[t.GetDefinition().GetDroplet().GetDigest()] = true
-		referenced[t.GetDefinition().GetStaging().GetBitsDigest()] = true
+		st := t.GetDefinition().GetStaging()
+		if st == nil {
+			continue
+		}
+		referenced[st.GetBitsDigest()] = true
+		referenced[st.GetBuildCacheDigest()] = true
+		for _, b := range st.GetResolvedBuildpacks() {
+			referenced[b.GetDigest()] = true
+		}
+		var res basinv1.StagingResult
+		if t.GetResult() != "" && protojson.Unmarshal([]byte(t.GetResult()), &res) == nil {
+			referenced[res.GetDropletDigest()] = true
+			referenced[res.GetBuildCacheDigest()] = true
+		}
+	}
+	bps, err := store.ListBuildpacks(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range bps {
+		referenced[b.GetDigest()] = true
+	}
+	caches, err := store.listBuildCaches(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range caches {
+		referenced[d] = true
+	}
+	delete(referenced, "")
+	return referenced, nil
+}
+
+// collectBlobs deletes blobs that nothing in etcd references and that are
+// older than grace, so an upload about to be referenced (a package before
+// its StageApp, a droplet before its DesireLRP, the files of a push that a
+// later push matches) is kept.
+func collectBlobs(ctx context.Context, store *Store, blobs blobstore.Store, grace time.Duration, now time.Time, log *slog.Logger) (int, error) {
+	referenced, err := referencedBlobs(ctx, store)
+	if err != nil {
+		return 0, err
 	}
 	all, err := blobs.List(ctx)
 	if err != nil {

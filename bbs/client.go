@@ -29,8 +29,10 @@ type ClientConfig struct {
 // Client is a BBS connection.
 type Client struct {
 	basinv1.BBSServiceClient
-	Blobs basinv1.BlobstoreServiceClient
-	conn  *grpc.ClientConn
+	Blobs   basinv1.BlobstoreServiceClient
+	Staging basinv1.StagingServiceClient
+	Logs    basinv1.LogServiceClient
+	conn    *grpc.ClientConn
 }
 
 // Dial connects to a BBS. The connection is lazy: the first call dials.
@@ -67,7 +69,8 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to BBS at %s: %w", cfg.Address, err)
 	}
-	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), Blobs: basinv1.NewBlobstoreServiceClient(conn), conn: conn}, nil
+	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), Blobs: basinv1.NewBlobstoreServiceClient(conn),
+		Staging: basinv1.NewStagingServiceClient(conn), Logs: basinv1.NewLogServiceClient(conn), conn: conn}, nil
 }
 
 // Close closes the connection.
@@ -152,4 +155,41 @@ func (c *Client) DownloadBlob(ctx context.Context, digest string, w io.Writer) (
 		return n, fmt.Errorf("download blob %s: got %d of %d bytes", digest, n, size)
 	}
 	return n, nil
+}
+
+// UploadBits sends the header, then r (a zip or tar.gz of the files the
+// header does not list as matched; nil when every file matched) in chunks.
+func (c *Client) UploadBits(ctx context.Context, header *basinv1.UploadBitsHeader, r io.Reader) (*basinv1.UploadBitsResponse, error) {
+	stream, err := c.Staging.UploadBits(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("upload bits: %w", err)
+	}
+	if err := stream.Send(&basinv1.UploadBitsRequest{Part: &basinv1.UploadBitsRequest_Header{Header: header}}); err != nil {
+		_, rerr := stream.CloseAndRecv()
+		return nil, fmt.Errorf("upload bits: %w", errors.Join(err, rerr))
+	}
+	if r != nil {
+		buf := make([]byte, 256<<10)
+		for {
+			n, rerr := r.Read(buf)
+			if n > 0 {
+				if err := stream.Send(&basinv1.UploadBitsRequest{Part: &basinv1.UploadBitsRequest_Chunk{Chunk: buf[:n]}}); err != nil {
+					_, cerr := stream.CloseAndRecv()
+					return nil, fmt.Errorf("upload bits: %w", cerr)
+				}
+			}
+			if rerr == io.EOF {
+				break
+			}
+			if rerr != nil {
+				stream.CloseSend()
+				return nil, fmt.Errorf("read bits to upload: %w", rerr)
+			}
+		}
+	}
+	resp, err := stream.CloseAndRecv()
+	if err != nil {
+		return nil, fmt.Errorf("upload bits: %w", err)
+	}
+	return resp, nil
 }

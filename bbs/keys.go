@@ -74,6 +74,14 @@ func (k Keys) Route(host, path, guid string, index int32) string {
 	return fmt.Sprintf("%sroutes/%s/%s/%d", k.Prefix, seg, guid, index)
 }
 
+// BuildpackPrefix holds the admin buildpacks, one record per name.
+func (k Keys) BuildpackPrefix() string      { return k.Prefix + "buildpacks/" }
+func (k Keys) Buildpack(name string) string { return k.BuildpackPrefix() + name }
+
+// BuildCachePrefix holds, per app, the digest of its last build cache.
+func (k Keys) BuildCachePrefix() string         { return k.Prefix + "buildcache/" }
+func (k Keys) BuildCache(appGUID string) string { return k.BuildCachePrefix() + appGUID }
+
 func (k Keys) LeaderPrefix() string           { return k.Prefix + "leaders/" }
 func (k Keys) Leader(component string) string { return k.LeaderPrefix() + component }
 

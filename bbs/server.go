@@ -53,7 +53,17 @@ type Config struct {
 	MaxBlobBytes   int64
 	BlobGrace      time.Duration
 	BlobGCInterval time.Duration
-	Logger         *slog.Logger
+	// Staging configures the StagingService, served when Blobs is set.
+	Staging StagingConfig
+	// BuiltinBuildpacks, when set (and Blobs is), gives the built-in
+	// buildpacks that Run registers once the store is ready (see
+	// StagingAPI.RegisterBuiltin): basin dev up and cmd/bbs pass
+	// buildpacks.Builtin's archives.
+	BuiltinBuildpacks func() ([]BuildpackArchive, error)
+	// CellDialOptions reach the cells' reps for LogService (their TLS
+	// credentials); plaintext when empty, as the auctioneer dials them.
+	CellDialOptions []grpc.DialOption
+	Logger          *slog.Logger
 }
 
 // Server is a BBS: the gRPC API over a Store, with health, reflection and
@@ -66,6 +76,8 @@ type Server struct {
 	health   *health.Server
 	lis      net.Listener
 	log      *slog.Logger
+	staging  *StagingAPI // nil without a blobstore
+	logs     *LogAPI
 }
 
 // NewServer builds a BBS on cli and binds its gRPC listener, so Addr is known
@@ -115,6 +127,13 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 		}
 		basinv1.RegisterBlobstoreServiceServer(gs, NewBlobAPI(cfg.Blobs, cfg.MaxBlobBytes))
 	}
+	var staging *StagingAPI
+	if cfg.Blobs != nil {
+		staging = NewStagingAPI(store, cfg.Blobs, cfg.Limits, cfg.Staging, cfg.Logger)
+		basinv1.RegisterStagingServiceServer(gs, staging)
+	}
+	logs := NewLogAPI(store, cfg.CellDialOptions, cfg.Logger)
+	basinv1.RegisterLogServiceServer(gs, logs)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -126,7 +145,7 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddress, err)
 		}
 	}
-	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger}, nil
+	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs}, nil
 }
 
 // Addr is where the gRPC API listens.
@@ -138,9 +157,16 @@ func (s *Server) Store() *Store { return s.store }
 // Registry holds the server's metrics, for embedding in a shared debug server.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }
 
+// Staging is the StagingService, nil when the server has no blobstore.
+func (s *Server) Staging() *StagingAPI { return s.staging }
+
 // Run serves until ctx is done, then stops gracefully (bounded).
 func (s *Server) Run(ctx context.Context) error {
+	defer s.logs.Close()
 	g, gctx := errgroup.WithContext(ctx)
+	if s.staging != nil && s.cfg.BuiltinBuildpacks != nil {
+		g.Go(func() error { s.registerBuiltin(gctx); return nil })
+	}
 	g.Go(func() error { return s.store.Run(gctx) })
 	g.Go(func() error {
 		if err := s.store.WaitReady(gctx); err != nil {
@@ -181,6 +207,35 @@ func (s *Server) Run(ctx context.Context) error {
 	})
 	s.log.Info("BBS serving", "addr", s.Addr())
 	return g.Wait()
+}
+
+// registerBuiltin registers the built-in buildpacks once the store is
+// ready, retrying while etcd or a concurrent replica gets in the way.
+func (s *Server) registerBuiltin(ctx context.Context) {
+	if err := s.store.WaitReady(ctx); err != nil {
+		return
+	}
+	archives, err := s.cfg.BuiltinBuildpacks()
+	if err != nil {
+		s.log.Error("built-in buildpacks", "err", err)
+		return
+	}
+	for backoff := 100 * time.Millisecond; ; backoff = min(2*backoff, 10*time.Second) {
+		err := s.staging.RegisterBuiltin(ctx, archives)
+		if err == nil {
+			s.log.Info("built-in buildpacks registered", "count", len(archives))
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		s.log.Warn("register built-in buildpacks", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+	}
 }
 
 // collectBlobs deletes unreferenced blobs every BlobGCInterval. Several BBS

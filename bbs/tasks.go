@@ -7,6 +7,7 @@ import (
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -107,8 +108,29 @@ func (s *Store) CompleteTask(ctx context.Context, guid, cellID string, failed bo
 		t.Failed = failed
 		t.FailureReason = reason
 		t.Result = result
+		if op, key, ok := s.saveBuildCache(t); ok {
+			return []clientv3.Op{op}, []string{key}, false, nil
+		}
 		return nil, nil, false, nil
 	})
+}
+
+// saveBuildCache is the write that keeps a successful staging's build cache
+// for the app's next staging, on whichever cell it runs: it goes in the
+// same transaction as the task's completion.
+func (s *Store) saveBuildCache(t *basinv1.Task) (clientv3.Op, string, bool) {
+	st := t.GetDefinition().GetStaging()
+	if st == nil || t.GetFailed() || t.GetResult() == "" {
+		return clientv3.Op{}, "", false
+	}
+	var res basinv1.StagingResult
+	if err := protojson.Unmarshal([]byte(t.GetResult()), &res); err != nil || !digestRE.MatchString(res.GetBuildCacheDigest()) {
+		return clientv3.Op{}, "", false
+	}
+	key := s.keys.BuildCache(st.GetAppGuid())
+	val := marshal(&basinv1.BuildCache{AppGuid: st.GetAppGuid(), Digest: res.GetBuildCacheDigest(), TaskGuid: t.GetTaskGuid(),
+		UpdatedAtUnixNano: s.now().UnixNano()})
+	return clientv3.OpPut(key, string(val)), key, true
 }
 
 // FailTask completes a PENDING or RUNNING task as failed: the auctioneer when

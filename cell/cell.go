@@ -74,6 +74,9 @@ type Config struct {
 	Containerd        *client.Client
 	ContainerdAddress string
 	LauncherPath      string
+	// BuilderPath is the static basin-builder staging containers run;
+	// without it the cell fails the staging tasks it is given.
+	BuilderPath string
 	// StateDir keeps the executor's state, the droplet cache and an own
 	// containerd. Keep it short when the cell starts containerd: the
 	// socket path must fit in 100 bytes.
@@ -217,7 +220,9 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 		CellID: cfg.ID, Zone: cfg.Zone, Stacks: cfg.Stacks, PlacementTags: cfg.PlacementTags, Capacity: cfg.Capacity,
 		RepAddress: cfg.RepAddress, AdvertiseAddress: cfg.AdvertiseAddress, Keys: bbs.NewKeys(cfg.Prefix),
 		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
-		DropletDir: filepath.Join(cfg.StateDir, "droplets"), Logger: cfg.Logger, Metrics: rep.NewMetrics(c.registry),
+		DropletDir: filepath.Join(cfg.StateDir, "droplets"), BuilderPath: cfg.BuilderPath,
+		StagingDir: filepath.Join(cfg.StateDir, "staging"), BuildpackDir: filepath.Join(cfg.StateDir, "buildpacks"),
+		Logger: cfg.Logger, Metrics: rep.NewMetrics(c.registry),
 	}, etcd, bbsClient, ex)
 	if err != nil {
 		return fmt.Errorf("cell %s: %w", cfg.ID, err)

@@ -455,6 +455,7 @@ func (e *Executor) Start(ctx context.Context, spec Spec) (Info, error) {
 		return Info{}, fmt.Errorf("start %s: %w", id, ErrExists)
 	}
 	inst := newInstance(e, id, NewLogBuffer(e.cfg.LogLines, nil))
+	inst.stdout.source, inst.stderr.source = spec.LogSource, spec.LogSource
 	e.instances[id] = inst
 	delete(e.gone, id)
 	e.mu.Unlock()

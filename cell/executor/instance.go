@@ -32,10 +32,20 @@ func (e *Executor) specOpts(spec Spec, netnsPath string, ports []PortMapping) []
 	if spec.StartCommand != "" {
 		args = append(args, spec.StartCommand)
 	}
+	if len(spec.Args) > 0 {
+		args = spec.Args
+	}
 	mounts := []specs.Mount{{
 		Destination: launcherPath, Type: "bind", Source: e.cfg.LauncherPath,
 		Options: []string{"rbind", "ro", "nosuid", "nodev"},
 	}}
+	for _, m := range spec.Mounts {
+		opts := []string{"rbind", "rw", "nosuid", "nodev"}
+		if m.ReadOnly {
+			opts[1] = "ro"
+		}
+		mounts = append(mounts, specs.Mount{Destination: m.Destination, Type: "bind", Source: m.Source, Options: opts})
+	}
 	if _, err := os.Stat("/etc/resolv.conf"); err == nil {
 		mounts = append(mounts, specs.Mount{Destination: "/etc/resolv.conf", Type: "bind", Source: "/etc/resolv.conf", Options: []string{"rbind", "ro", "nosuid", "nodev", "noexec"}})
 	}
@@ -47,7 +57,7 @@ func (e *Executor) specOpts(spec Spec, netnsPath string, ports []PortMapping) []
 	return []oci.SpecOpts{
 		oci.WithDefaultSpec(),
 		oci.WithProcessArgs(args...),
-		oci.WithProcessCwd("/home/vcap/app"),
+		oci.WithProcessCwd(spec.Cwd),
 		oci.WithEnv(spec.env(e.cfg.AdvertiseAddress, ports)),
 		oci.WithUIDGID(stack.VcapUID, stack.VcapGID),
 		oci.WithCapabilities([]string{}),
@@ -95,7 +105,7 @@ type instance struct {
 func newInstance(e *Executor, id string, logs *LogBuffer) *instance {
 	return &instance{
 		e: e, id: id, logs: logs, healthy: make(chan struct{}), done: make(chan struct{}),
-		stdout: &lineWriter{buf: logs, stream: "stdout"}, stderr: &lineWriter{buf: logs, stream: "stderr"},
+		stdout: &lineWriter{buf: logs, source: SourceApp, stream: "stdout"}, stderr: &lineWriter{buf: logs, source: SourceApp, stream: "stderr"},
 	}
 }
 

@@ -12,6 +12,8 @@ import (
 const (
 	SourceApp  = "APP"
 	SourceCell = "CELL"
+	// SourceStaging tags the output of a staging task (the buildpacks').
+	SourceStaging = "STG"
 )
 
 // LogLine is one line of an instance's output or of the cell's events.
@@ -133,6 +135,7 @@ func (b *LogBuffer) Follow(ctx context.Context, after uint64, fn func(LogLine) e
 // lineWriter turns a stream of bytes into lines appended to a LogBuffer.
 type lineWriter struct {
 	buf    *LogBuffer
+	source string // SourceApp unless the spec says otherwise
 	stream string
 	mu     sync.Mutex
 	part   []byte
@@ -141,23 +144,26 @@ type lineWriter struct {
 func (w *lineWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if w.source == "" {
+		w.source = SourceApp
+	}
 	n := len(p)
 	for len(p) > 0 {
 		i := bytes.IndexByte(p, '\n')
 		if i < 0 {
 			w.part = append(w.part, p...)
 			for len(w.part) >= maxLineBytes {
-				w.buf.Append(SourceApp, w.stream, string(w.part[:maxLineBytes]))
+				w.buf.Append(w.source, w.stream, string(w.part[:maxLineBytes]))
 				w.part = append(w.part[:0], w.part[maxLineBytes:]...)
 			}
 			break
 		}
 		line := append(w.part, p[:i]...)
 		for len(line) > maxLineBytes {
-			w.buf.Append(SourceApp, w.stream, string(line[:maxLineBytes]))
+			w.buf.Append(w.source, w.stream, string(line[:maxLineBytes]))
 			line = line[maxLineBytes:]
 		}
-		w.buf.Append(SourceApp, w.stream, string(bytes.TrimSuffix(line, []byte("\r"))))
+		w.buf.Append(w.source, w.stream, string(bytes.TrimSuffix(line, []byte("\r"))))
 		w.part = w.part[:0]
 		p = p[i+1:]
 	}
@@ -169,7 +175,7 @@ func (w *lineWriter) flush() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if len(w.part) > 0 {
-		w.buf.Append(SourceApp, w.stream, string(w.part))
+		w.buf.Append(w.source, w.stream, string(w.part))
 		w.part = w.part[:0]
 	}
 }

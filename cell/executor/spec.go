@@ -44,6 +44,23 @@ type Spec struct {
 	// Labels are extra container labels (e.g. the owning cell's id) so a
 	// restarted cell can tell its containers apart.
 	Labels map[string]string
+	// Args, when set, is the process run instead of basin-launcher (a
+	// staging task runs basin-builder), still as vcap with the same limits.
+	Args []string
+	// Cwd of the process; default /home/vcap/app.
+	Cwd string
+	// Mounts are extra bind mounts (a staging task's bits, buildpacks,
+	// cache, output directory and builder).
+	Mounts []Mount
+	// LogSource tags the process's output lines; default SourceApp.
+	LogSource string
+}
+
+// Mount binds a host path into the container, never with devices or setuid.
+type Mount struct {
+	Source      string // absolute host path
+	Destination string // absolute path in the container
+	ReadOnly    bool
 }
 
 // Droplet names a droplet by digest and says where its tarball is.
@@ -97,6 +114,12 @@ var ErrInvalidSpec = errors.New("invalid instance spec")
 func (s *Spec) withDefaults() {
 	if len(s.Ports) == 0 {
 		s.Ports = []uint16{8080}
+	}
+	if s.Cwd == "" {
+		s.Cwd = "/home/vcap/app"
+	}
+	if s.LogSource == "" {
+		s.LogSource = SourceApp
 	}
 	if s.PidsLimit == 0 {
 		s.PidsLimit = 1024
@@ -155,6 +178,11 @@ func (s *Spec) validate() error {
 	case HealthPort, HealthHTTP, HealthProcess:
 	default:
 		return bad("health_check.type", "must be port, http or process, got %q", s.HealthCheck.Type)
+	}
+	for i, m := range s.Mounts {
+		if !strings.HasPrefix(m.Source, "/") || !strings.HasPrefix(m.Destination, "/") || strings.Contains(m.Destination, "..") {
+			return bad(fmt.Sprintf("mounts[%d]", i), "source and destination must be absolute, got %q → %q", m.Source, m.Destination)
+		}
 	}
 	for _, e := range s.Env {
 		if k, _, ok := strings.Cut(e, "="); !ok || k == "" {

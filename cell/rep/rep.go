@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -95,9 +96,19 @@ type Config struct {
 	DropletDir string
 	// HTTPClient fetches http(s) droplets; default one with timeouts.
 	HTTPClient *http.Client
-	// MaxDropletBytes bounds one droplet download; default 2 GiB.
+	// MaxDropletBytes bounds one droplet download (and a staging's
+	// droplet, build cache and bits); default 2 GiB.
 	MaxDropletBytes int64
-	Logger          *slog.Logger
+	// BuilderPath is the host's static basin-builder, bind-mounted
+	// read-only into staging containers; staging tasks fail without it.
+	BuilderPath string
+	// StagingDir keeps staging tasks' workspaces (bits, cache, output);
+	// default "staging" beside DropletDir.
+	StagingDir string
+	// BuildpackDir keeps buildpacks unpacked once per archive digest;
+	// default "buildpacks" beside DropletDir.
+	BuildpackDir string
+	Logger       *slog.Logger
 	// Metrics, when set, receives the rep's metrics.
 	Metrics *Metrics
 }
@@ -168,6 +179,9 @@ type Rep struct {
 	evacDone   chan struct{} // closed when an evacuation finished
 	lease      clientv3.LeaseID
 	fence      *basinv1.Fence
+
+	// buildpacks keeps staging tasks' buildpacks unpacked by digest.
+	buildpacks *buildpackCache
 }
 
 // New validates cfg and returns a Rep; nothing happens until Run.
@@ -186,8 +200,15 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 		return nil, errors.New("rep: etcd, BBS and executor are required")
 	}
 	log := cfg.Logger.With("cell", cfg.CellID)
+	if cfg.StagingDir == "" {
+		cfg.StagingDir = filepath.Join(filepath.Dir(filepath.Clean(cfg.DropletDir)), "staging")
+	}
+	if cfg.BuildpackDir == "" {
+		cfg.BuildpackDir = filepath.Join(filepath.Dir(filepath.Clean(cfg.DropletDir)), "buildpacks")
+	}
 	return &Rep{
-		cfg: cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
+		buildpacks: newBuildpackCache(filepath.Clean(cfg.BuildpackDir), blobsOf(b), cfg.MaxDropletBytes),
+		cfg:        cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
 		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
 		transitions: newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
@@ -213,6 +234,11 @@ func (r *Rep) Run(ctx context.Context) error {
 	r.mu.Lock()
 	r.runCtx = runCtx
 	r.mu.Unlock()
+	// Workspaces of staging tasks a previous process ran: their containers
+	// are destroyed and their tasks failed by the reconciliation below.
+	if err := os.RemoveAll(r.cfg.StagingDir); err != nil {
+		r.log.Warn("remove old staging workspaces", "dir", r.cfg.StagingDir, "err", err)
+	}
 
 	// The BBS or etcd may not answer yet (components start together):
 	// retry until they do.

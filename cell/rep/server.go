@@ -146,8 +146,14 @@ func (s *Service) Drain(ctx context.Context, req *basinv1.DrainRequest) (*basinv
 // Logs streams the recent lines of the LRP's instances on this cell, then,
 // with follow, new lines, also of instances that start later.
 func (s *Service) Logs(req *basinv1.LogsRequest, stream grpc.ServerStreamingServer[basinv1.LogsResponse]) error {
+	if req.GetTaskGuid() != "" {
+		if req.GetProcessGuid() != "" || req.Index != nil {
+			return status.Error(codes.InvalidArgument, "task_guid: set either process_guid (and index) or task_guid")
+		}
+		return s.taskLogs(req, stream)
+	}
 	if req.GetProcessGuid() == "" {
-		return status.Error(codes.InvalidArgument, "process_guid: must be set")
+		return status.Error(codes.InvalidArgument, "process_guid: must be set (or task_guid)")
 	}
 	recent := int(req.GetRecent())
 	if recent <= 0 {
@@ -263,4 +269,58 @@ func (r *Rep) logSources(guid string, index *int32) []logMeta {
 		out = append(out, logMeta{instance: t.instance})
 	}
 	return out
+}
+
+// taskLogs streams a task's container output: what is buffered (also after
+// the container exited), then, following, new lines until the container has
+// exited. A task this cell holds but whose container does not exist yet (a
+// staging task fetching its bits) is waited for.
+func (s *Service) taskLogs(req *basinv1.LogsRequest, stream grpc.ServerStreamingServer[basinv1.LogsResponse]) error {
+	guid := req.GetTaskGuid()
+	recent := int(req.GetRecent())
+	if recent <= 0 {
+		recent = 100
+	}
+	ctx := stream.Context()
+	inst := taskInstanceGUID(guid)
+	var buf *executor.LogBuffer
+	for {
+		var err error
+		if buf, err = s.rep.exec.Logs(inst); err == nil {
+			break
+		}
+		s.rep.mu.Lock()
+		held := s.rep.tasks[guid] != nil
+		s.rep.mu.Unlock()
+		if !req.GetFollow() || !held {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	send := func(l executor.LogLine) error {
+		return stream.Send(&basinv1.LogsResponse{Line: &basinv1.LogLine{
+			ProcessGuid: guid, Source: l.Source, Stream: l.Stream, TimeUnixNano: l.Time.UnixNano(), Text: l.Text, InstanceGuid: inst,
+		}})
+	}
+	lines := buf.Recent(recent)
+	if !req.GetFollow() {
+		for _, l := range lines {
+			if err := send(l); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	var after uint64
+	if len(lines) > 0 {
+		after = lines[0].Seq - 1
+	}
+	if err := buf.Follow(ctx, after, send); err != nil && ctx.Err() == nil {
+		return err
+	}
+	return nil
 }

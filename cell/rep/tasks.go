@@ -8,11 +8,14 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/basinpaas/basin/cell/executor"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -33,6 +36,7 @@ type task struct {
 	timedOut bool
 	done     bool
 	exited   chan struct{} // closed by completeTask
+	staging  *stagingWork  // set for a staging task once its workspace exists
 }
 
 func (r *Rep) releaseTask(t *task) {
@@ -80,9 +84,28 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	def := resp.GetTask().GetDefinition()
 	fail := func(reason string) {
 		log.Warn("task failed to start", "reason", reason)
-		r.reportTask(context.WithoutCancel(ctx), &basinv1.CompleteTaskRequest{
-			TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason)})
+		req := &basinv1.CompleteTaskRequest{TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate(reason)}
+		if def.GetStaging() != nil {
+			// Whoever staged reads a StagingResult whatever the outcome.
+			res, _ := protojson.Marshal(&basinv1.StagingResult{FailedPhase: "setup", Stack: def.GetStack()})
+			req.Result = string(res)
+		}
+		r.reportTask(context.WithoutCancel(ctx), req)
 		r.releaseTask(t)
+	}
+	var st *stagingWork
+	var stagingMounts []executor.Mount
+	var stagingArgs []string
+	if def.GetStaging() != nil {
+		st, stagingMounts, stagingArgs, err = r.prepareStaging(ctx, t, def.GetStaging(), def.GetStack())
+		if err != nil {
+			res, _ := protojson.Marshal(&basinv1.StagingResult{FailedPhase: phaseOf(err), Stack: def.GetStack()})
+			log.Warn("staging failed to start", "err", err)
+			r.reportTask(context.WithoutCancel(ctx), &basinv1.CompleteTaskRequest{
+				TaskGuid: t.guid, CellId: r.cfg.CellID, Failed: true, FailureReason: truncate("staging failed: " + err.Error()), Result: string(res)})
+			r.releaseTask(t)
+			return
+		}
 	}
 	var d executor.Droplet
 	if def.GetDroplet().GetDigest() != "" {
@@ -106,16 +129,27 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 		Labels:      map[string]string{LabelCellID: r.cfg.CellID, LabelTaskGUID: t.guid},
 		App:         executor.AppInfo{GUID: t.guid, Name: t.guid},
 	}
+	if st != nil {
+		// The builder as vcap in /tmp/app, its output tagged STG; HOME is
+		// vcap's, CF_STACK names the stack as Cloud Foundry's staging does.
+		spec.StartCommand, spec.Args, spec.Cwd, spec.Mounts = "", stagingArgs, stagingAppDir, stagingMounts
+		spec.LogSource = executor.SourceStaging
+		spec.App = executor.AppInfo{GUID: def.GetStaging().GetAppGuid(), Name: def.GetStaging().GetAppGuid()}
+		spec.Env = append(spec.Env, "HOME=/home/vcap", "CF_STACK="+def.GetStack())
+	}
 	for _, e := range def.GetEnv() {
 		spec.Env = append(spec.Env, e.GetName()+"="+e.GetValue())
 	}
 	r.mu.Lock()
-	t.instance, t.marker = spec.InstanceGUID, marker
+	t.instance, t.marker, t.staging = spec.InstanceGUID, marker, st
 	r.mu.Unlock()
 	if _, err := r.exec.Start(ctx, spec); err != nil {
 		r.mu.Lock()
-		t.instance = ""
+		t.instance, t.staging = "", nil
 		r.mu.Unlock()
+		if st != nil {
+			os.RemoveAll(st.dir)
+		}
 		fail("failed to start: " + err.Error())
 		return
 	}
@@ -151,6 +185,12 @@ func (r *Rep) completeTask(ctx context.Context, t *task, x *executor.ExitInfo) {
 	timedOut, marker, inst := t.timedOut, t.marker, t.instance
 	r.mu.Unlock()
 	req := &basinv1.CompleteTaskRequest{TaskGuid: t.guid, CellId: r.cfg.CellID, Fence: r.currentFence()}
+	if t.staging != nil {
+		r.finishStaging(ctx, t, x, timedOut, req)
+		r.reportTask(ctx, req)
+		r.releaseTask(t)
+		return
+	}
 	switch {
 	case timedOut:
 		req.Failed, req.FailureReason = true, "task timed out"
@@ -278,4 +318,13 @@ func emptyDroplet(dir string) (executor.Droplet, error) {
 		return executor.Droplet{}, fmt.Errorf("empty droplet: %w", err)
 	}
 	return executor.Droplet{Digest: "sha256:" + hexSum, Path: p}, nil
+}
+
+// phaseOf is the staging phase an error is reported under.
+func phaseOf(err error) string {
+	var se *stagingError
+	if errors.As(err, &se) {
+		return se.phase
+	}
+	return "setup"
 }

@@ -167,8 +167,8 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	if err != nil {
 		return err
 	}
-	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs, Logger: log,
-		Store: bbs.StoreConfig{MaxTxnOps: embeddedetcd.MaxTxnOps}})
+	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs,
+		BuiltinBuildpacks: builtinBuildpacks, Logger: log, Store: bbs.StoreConfig{MaxTxnOps: embeddedetcd.MaxTxnOps}})
 	if err != nil {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}

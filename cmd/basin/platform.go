@@ -41,6 +41,20 @@ func launcherPath() (string, error) {
 	return p, nil
 }
 
+// builderPath finds basin-builder next to the basin binary, as
+// launcherPath does; without it cells run apps but fail staging tasks.
+func builderPath() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(filepath.Dir(exe), "basin-builder")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("basin-builder is not next to %s (build it with `make build`): staging tasks will fail", exe)
+	}
+	return p, nil
+}
+
 // connectContainerd uses a running system containerd, or starts basin's own
 // under dir and returns a stop function for it.
 func connectContainerd(ctx context.Context, dir string, log *slog.Logger) (*client.Client, string, func(), error) {
@@ -113,6 +127,11 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 	if err != nil {
 		return nil, err
 	}
+	builder, err := builderPath()
+	if err != nil {
+		pc.log.Warn("no basin-builder", "err", err)
+		builder = ""
+	}
 	ctrd, addr, stopCtrd, err := connectContainerd(ctx, filepath.Join(pc.dir, "containerd"), pc.log.With("component", "containerd"))
 	if err != nil {
 		return nil, err
@@ -139,6 +158,7 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		Etcd:           pc.etcd,
 		Containerd:     ctrd,
 		LauncherPath:   launcher,
+		BuilderPath:    builder,
 		StateDir:       filepath.Join(pc.dir, "cells"),
 		ProtectedPorts: pc.protected,
 		Logger:         pc.log,
@@ -186,3 +206,14 @@ func (p *platform) run(ctx context.Context, g *errgroup.Group) {
 		})
 	}
 }
+
+// builtinBuildpacks is what dev up's BBS registers as admin buildpacks on
+// start. TODO(issue 6): once package buildpacks lands, return its archives:
+//
+//	as, err := buildpacks.Builtin()
+//	out := make([]bbs.BuildpackArchive, len(as))
+//	for i, a := range as {
+//		out[i] = bbs.BuildpackArchive(a)
+//	}
+//	return out, err
+func builtinBuildpacks() ([]bbs.BuildpackArchive, error) { return nil, nil }

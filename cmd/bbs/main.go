@@ -139,6 +139,9 @@ func run(ctx context.Context, c config) error {
 		}
 		c.server.Blobs = blobs
 	}
+	if c.server.Blobs != nil {
+		c.server.BuiltinBuildpacks = builtinBuildpacks
+	}
 	srv, err := bbs.NewServer(cli, c.server)
 	if err != nil {
 		return err
@@ -170,3 +173,14 @@ func etcdTLS(ca, cert, key string) (*tls.Config, error) {
 	}
 	return tc, nil
 }
+
+// builtinBuildpacks is what the BBS registers as admin buildpacks on start.
+// TODO(issue 6): once package buildpacks lands, return its archives:
+//
+//	as, err := buildpacks.Builtin()
+//	out := make([]bbs.BuildpackArchive, len(as))
+//	for i, a := range as {
+//		out[i] = bbs.BuildpackArchive(a)
+//	}
+//	return out, err
+func builtinBuildpacks() ([]bbs.BuildpackArchive, error) { return nil, nil }

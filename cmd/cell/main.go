@@ -73,6 +73,7 @@ func run(args []string) error {
 	fs.StringVar(&cfg.Prefix, "prefix", bbs.DefaultPrefix, "etcd key prefix")
 	fs.StringVar(&cfg.ContainerdAddress, "containerd", "", "containerd socket (empty: start an own containerd under --state-dir)")
 	fs.StringVar(&cfg.LauncherPath, "launcher", "/usr/local/lib/basin/basin-launcher", "static basin-launcher binary")
+	fs.StringVar(&cfg.BuilderPath, "builder", "/usr/local/lib/basin/basin-builder", "static basin-builder binary staging containers run (staging tasks fail without it)")
 	fs.StringVar(&cfg.StateDir, "state-dir", "/var/lib/basin/cell", "state directory (keep it short)")
 	fs.StringVar(&cfg.BridgeName, "bridge", "", "CNI bridge (default basin0)")
 	fs.StringVar(&cfg.NetworkName, "network", "", "CNI network name (default basin)")

@@ -616,7 +616,11 @@ type LogsRequest struct {
 	// Keep streaming new lines after the recent ones.
 	Follow bool `protobuf:"varint,3,opt,name=follow,proto3" json:"follow,omitempty"`
 	// How many recent lines per instance to send first; 0 means 100.
-	Recent        int32 `protobuf:"varint,4,opt,name=recent,proto3" json:"recent,omitempty"`
+	Recent int32 `protobuf:"varint,4,opt,name=recent,proto3" json:"recent,omitempty"`
+	// A task's container instead of an LRP (process_guid then empty): its
+	// output also after it exited; with follow, the stream ends once the
+	// container has exited and every line was sent.
+	TaskGuid      string `protobuf:"bytes,5,opt,name=task_guid,json=taskGuid,proto3" json:"task_guid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -677,6 +681,13 @@ func (x *LogsRequest) GetRecent() int32 {
 		return x.Recent
 	}
 	return 0
+}
+
+func (x *LogsRequest) GetTaskGuid() string {
+	if x != nil {
+		return x.TaskGuid
+	}
+	return ""
 }
 
 type LogLine struct {
@@ -856,12 +867,13 @@ const file_basin_v1_cell_proto_rawDesc = "" +
 	"\fDrainRequest\x12\x1d\n" +
 	"\n" +
 	"timeout_ms\x18\x01 \x01(\x03R\ttimeoutMs\"\x0f\n" +
-	"\rDrainResponse\"\x85\x01\n" +
+	"\rDrainResponse\"\xa2\x01\n" +
 	"\vLogsRequest\x12!\n" +
 	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12\x19\n" +
 	"\x05index\x18\x02 \x01(\x05H\x00R\x05index\x88\x01\x01\x12\x16\n" +
 	"\x06follow\x18\x03 \x01(\bR\x06follow\x12\x16\n" +
-	"\x06recent\x18\x04 \x01(\x05R\x06recentB\b\n" +
+	"\x06recent\x18\x04 \x01(\x05R\x06recent\x12\x1b\n" +
+	"\ttask_guid\x18\x05 \x01(\tR\btaskGuidB\b\n" +
 	"\x06_index\"\xd1\x01\n" +
 	"\aLogLine\x12!\n" +
 	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12\x14\n" +

@@ -39,7 +39,7 @@ type CellServiceClient interface {
 	Perform(ctx context.Context, in *PerformRequest, opts ...grpc.CallOption) (*PerformResponse, error)
 	// Drain evacuates the cell: its instances are placed elsewhere, then stopped here.
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
-	// Logs streams instance output and cell events for an LRP.
+	// Logs streams instance output and cell events for an LRP or a task.
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogsResponse], error)
 }
 
@@ -114,7 +114,7 @@ type CellServiceServer interface {
 	Perform(context.Context, *PerformRequest) (*PerformResponse, error)
 	// Drain evacuates the cell: its instances are placed elsewhere, then stopped here.
 	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
-	// Logs streams instance output and cell events for an LRP.
+	// Logs streams instance output and cell events for an LRP or a task.
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error
 	mustEmbedUnimplementedCellServiceServer()
 }

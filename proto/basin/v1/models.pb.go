@@ -1267,12 +1267,23 @@ func (x *TaskDefinition) GetTimeoutMs() int64 {
 
 // StagingSpec turns a task into a staging of app bits into a droplet.
 type StagingSpec struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	AppGuid       string                 `protobuf:"bytes,1,opt,name=app_guid,json=appGuid,proto3" json:"app_guid,omitempty"`
-	BitsDigest    string                 `protobuf:"bytes,2,opt,name=bits_digest,json=bitsDigest,proto3" json:"bits_digest,omitempty"`
-	Buildpacks    []string               `protobuf:"bytes,3,rep,name=buildpacks,proto3" json:"buildpacks,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	AppGuid    string                 `protobuf:"bytes,1,opt,name=app_guid,json=appGuid,proto3" json:"app_guid,omitempty"`
+	BitsDigest string                 `protobuf:"bytes,2,opt,name=bits_digest,json=bitsDigest,proto3" json:"bits_digest,omitempty"`
+	// What the user asked for: admin buildpack names or "sha256:<hex>"
+	// digests of uploaded archives; empty means detect.
+	Buildpacks []string `protobuf:"bytes,3,rep,name=buildpacks,proto3" json:"buildpacks,omitempty"`
+	// Set by StageApp: the buildpacks the cell downloads and mounts at
+	// /tmp/buildpacks/<key>, in the order the builder tries them.
+	ResolvedBuildpacks []*StagingBuildpack `protobuf:"bytes,4,rep,name=resolved_buildpacks,json=resolvedBuildpacks,proto3" json:"resolved_buildpacks,omitempty"`
+	// The user named the buildpacks: the builder runs no detection and the
+	// last one is the final buildpack.
+	SkipDetect bool `protobuf:"varint,5,opt,name=skip_detect,json=skipDetect,proto3" json:"skip_detect,omitempty"`
+	// The app's build cache (a tar.gz blob) from its last successful
+	// staging, restored into /tmp/cache; empty the first time.
+	BuildCacheDigest string `protobuf:"bytes,6,opt,name=build_cache_digest,json=buildCacheDigest,proto3" json:"build_cache_digest,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StagingSpec) Reset() {
@@ -1326,6 +1337,92 @@ func (x *StagingSpec) GetBuildpacks() []string {
 	return nil
 }
 
+func (x *StagingSpec) GetResolvedBuildpacks() []*StagingBuildpack {
+	if x != nil {
+		return x.ResolvedBuildpacks
+	}
+	return nil
+}
+
+func (x *StagingSpec) GetSkipDetect() bool {
+	if x != nil {
+		return x.SkipDetect
+	}
+	return false
+}
+
+func (x *StagingSpec) GetBuildCacheDigest() string {
+	if x != nil {
+		return x.BuildCacheDigest
+	}
+	return ""
+}
+
+// StagingBuildpack is one buildpack a staging task runs with.
+type StagingBuildpack struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Directory under /tmp/buildpacks and entry of -buildpackOrder: the
+	// admin buildpack's name, or "sha256_<hex>" for an uploaded archive.
+	Key string `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// "sha256:<hex>" of the archive (zip or tar.gz) in the blobstore.
+	Digest string `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	// The admin buildpack's name; empty for an uploaded archive.
+	Name          string `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StagingBuildpack) Reset() {
+	*x = StagingBuildpack{}
+	mi := &file_basin_v1_models_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StagingBuildpack) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StagingBuildpack) ProtoMessage() {}
+
+func (x *StagingBuildpack) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_models_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StagingBuildpack.ProtoReflect.Descriptor instead.
+func (*StagingBuildpack) Descriptor() ([]byte, []int) {
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *StagingBuildpack) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *StagingBuildpack) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *StagingBuildpack) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 type Task struct {
 	state             protoimpl.MessageState `protogen:"open.v1"`
 	TaskGuid          string                 `protobuf:"bytes,1,opt,name=task_guid,json=taskGuid,proto3" json:"task_guid,omitempty"`
@@ -1346,7 +1443,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_basin_v1_models_proto_msgTypes[16]
+	mi := &file_basin_v1_models_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1358,7 +1455,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_models_proto_msgTypes[16]
+	mi := &file_basin_v1_models_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1371,7 +1468,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_basin_v1_models_proto_rawDescGZIP(), []int{16}
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Task) GetTaskGuid() string {
@@ -1462,7 +1559,7 @@ type CellCapacity struct {
 
 func (x *CellCapacity) Reset() {
 	*x = CellCapacity{}
-	mi := &file_basin_v1_models_proto_msgTypes[17]
+	mi := &file_basin_v1_models_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1474,7 +1571,7 @@ func (x *CellCapacity) String() string {
 func (*CellCapacity) ProtoMessage() {}
 
 func (x *CellCapacity) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_models_proto_msgTypes[17]
+	mi := &file_basin_v1_models_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1487,7 +1584,7 @@ func (x *CellCapacity) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CellCapacity.ProtoReflect.Descriptor instead.
 func (*CellCapacity) Descriptor() ([]byte, []int) {
-	return file_basin_v1_models_proto_rawDescGZIP(), []int{17}
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CellCapacity) GetMemoryMb() int64 {
@@ -1530,7 +1627,7 @@ type CellPresence struct {
 
 func (x *CellPresence) Reset() {
 	*x = CellPresence{}
-	mi := &file_basin_v1_models_proto_msgTypes[18]
+	mi := &file_basin_v1_models_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1542,7 +1639,7 @@ func (x *CellPresence) String() string {
 func (*CellPresence) ProtoMessage() {}
 
 func (x *CellPresence) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_models_proto_msgTypes[18]
+	mi := &file_basin_v1_models_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1555,7 +1652,7 @@ func (x *CellPresence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CellPresence.ProtoReflect.Descriptor instead.
 func (*CellPresence) Descriptor() ([]byte, []int) {
-	return file_basin_v1_models_proto_rawDescGZIP(), []int{18}
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CellPresence) GetCellId() string {
@@ -1631,7 +1728,7 @@ type RouteEndpoint struct {
 
 func (x *RouteEndpoint) Reset() {
 	*x = RouteEndpoint{}
-	mi := &file_basin_v1_models_proto_msgTypes[19]
+	mi := &file_basin_v1_models_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1643,7 +1740,7 @@ func (x *RouteEndpoint) String() string {
 func (*RouteEndpoint) ProtoMessage() {}
 
 func (x *RouteEndpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_models_proto_msgTypes[19]
+	mi := &file_basin_v1_models_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1656,7 +1753,7 @@ func (x *RouteEndpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteEndpoint.ProtoReflect.Descriptor instead.
 func (*RouteEndpoint) Descriptor() ([]byte, []int) {
-	return file_basin_v1_models_proto_rawDescGZIP(), []int{19}
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *RouteEndpoint) GetHost() string {
@@ -1728,7 +1825,7 @@ type Fence struct {
 
 func (x *Fence) Reset() {
 	*x = Fence{}
-	mi := &file_basin_v1_models_proto_msgTypes[20]
+	mi := &file_basin_v1_models_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1740,7 +1837,7 @@ func (x *Fence) String() string {
 func (*Fence) ProtoMessage() {}
 
 func (x *Fence) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_models_proto_msgTypes[20]
+	mi := &file_basin_v1_models_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1753,7 +1850,7 @@ func (x *Fence) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Fence.ProtoReflect.Descriptor instead.
 func (*Fence) Descriptor() ([]byte, []int) {
-	return file_basin_v1_models_proto_rawDescGZIP(), []int{20}
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Fence) GetKey() string {
@@ -1766,6 +1863,78 @@ func (x *Fence) GetKey() string {
 func (x *Fence) GetCreateRevision() int64 {
 	if x != nil {
 		return x.CreateRevision
+	}
+	return 0
+}
+
+// BuildCache is what buildcache/<app_guid> holds: the app's build cache
+// (a tar.gz blob) saved by its last successful staging, on any cell.
+type BuildCache struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	AppGuid string                 `protobuf:"bytes,1,opt,name=app_guid,json=appGuid,proto3" json:"app_guid,omitempty"`
+	// "sha256:<hex>" of the tar.gz in the blobstore.
+	Digest string `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	// The staging task that saved it.
+	TaskGuid          string `protobuf:"bytes,3,opt,name=task_guid,json=taskGuid,proto3" json:"task_guid,omitempty"`
+	UpdatedAtUnixNano int64  `protobuf:"varint,4,opt,name=updated_at_unix_nano,json=updatedAtUnixNano,proto3" json:"updated_at_unix_nano,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *BuildCache) Reset() {
+	*x = BuildCache{}
+	mi := &file_basin_v1_models_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BuildCache) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BuildCache) ProtoMessage() {}
+
+func (x *BuildCache) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_models_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BuildCache.ProtoReflect.Descriptor instead.
+func (*BuildCache) Descriptor() ([]byte, []int) {
+	return file_basin_v1_models_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *BuildCache) GetAppGuid() string {
+	if x != nil {
+		return x.AppGuid
+	}
+	return ""
+}
+
+func (x *BuildCache) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *BuildCache) GetTaskGuid() string {
+	if x != nil {
+		return x.TaskGuid
+	}
+	return ""
+}
+
+func (x *BuildCache) GetUpdatedAtUnixNano() int64 {
+	if x != nil {
+		return x.UpdatedAtUnixNano
 	}
 	return 0
 }
@@ -1862,14 +2031,22 @@ const file_basin_v1_models_proto_rawDesc = "" +
 	"resultFile\x12/\n" +
 	"\astaging\x18\b \x01(\v2\x15.basin.v1.StagingSpecR\astaging\x12\x1d\n" +
 	"\n" +
-	"timeout_ms\x18\t \x01(\x03R\ttimeoutMs\"i\n" +
+	"timeout_ms\x18\t \x01(\x03R\ttimeoutMs\"\x85\x02\n" +
 	"\vStagingSpec\x12\x19\n" +
 	"\bapp_guid\x18\x01 \x01(\tR\aappGuid\x12\x1f\n" +
 	"\vbits_digest\x18\x02 \x01(\tR\n" +
 	"bitsDigest\x12\x1e\n" +
 	"\n" +
 	"buildpacks\x18\x03 \x03(\tR\n" +
-	"buildpacks\"\x8e\x03\n" +
+	"buildpacks\x12K\n" +
+	"\x13resolved_buildpacks\x18\x04 \x03(\v2\x1a.basin.v1.StagingBuildpackR\x12resolvedBuildpacks\x12\x1f\n" +
+	"\vskip_detect\x18\x05 \x01(\bR\n" +
+	"skipDetect\x12,\n" +
+	"\x12build_cache_digest\x18\x06 \x01(\tR\x10buildCacheDigest\"P\n" +
+	"\x10StagingBuildpack\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\"\x8e\x03\n" +
 	"\x04Task\x12\x1b\n" +
 	"\ttask_guid\x18\x01 \x01(\tR\btaskGuid\x12\x16\n" +
 	"\x06domain\x18\x02 \x01(\tR\x06domain\x128\n" +
@@ -1917,7 +2094,13 @@ const file_basin_v1_models_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"B\n" +
 	"\x05Fence\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12'\n" +
-	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision*\x8b\x01\n" +
+	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\"\x8d\x01\n" +
+	"\n" +
+	"BuildCache\x12\x19\n" +
+	"\bapp_guid\x18\x01 \x01(\tR\aappGuid\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12\x1b\n" +
+	"\ttask_guid\x18\x03 \x01(\tR\btaskGuid\x12/\n" +
+	"\x14updated_at_unix_nano\x18\x04 \x01(\x03R\x11updatedAtUnixNano*\x8b\x01\n" +
 	"\x0fHealthCheckType\x12!\n" +
 	"\x1dHEALTH_CHECK_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16HEALTH_CHECK_TYPE_PORT\x10\x01\x12\x1a\n" +
@@ -1948,7 +2131,7 @@ func file_basin_v1_models_proto_rawDescGZIP() []byte {
 }
 
 var file_basin_v1_models_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_basin_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_basin_v1_models_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
 var file_basin_v1_models_proto_goTypes = []any{
 	(HealthCheckType)(0),         // 0: basin.v1.HealthCheckType
 	(ActualLRPState)(0),          // 1: basin.v1.ActualLRPState
@@ -1969,12 +2152,14 @@ var file_basin_v1_models_proto_goTypes = []any{
 	(*ActualLRP)(nil),            // 16: basin.v1.ActualLRP
 	(*TaskDefinition)(nil),       // 17: basin.v1.TaskDefinition
 	(*StagingSpec)(nil),          // 18: basin.v1.StagingSpec
-	(*Task)(nil),                 // 19: basin.v1.Task
-	(*CellCapacity)(nil),         // 20: basin.v1.CellCapacity
-	(*CellPresence)(nil),         // 21: basin.v1.CellPresence
-	(*RouteEndpoint)(nil),        // 22: basin.v1.RouteEndpoint
-	(*Fence)(nil),                // 23: basin.v1.Fence
-	nil,                          // 24: basin.v1.RouteEndpoint.TagsEntry
+	(*StagingBuildpack)(nil),     // 19: basin.v1.StagingBuildpack
+	(*Task)(nil),                 // 20: basin.v1.Task
+	(*CellCapacity)(nil),         // 21: basin.v1.CellCapacity
+	(*CellPresence)(nil),         // 22: basin.v1.CellPresence
+	(*RouteEndpoint)(nil),        // 23: basin.v1.RouteEndpoint
+	(*Fence)(nil),                // 24: basin.v1.Fence
+	(*BuildCache)(nil),           // 25: basin.v1.BuildCache
+	nil,                          // 26: basin.v1.RouteEndpoint.TagsEntry
 }
 var file_basin_v1_models_proto_depIdxs = []int32{
 	0,  // 0: basin.v1.HealthCheck.type:type_name -> basin.v1.HealthCheckType
@@ -1996,15 +2181,16 @@ var file_basin_v1_models_proto_depIdxs = []int32{
 	5,  // 16: basin.v1.TaskDefinition.placement:type_name -> basin.v1.PlacementConstraint
 	8,  // 17: basin.v1.TaskDefinition.droplet:type_name -> basin.v1.DropletRef
 	18, // 18: basin.v1.TaskDefinition.staging:type_name -> basin.v1.StagingSpec
-	17, // 19: basin.v1.Task.definition:type_name -> basin.v1.TaskDefinition
-	2,  // 20: basin.v1.Task.state:type_name -> basin.v1.TaskState
-	20, // 21: basin.v1.CellPresence.capacity:type_name -> basin.v1.CellCapacity
-	24, // 22: basin.v1.RouteEndpoint.tags:type_name -> basin.v1.RouteEndpoint.TagsEntry
-	23, // [23:23] is the sub-list for method output_type
-	23, // [23:23] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	19, // 19: basin.v1.StagingSpec.resolved_buildpacks:type_name -> basin.v1.StagingBuildpack
+	17, // 20: basin.v1.Task.definition:type_name -> basin.v1.TaskDefinition
+	2,  // 21: basin.v1.Task.state:type_name -> basin.v1.TaskState
+	21, // 22: basin.v1.CellPresence.capacity:type_name -> basin.v1.CellCapacity
+	26, // 23: basin.v1.RouteEndpoint.tags:type_name -> basin.v1.RouteEndpoint.TagsEntry
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_models_proto_init() }
@@ -2018,7 +2204,7 @@ func file_basin_v1_models_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_models_proto_rawDesc), len(file_basin_v1_models_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   22,
+			NumMessages:   24,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

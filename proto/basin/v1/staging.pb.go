@@ -551,11 +551,14 @@ type StagingResult struct {
 	// Set on failure: the lifecycle phase ("detect", "compile", "supply",
 	// "finalize", "release", "upload"), its exit code (222-226 as Cloud
 	// Foundry) and the tail of the output.
-	FailedPhase   string `protobuf:"bytes,7,opt,name=failed_phase,json=failedPhase,proto3" json:"failed_phase,omitempty"`
-	ExitCode      int32  `protobuf:"varint,8,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
-	OutputTail    string `protobuf:"bytes,9,opt,name=output_tail,json=outputTail,proto3" json:"output_tail,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	FailedPhase string `protobuf:"bytes,7,opt,name=failed_phase,json=failedPhase,proto3" json:"failed_phase,omitempty"`
+	ExitCode    int32  `protobuf:"varint,8,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	OutputTail  string `protobuf:"bytes,9,opt,name=output_tail,json=outputTail,proto3" json:"output_tail,omitempty"`
+	// Set on success when the build cache was saved: the tar.gz blob the
+	// next staging of the app restores.
+	BuildCacheDigest string `protobuf:"bytes,10,opt,name=build_cache_digest,json=buildCacheDigest,proto3" json:"build_cache_digest,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *StagingResult) Reset() {
@@ -647,6 +650,13 @@ func (x *StagingResult) GetExitCode() int32 {
 func (x *StagingResult) GetOutputTail() string {
 	if x != nil {
 		return x.OutputTail
+	}
+	return ""
+}
+
+func (x *StagingResult) GetBuildCacheDigest() string {
+	if x != nil {
+		return x.BuildCacheDigest
 	}
 	return ""
 }
@@ -1166,7 +1176,7 @@ const file_basin_v1_staging_proto_rawDesc = "" +
 	"\n" +
 	"timeout_ms\x18\a \x01(\x03R\ttimeoutMs\"/\n" +
 	"\x10StageAppResponse\x12\x1b\n" +
-	"\ttask_guid\x18\x01 \x01(\tR\btaskGuid\"\xb7\x03\n" +
+	"\ttask_guid\x18\x01 \x01(\tR\btaskGuid\"\xe5\x03\n" +
 	"\rStagingResult\x12%\n" +
 	"\x0edroplet_digest\x18\x01 \x01(\tR\rdropletDigest\x12-\n" +
 	"\x12detected_buildpack\x18\x02 \x01(\tR\x11detectedBuildpack\x12#\n" +
@@ -1177,7 +1187,9 @@ const file_basin_v1_staging_proto_rawDesc = "" +
 	"\ffailed_phase\x18\a \x01(\tR\vfailedPhase\x12\x1b\n" +
 	"\texit_code\x18\b \x01(\x05R\bexitCode\x12\x1f\n" +
 	"\voutput_tail\x18\t \x01(\tR\n" +
-	"outputTail\x1a?\n" +
+	"outputTail\x12,\n" +
+	"\x12build_cache_digest\x18\n" +
+	" \x01(\tR\x10buildCacheDigest\x1a?\n" +
 	"\x11ProcessTypesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xec\x01\n" +
