@@ -3,9 +3,11 @@ package bbs
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"sync"
 	"time"
 
+	"go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -107,10 +109,19 @@ func (c *committer) work(ctx context.Context) {
 // Items that do not fit are carried to the next batch.
 func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 	written := make(map[string]struct{})
+	fences := make(map[string]struct{})
 	var ncmp, nops int
 	add := func(it *txnItem) bool {
+		newCmps := 0
+		for _, cmp := range it.cmps {
+			if f, ok := fenceOf(cmp); !ok {
+				newCmps++
+			} else if _, seen := fences[f]; !seen {
+				newCmps++
+			}
+		}
 		if len(batch) > 0 {
-			if ncmp+len(it.cmps) > c.maxOps || nops+len(it.ops) > c.maxOps {
+			if ncmp+newCmps > c.maxOps || nops+len(it.ops) > c.maxOps {
 				return false
 			}
 			for _, k := range it.writes {
@@ -122,7 +133,12 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 		for _, k := range it.writes {
 			written[k] = struct{}{}
 		}
-		ncmp += len(it.cmps)
+		for _, cmp := range it.cmps {
+			if f, ok := fenceOf(cmp); ok {
+				fences[f] = struct{}{}
+			}
+		}
+		ncmp += newCmps
 		nops += len(it.ops)
 		batch = append(batch, it)
 		return true
@@ -154,8 +170,17 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	}
 	var cmps []clientv3.Cmp
 	var ops []clientv3.Op
+	fences := make(map[string]struct{})
 	for _, it := range batch {
-		cmps = append(cmps, it.cmps...)
+		for _, cmp := range it.cmps {
+			if f, ok := fenceOf(cmp); ok {
+				if _, dup := fences[f]; dup {
+					continue
+				}
+				fences[f] = struct{}{}
+			}
+			cmps = append(cmps, cmp)
+		}
 		ops = append(ops, it.ops...)
 	}
 	start := time.Now()
@@ -193,4 +218,15 @@ func (c *committer) single(ctx context.Context, it *txnItem) txnResult {
 		return txnResult{succeeded: true, rev: resp.Header.Revision}
 	}
 	return txnResult{elses: resp}
+}
+
+// fenceOf identifies a fence compare (a key's create revision): the writes
+// of one cell or leader all carry the same one, and a merged transaction
+// needs it once.
+func fenceOf(cmp clientv3.Cmp) (string, bool) {
+	rev, ok := cmp.TargetUnion.(*etcdserverpb.Compare_CreateRevision)
+	if !ok || cmp.Target != etcdserverpb.Compare_CREATE || cmp.Result != etcdserverpb.Compare_EQUAL || len(cmp.RangeEnd) > 0 {
+		return "", false
+	}
+	return string(cmp.Key) + "\x00" + strconv.FormatInt(rev.CreateRevision, 10), true
 }

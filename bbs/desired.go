@@ -13,7 +13,7 @@ import (
 )
 
 // actualsPerTxn: each new instance is two puts (record + queue key).
-const actualsPerTxn = maxTxnOps / 2
+func (s *Store) actualsPerTxn() int32 { return int32(s.commit.maxOps / 2) }
 
 func (s *Store) newActual(guid, domain string, idx int32) *basinv1.ActualLRP {
 	return &basinv1.ActualLRP{
@@ -50,7 +50,7 @@ func (s *Store) DesireLRP(ctx context.Context, sched *basinv1.DesiredLRPSchedule
 	sk, rk := s.keys.DesiredSchedule(guid), s.keys.DesiredRun(guid)
 	sval, rval := marshal(sched), marshal(run)
 
-	first := min(sched.GetInstances(), (maxTxnOps-2)/2)
+	first := min(sched.GetInstances(), s.actualsPerTxn()-1)
 	ops, writes, _, vals := s.actualCreateOps(guid, sched.GetDomain(), 0, first)
 	item := &txnItem{
 		cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(sk), "=", 0)},
@@ -77,8 +77,9 @@ func (s *Store) DesireLRP(ctx context.Context, sched *basinv1.DesiredLRPSchedule
 func (s *Store) createActuals(ctx context.Context, guid, domain string, from, to int32) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(8)
-	for start := from; start < to; start += actualsPerTxn {
-		end := min(start+actualsPerTxn, to)
+	per := s.actualsPerTxn()
+	for start := from; start < to; start += per {
+		end := min(start+per, to)
 		g.Go(func() error {
 			ops, writes, cmps, vals := s.actualCreateOps(guid, domain, start, end)
 			res := s.commit.do(gctx, &txnItem{cmps: cmps, ops: ops, writes: writes})

@@ -1,0 +1,81 @@
+package bbs
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+)
+
+// recordingKV notes the compare count of every transaction it sends.
+type recordingKV struct {
+	clientv3.KV
+	mu   sync.Mutex
+	cmps []int
+}
+
+func (k *recordingKV) Txn(ctx context.Context) clientv3.Txn {
+	return &recordingTxn{Txn: k.KV.Txn(ctx), kv: k}
+}
+
+type recordingTxn struct {
+	clientv3.Txn
+	kv *recordingKV
+}
+
+func (t *recordingTxn) If(cs ...clientv3.Cmp) clientv3.Txn {
+	t.kv.mu.Lock()
+	t.kv.cmps = append(t.kv.cmps, len(cs))
+	t.kv.mu.Unlock()
+	t.Txn = t.Txn.If(cs...)
+	return t
+}
+
+func (t *recordingTxn) Then(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Then(ops...); return t }
+func (t *recordingTxn) Else(ops ...clientv3.Op) clientv3.Txn { t.Txn = t.Txn.Else(ops...); return t }
+
+// Writes fenced by one key share its compare in a merged transaction, so a
+// cell's batch fits the op limit in fewer transactions.
+func TestCommitterSharesFenceCompares(t *testing.T) {
+	prefix := testPrefix()
+	fenceKey := prefix + "cells/c1"
+	put, err := testClient.Put(context.Background(), fenceKey, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fence := clientv3.Compare(clientv3.CreateRevision(fenceKey), "=", put.Header.Revision)
+	kv := &recordingKV{KV: testClient.KV}
+	c := newCommitter(kv, 1, 5, newMetrics(nil))
+	const n = 4
+	items := make([]*txnItem, n)
+	for i := range items {
+		k := fmt.Sprintf("%sx/%d", prefix, i)
+		items[i] = &txnItem{
+			cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0), fence},
+			ops:    []clientv3.Op{clientv3.OpPut(k, "v")},
+			writes: []string{k},
+			res:    make(chan txnResult, 1),
+		}
+		c.queue <- items[i] // queued before the worker starts: one gather sees all
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { defer close(done); c.run(ctx) }()
+	for i, it := range items {
+		if r := <-it.res; r.err != nil || !r.succeeded {
+			t.Fatalf("item %d: %+v", i, r)
+		}
+	}
+	cancel()
+	<-done
+	kv.mu.Lock()
+	defer kv.mu.Unlock()
+	// 4 record compares + 1 shared fence = 5, within the limit: one txn.
+	if len(kv.cmps) != 1 || kv.cmps[0] != n+1 {
+		t.Errorf("transactions' compare counts %v, want one of %d", kv.cmps, n+1)
+	}
+}
