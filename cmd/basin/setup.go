@@ -18,8 +18,8 @@ import (
 var debianPackages = []string{"containerd", "runc", "containernetworking-plugins", "iptables", "iproute2", "busybox-static", "debootstrap"}
 
 // testPackages are what the tests need besides: nginx with its DAV module
-// for the WebDAV blobstore.
-var testPackages = []string{"nginx-light"}
+// for the WebDAV blobstore, and a JDK that builds the Java example.
+var testPackages = []string{"nginx-light", "openjdk-17-jdk-headless"}
 
 func newSetupCommand() *cobra.Command {
 	var forTests bool
