@@ -3,6 +3,7 @@
 package integration
 
 import (
+	"archive/zip"
 	"bufio"
 	"bytes"
 	"context"
@@ -409,6 +410,7 @@ type example struct {
 	name     string
 	detected string
 	body     string
+	app      func(t *testing.T) string                // the app's dir, when not examples/<name>
 	cache    bool                                     // keep the build cache between test runs
 	prepare  func(t *testing.T, buildDir string)      // before staging
 	check    func(t *testing.T, c *chrootFS, pid int) // the serving process
@@ -436,6 +438,7 @@ func TestBuildpackExamples(t *testing.T) {
 		{name: "go", detected: "go", body: "hello from go (go1.22.5)", cache: true},
 		{name: "python", detected: "python", body: "hello from python (flask)"},
 		{name: "binary", detected: "binary", body: "hello from binary"},
+		{name: "python-vendored-wheel", detected: "python", body: "hello from a vendored wheel", app: vendoredPythonApp},
 	}
 	for _, ex := range examples {
 		t.Run(ex.name, func(t *testing.T) {
@@ -449,7 +452,11 @@ func TestBuildpackExamples(t *testing.T) {
 			if ex.prepare != nil {
 				prepare = func(dir string) { ex.prepare(t, dir) }
 			}
-			res := stage(t, env, filepath.Join("..", "examples", ex.name), cache, prepare)
+			app := filepath.Join("..", "examples", ex.name)
+			if ex.app != nil {
+				app = ex.app(t)
+			}
+			res := stage(t, env, app, cache, prepare)
 			if res.code != 0 {
 				t.Fatalf("staging exited %d:\n%s", res.code, res.output)
 			}
@@ -535,6 +542,53 @@ func compileJava(t *testing.T, buildDir string) {
 	if err := os.Chown(filepath.Join(buildDir, "Main.class"), stack.VcapUID, stack.VcapGID); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// vendoredPythonApp is a Flask app that also needs a module no Debian
+// package provides, pushed as a wheel in vendor/: staging installs it into
+// the app, and the app finds it at run time in /home/vcap/app.
+func vendoredPythonApp(t *testing.T) string {
+	dir := t.TempDir()
+	files := map[string]string{
+		"requirements.txt": "flask\nbasinhello==1.0\n",
+		"app.py": "from flask import Flask\nimport basinhello\n\napp = Flask(__name__)\n\n\n" +
+			"@app.route(\"/\")\ndef hello():\n    return basinhello.GREETING\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, "vendor"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	wheel := map[string]string{
+		"basinhello/__init__.py":            "GREETING = 'hello from a vendored wheel\\n'\n",
+		"basinhello-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: basinhello\nVersion: 1.0\n",
+		"basinhello-1.0.dist-info/WHEEL":    "Wheel-Version: 1.0\nGenerator: basin-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+		"basinhello-1.0.dist-info/RECORD":   "basinhello/__init__.py,,\nbasinhello-1.0.dist-info/METADATA,,\nbasinhello-1.0.dist-info/WHEEL,,\nbasinhello-1.0.dist-info/RECORD,,\n",
+	}
+	f, err := os.Create(filepath.Join(dir, "vendor", "basinhello-1.0-py3-none-any.whl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw := zip.NewWriter(f)
+	for _, name := range []string{"basinhello/__init__.py", "basinhello-1.0.dist-info/METADATA", "basinhello-1.0.dist-info/WHEEL", "basinhello-1.0.dist-info/RECORD"} {
+		w, err := zw.Create(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.WriteString(w, wheel[name]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := zw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }
 
 func TestBuildpackStagingFailures(t *testing.T) {

@@ -24,7 +24,7 @@ const BookwormSuite = "bookworm"
 
 // bookwormVersion changes whenever the way the stack is built changes in a
 // way its package list and script do not show.
-const bookwormVersion = "bookworm/v1"
+const bookwormVersion = "bookworm/v2"
 
 // BookwormPackages are installed (without recommends) on top of minbase.
 var BookwormPackages = []string{
@@ -49,8 +49,11 @@ useradd -u 2000 -g 2000 -m -d /home/vcap -s /bin/bash vcap
 chmod 755 /home/vcap
 apt-get clean
 rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt/* /var/log/*.log \
-  /usr/share/doc/* /usr/share/man/* /usr/share/info/* /var/cache/debconf/*-old \
+  /usr/share/man/* /usr/share/info/* /var/cache/debconf/*-old \
   /etc/apache2/sites-enabled/* /tmp/* /var/tmp/*
+# Documentation goes, but not the packages' copyright files.
+find /usr/share/doc -type f ! -name copyright -delete
+find /usr/share/doc -depth -type d -empty -delete
 `
 
 // BookwormDigest is the digest of the bookworm stack's recipe: the stack is
@@ -136,6 +139,13 @@ func CachedBookworm(ctx context.Context, opts BookwormOptions) (Rootfs, error) {
 	if err := os.Rename(tmp, dir); err != nil {
 		return Rootfs{}, fmt.Errorf("bookworm stack cache: %w", err)
 	}
+	// Stacks of older recipes are not used again: reclaim their space.
+	old, _ := filepath.Glob(filepath.Join(filepath.Dir(dir), "bookworm-*"))
+	for _, o := range old {
+		if o != dir && !strings.HasSuffix(o, ".building") {
+			_ = os.RemoveAll(o)
+		}
+	}
 	return rootfs, nil
 }
 
@@ -197,8 +207,9 @@ func BuildBookworm(ctx context.Context, dir string, opts BookwormOptions) (Rootf
 	files := map[string]string{
 		"etc/apt/sources.list": list.String(),
 		// Snapshot mirrors serve Release files past their Valid-Until.
-		"etc/apt/apt.conf.d/99basin-build":  "Acquire::Check-Valid-Until \"false\";\nAcquire::Languages \"none\";\n",
-		"etc/dpkg/dpkg.cfg.d/99basin-build": "force-unsafe-io\n",
+		"etc/apt/apt.conf.d/99basin-build": "Acquire::Check-Valid-Until \"false\";\nAcquire::Languages \"none\";\n",
+		// Fewer files written: no documentation but copyright files.
+		"etc/dpkg/dpkg.cfg.d/99basin-build": "force-unsafe-io\npath-exclude=/usr/share/doc/*\npath-include=/usr/share/doc/*/copyright\npath-exclude=/usr/share/man/*\npath-exclude=/usr/share/info/*\n",
 		// No service may start inside the chroot while packages install.
 		"usr/sbin/policy-rc.d": "#!/bin/sh\nexit 101\n",
 		"etc/resolv.conf":      readOr("/etc/resolv.conf", ""),
