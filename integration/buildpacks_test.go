@@ -439,6 +439,12 @@ func TestBuildpackExamples(t *testing.T) {
 		{name: "python", detected: "python", body: "hello from python (flask)"},
 		{name: "binary", detected: "binary", body: "hello from binary"},
 		{name: "python-vendored-wheel", detected: "python", body: "hello from a vendored wheel", app: vendoredPythonApp},
+		{name: "sinatra-vendored-gem", detected: "ruby", body: "hello from vendor/cache", app: func(t *testing.T) string {
+			return writeApp(t, map[string]string{
+				"Gemfile":   "source \"https://rubygems.org\"\ngem \"sinatra\"\ngem \"puma\"\ngem \"basingem\"\n",
+				"config.ru": "require \"sinatra/base\"\nrequire \"basingem\"\nclass App < Sinatra::Base\n  get(\"/\") { Basingem::GREETING }\nend\nrun App\n",
+			})
+		}, prepare: vendorGem},
 	}
 	for _, ex := range examples {
 		t.Run(ex.name, func(t *testing.T) {
@@ -541,6 +547,53 @@ func compileJava(t *testing.T, buildDir string) {
 	}
 	if err := os.Chown(filepath.Join(buildDir, "Main.class"), stack.VcapUID, stack.VcapGID); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func writeApp(t *testing.T, files map[string]string) string {
+	t.Helper()
+	dir := t.TempDir()
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// vendorGem builds a gem no Debian package provides with the stack's gem
+// (as root, in the staging chroot) into the app's vendor/cache: bundle
+// install --local must install it into the app beside Debian's gems.
+func vendorGem(t *testing.T, buildDir string) {
+	root := filepath.Dir(filepath.Dir(buildDir)) // buildDir is <root>/tmp/app
+	src := filepath.Join(root, "tmp/gemsrc")
+	if err := os.MkdirAll(filepath.Join(src, "lib"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	files := map[string]string{
+		"basingem.gemspec": "Gem::Specification.new do |s|\n  s.name = \"basingem\"\n  s.version = \"1.0\"\n  s.summary = \"a vendored gem\"\n" +
+			"  s.authors = [\"basin\"]\n  s.files = [\"lib/basingem.rb\"]\nend\n",
+		"lib/basingem.rb": "module Basingem\n  GREETING = \"hello from vendor/cache\\n\"\nend\n",
+	}
+	for name, body := range files {
+		if err := os.WriteFile(filepath.Join(src, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if out, err := exec.Command("chroot", root, "bash", "-c", "cd /tmp/gemsrc && gem build basingem.gemspec").CombinedOutput(); err != nil {
+		t.Fatalf("gem build: %v\n%s", err, out)
+	}
+	cache := filepath.Join(buildDir, "vendor/cache")
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(src, "basingem-1.0.gem"), filepath.Join(cache, "basingem-1.0.gem")); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{filepath.Join(buildDir, "vendor"), cache, filepath.Join(cache, "basingem-1.0.gem")} {
+		if err := os.Chown(p, stack.VcapUID, stack.VcapGID); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 
