@@ -411,7 +411,7 @@ type example struct {
 	detected string
 	body     string
 	app      func(t *testing.T) string                // the app's dir, when not examples/<name>
-	cache    bool                                     // keep the build cache between test runs
+	cache    string                                   // keep the build cache between test runs under this name
 	prepare  func(t *testing.T, buildDir string)      // before staging
 	check    func(t *testing.T, c *chrootFS, pid int) // the serving process
 }
@@ -434,10 +434,20 @@ func TestBuildpackExamples(t *testing.T) {
 		}},
 		{name: "static", detected: "staticfile", body: "hello from static"},
 		{name: "java", detected: "java", body: "hello from java", prepare: compileJava},
-		{name: "node", detected: "nodejs", body: "hello from node", cache: true},
-		{name: "go", detected: "go", body: "hello from go (go1.22.5)", cache: true},
+		{name: "node", detected: "nodejs", body: "hello from node", cache: "node"},
+		{name: "go", detected: "go", body: "hello from go (go1.22.5)", cache: "go"},
 		{name: "python", detected: "python", body: "hello from python (flask)"},
 		{name: "binary", detected: "binary", body: "hello from binary"},
+		{name: "go-vendored-module", detected: "go", body: "hello from a vendored module", cache: "go", app: func(t *testing.T) string {
+			// The module exists nowhere but in vendor/: the build must
+			// not look for it on the module proxy.
+			return writeApp(t, map[string]string{
+				"go.mod":                            "module example.com/vendored\n\ngo 1.22.5\n\nrequire example.com/greet v1.0.0\n",
+				"main.go":                           "package main\n\nimport (\n\t\"net/http\"\n\t\"os\"\n\n\t\"example.com/greet\"\n)\n\nfunc main() {\n\thttp.HandleFunc(\"/\", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte(greet.Hello)) })\n\thttp.ListenAndServe(\":\"+os.Getenv(\"PORT\"), nil)\n}\n",
+				"vendor/modules.txt":                "# example.com/greet v1.0.0\n## explicit\nexample.com/greet\n",
+				"vendor/example.com/greet/greet.go": "package greet\n\nconst Hello = \"hello from a vendored module\\n\"\n",
+			})
+		}},
 		{name: "python-vendored-wheel", detected: "python", body: "hello from a vendored wheel", app: vendoredPythonApp},
 		{name: "sinatra-vendored-gem", detected: "ruby", body: "hello from vendor/cache", app: func(t *testing.T) string {
 			return writeApp(t, map[string]string{
@@ -449,10 +459,10 @@ func TestBuildpackExamples(t *testing.T) {
 	for _, ex := range examples {
 		t.Run(ex.name, func(t *testing.T) {
 			var cache string
-			if ex.cache {
+			if ex.cache != "" {
 				// Kept on the machine so a test run downloads a toolchain or
 				// packages once, as a cell keeps an app's cache.
-				cache = "/var/cache/basin/test-build-cache/" + ex.name
+				cache = "/var/cache/basin/test-build-cache/" + ex.cache
 			}
 			var prepare func(string)
 			if ex.prepare != nil {
@@ -554,7 +564,11 @@ func writeApp(t *testing.T, files map[string]string) string {
 	t.Helper()
 	dir := t.TempDir()
 	for name, body := range files {
-		if err := os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644); err != nil {
+		p := filepath.Join(dir, name)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(body), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
