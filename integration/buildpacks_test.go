@@ -306,7 +306,7 @@ type stagingResult struct {
 // stage copies app into a fresh chroot and runs basin-builder on it with
 // the built-in buildpacks. cache, when not empty, is a host directory
 // mounted as the build cache (kept between test runs).
-func stage(t *testing.T, env *bookwormEnv, app, cache string, prepare func(buildDir string)) stagingResult {
+func stage(t *testing.T, env *bookwormEnv, app, cache string, prepare func(buildDir string), named ...string) stagingResult {
 	t.Helper()
 	c := newChroot(t, env)
 	c.mkdirVcap(t, "tmp/app", "tmp/cache", "tmp/droplet")
@@ -334,7 +334,11 @@ func stage(t *testing.T, env *bookwormEnv, app, cache string, prepare func(build
 	if env.npmConfig != "" {
 		vars = append(vars, "npm_config_registry="+env.npmConfig)
 	}
-	cmd := c.command(ctx, vars, "/tmp/lifecycle/basin-builder", "-buildpackOrder", env.order)
+	args := []string{"/tmp/lifecycle/basin-builder", "-buildpackOrder", env.order}
+	if len(named) > 0 { // the user named the buildpacks
+		args = []string{"/tmp/lifecycle/basin-builder", "-skipDetect", "-buildpackOrder", strings.Join(named, ",")}
+	}
+	cmd := c.command(ctx, vars, args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	t0 := time.Now()
@@ -411,6 +415,7 @@ type example struct {
 	detected string
 	body     string
 	app      func(t *testing.T) string                // the app's dir, when not examples/<name>
+	named    []string                                 // buildpacks named by the user (-skipDetect)
 	cache    string                                   // keep the build cache between test runs under this name
 	prepare  func(t *testing.T, buildDir string)      // before staging
 	check    func(t *testing.T, c *chrootFS, pid int) // the serving process
@@ -448,6 +453,16 @@ func TestBuildpackExamples(t *testing.T) {
 				"vendor/example.com/greet/greet.go": "package greet\n\nconst Hello = \"hello from a vendored module\\n\"\n",
 			})
 		}},
+		{name: "node-then-binary", detected: "binary", body: "hello from node", named: []string{"nodejs", "binary"}, app: func(t *testing.T) string {
+			// Two named buildpacks: nodejs supplies node_modules (server.js
+			// needs ms), binary, the last, starts what the Procfile says.
+			dir := t.TempDir()
+			copyDir(t, "../examples/node", dir)
+			if err := os.WriteFile(filepath.Join(dir, "Procfile"), []byte("web: node server.js\n"), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return dir
+		}},
 		{name: "python-vendored-wheel", detected: "python", body: "hello from a vendored wheel", app: vendoredPythonApp},
 		{name: "sinatra-vendored-gem", detected: "ruby", body: "hello from vendor/cache", app: func(t *testing.T) string {
 			return writeApp(t, map[string]string{
@@ -472,7 +487,7 @@ func TestBuildpackExamples(t *testing.T) {
 			if ex.app != nil {
 				app = ex.app(t)
 			}
-			res := stage(t, env, app, cache, prepare)
+			res := stage(t, env, app, cache, prepare, ex.named...)
 			if res.code != 0 {
 				t.Fatalf("staging exited %d:\n%s", res.code, res.output)
 			}
