@@ -19,7 +19,7 @@ var (
 
 // command builds ../cmd/<name> once per test run and returns its path. Every
 // command goes to one directory, so basin finds basin-launcher beside it as
-// after make build; basin-launcher is static, since it runs in containers.
+// after make build; basin-launcher and basin-builder are static, since they run in containers.
 func command(t *testing.T, name string) string {
 	t.Helper()
 	binMu.Lock()
@@ -35,7 +35,7 @@ func command(t *testing.T, name string) string {
 	err, done := built[name]
 	if !done {
 		cmd := exec.Command("go", "build", "-o", path, "../cmd/"+name)
-		if name == "basin-launcher" {
+		if name == "basin-launcher" || name == "basin-builder" {
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		}
 		if out, e := cmd.CombinedOutput(); e != nil {

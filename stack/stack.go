@@ -273,29 +273,44 @@ func Import(ctx context.Context, c *client.Client, rootfs Rootfs) (string, error
 }
 
 // Ensure makes sure the named stack is committed for the current recipe,
-// building it under workDir when it is not, and returns its snapshot name.
+// building it when it is not, and returns its snapshot name. tiny is built
+// under workDir and thrown away after import; bookworm, which takes minutes,
+// is built once per recipe into the machine's cache (CachedBookworm).
 func Ensure(ctx context.Context, c *client.Client, stack, workDir string) (string, error) {
-	if stack != "tiny" {
-		return "", fmt.Errorf("ensure stack %q: %w (this cell builds only tiny)", stack, ErrUnknownStack)
+	switch stack {
+	case "tiny":
+		digest, err := TinyDigest(ctx, TinyOptions{})
+		if err != nil {
+			return "", err
+		}
+		ok, err := Exists(ctx, c, stack, digest)
+		if err != nil || ok {
+			return SnapshotName(stack, digest), err
+		}
+		dir, err := os.MkdirTemp(workDir, "stack-tiny-")
+		if err != nil {
+			return "", fmt.Errorf("ensure stack %s: %w", stack, err)
+		}
+		defer os.RemoveAll(dir)
+		rootfs, err := BuildTiny(ctx, filepath.Join(dir, "rootfs"))
+		if err != nil {
+			return "", err
+		}
+		return Import(ctx, c, rootfs)
+	case "bookworm":
+		digest := BookwormDigest()
+		ok, err := Exists(ctx, c, stack, digest)
+		if err != nil || ok {
+			return SnapshotName(stack, digest), err
+		}
+		rootfs, err := CachedBookworm(ctx, BookwormOptions{})
+		if err != nil {
+			return "", err
+		}
+		return Import(ctx, c, rootfs)
+	default:
+		return "", fmt.Errorf("ensure stack %q: %w (stacks: tiny, bookworm)", stack, ErrUnknownStack)
 	}
-	digest, err := TinyDigest(ctx, TinyOptions{})
-	if err != nil {
-		return "", err
-	}
-	ok, err := Exists(ctx, c, stack, digest)
-	if err != nil || ok {
-		return SnapshotName(stack, digest), err
-	}
-	dir, err := os.MkdirTemp(workDir, "stack-tiny-")
-	if err != nil {
-		return "", fmt.Errorf("ensure stack %s: %w", stack, err)
-	}
-	defer os.RemoveAll(dir)
-	rootfs, err := BuildTiny(ctx, filepath.Join(dir, "rootfs"))
-	if err != nil {
-		return "", err
-	}
-	return Import(ctx, c, rootfs)
 }
 
 // CommitLayer commits a snapshot called name on parent ("" for a base

@@ -52,6 +52,15 @@ func run(args []string) error {
 		}
 		cmd = c
 	}
+	// Buildpacks' profile.d scripts find what supply left under DEPS_DIR;
+	// the cell sets it, and it is always the droplet's deps/.
+	if os.Getenv("DEPS_DIR") == "" {
+		abs, err := filepath.Abs(filepath.Join(*dir, "..", "deps"))
+		if err != nil {
+			return err
+		}
+		os.Setenv("DEPS_DIR", abs)
+	}
 	if os.Getenv("PATH") == "" {
 		os.Setenv("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
 	}

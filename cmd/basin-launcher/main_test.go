@@ -18,7 +18,7 @@ func TestLauncherSourcesProfilesAndRunsCommand(t *testing.T) {
 	}
 	home := filepath.Join(tmp, "home")
 	files := map[string]string{
-		"profile.d/a.sh":       "export A=deps\n",
+		"profile.d/a.sh":       "export A=deps D=$(basename $DEPS_DIR)\n",
 		"app/.profile.d/b.sh":  "export B=${A}-app\n",
 		"app/.profile":         "export C=profile\n",
 		"staging_info.yml":     `{"detected_buildpack":"x","start_command":"echo staged $C"}`,
@@ -38,7 +38,7 @@ func TestLauncherSourcesProfilesAndRunsCommand(t *testing.T) {
 		args []string
 		want string
 	}{
-		{"given command", []string{"echo", "$A", "$B", "$C", "$(basename $(pwd))"}, "deps deps-app profile app"},
+		{"given command", []string{"echo", "$A", "$B", "$C", "$D", "$(basename $(pwd))"}, "deps deps-app profile deps app"},
 		{"staged command", nil, "staged profile"},
 	}
 	for _, tc := range tests {

@@ -15,11 +15,11 @@ import (
 // debianPackages are what the platform runs on (ARCHITECTURE.md,
 // "Dependencies"); scripts/setup.sh runs `basin setup` so the list lives here
 // only.
-var debianPackages = []string{"containerd", "runc", "containernetworking-plugins", "iptables", "iproute2", "busybox-static"}
+var debianPackages = []string{"containerd", "runc", "containernetworking-plugins", "iptables", "iproute2", "busybox-static", "debootstrap"}
 
 // testPackages are what the tests need besides: nginx with its DAV module
-// for the WebDAV blobstore.
-var testPackages = []string{"nginx-light"}
+// for the WebDAV blobstore, and a JDK that builds the Java example.
+var testPackages = []string{"nginx-light", "openjdk-17-jdk-headless"}
 
 func newSetupCommand() *cobra.Command {
 	var forTests bool

@@ -18,34 +18,53 @@ func newStackCommand() *cobra.Command {
 	}
 	var dir, containerd string
 	build := &cobra.Command{
-		Use:   "build tiny",
+		Use:   "build tiny|bookworm",
 		Short: "Build a stack's root filesystem, and import it into containerd when given a socket",
-		Long: `Build the tiny stack (Debian's busybox-static, user vcap uid 2000) into a
-directory. With --containerd it is also committed into containerd as a
-snapshot, once per recipe: cells then start instances as overlays on it.`,
-		Example: "  basin stack build tiny --dir /tmp/tiny\n  sudo basin stack build tiny --containerd /run/basin/containerd/containerd.sock",
+		Long: `Build a stack's root filesystem:
+
+  tiny      Debian's busybox-static and user vcap (uid 2000), for fast tests.
+  bookworm  Debian 12 (debootstrap minbase from the mirror in this machine's
+            apt configuration) with the runtimes of the built-in buildpacks.
+            Needs root; cached under /var/cache/basin/stacks by recipe digest,
+            so it is built once per recipe.
+
+With --dir the root filesystem is written there; with --containerd it is
+also committed into containerd as a snapshot, once per recipe: cells then
+start instances as overlays on it.`,
+		Example: "  basin stack build tiny --dir /tmp/tiny\n  sudo basin stack build bookworm\n  sudo basin stack build bookworm --containerd /run/basin/containerd/containerd.sock",
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if args[0] != "tiny" {
-				return fmt.Errorf("stack %q: %w (this version builds only tiny)", args[0], stack.ErrUnknownStack)
-			}
 			out := cmd.OutOrStdout()
 			ctx := cmd.Context()
 			t0 := time.Now()
-			target := dir
-			if target == "" {
-				tmp, err := os.MkdirTemp("", "basin-stack-")
-				if err != nil {
-					return err
+			var rootfs stack.Rootfs
+			var err error
+			switch args[0] {
+			case "tiny":
+				target := dir
+				if target == "" {
+					tmp, err := os.MkdirTemp("", "basin-stack-")
+					if err != nil {
+						return err
+					}
+					defer os.RemoveAll(tmp)
+					target = tmp + "/rootfs"
 				}
-				defer os.RemoveAll(tmp)
-				target = tmp + "/rootfs"
+				rootfs, err = stack.BuildTiny(ctx, target)
+			case "bookworm":
+				opts := stack.BookwormOptions{Log: cmd.ErrOrStderr()}
+				if dir == "" {
+					rootfs, err = stack.CachedBookworm(ctx, opts)
+				} else {
+					rootfs, err = stack.BuildBookworm(ctx, dir, opts)
+				}
+			default:
+				return fmt.Errorf("stack %q: %w (stacks: tiny, bookworm)", args[0], stack.ErrUnknownStack)
 			}
-			rootfs, err := stack.BuildTiny(ctx, target)
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "built tiny %s in %s (%s)\n", rootfs.Digest, target, time.Since(t0).Round(time.Millisecond))
+			fmt.Fprintf(out, "built %s %s in %s (%s)\n", rootfs.Name, rootfs.Digest, rootfs.Dir, time.Since(t0).Round(time.Millisecond))
 			if containerd == "" {
 				return nil
 			}
@@ -62,7 +81,7 @@ snapshot, once per recipe: cells then start instances as overlays on it.`,
 			return nil
 		},
 	}
-	build.Flags().StringVar(&dir, "dir", "", "where to write the root filesystem (default: a temporary directory, removed after import)")
+	build.Flags().StringVar(&dir, "dir", "", "where to write the root filesystem (default: tiny to a temporary directory removed after import; bookworm to the machine's cache)")
 	build.Flags().StringVar(&containerd, "containerd", "", "containerd socket to import the stack into")
 	st.AddCommand(build)
 	return st
