@@ -3,6 +3,7 @@ package bbs
 import (
 	"context"
 	"fmt"
+	"github.com/basinpaas/basin/buildpacks"
 	"regexp"
 	"slices"
 	"strings"
@@ -255,12 +256,8 @@ func (s *Store) DeleteBuildpack(ctx context.Context, name string) error {
 }
 
 // BuildpackArchive is a built-in buildpack: its name and its archive
-// (tar.gz or zip). It has the shape of buildpacks.Archive, so a slice of
-// those converts element by element: bbs.BuildpackArchive(a).
-type BuildpackArchive struct {
-	Name string
-	Data []byte
-}
+// (tar.gz or zip), as package buildpacks builds them.
+type BuildpackArchive = buildpacks.Archive
 
 // registerBuiltin creates each built-in buildpack that is missing (at the
 // end, in the order given: their detection order on a fresh platform) and

@@ -404,7 +404,7 @@ func TestBuildpackOrdering(t *testing.T) {
 func TestRegisterBuiltin(t *testing.T) {
 	srv, cli, _ := startStagingServer(t)
 	ctx := context.Background()
-	v1 := []BuildpackArchive{{"staticfile", []byte("s1")}, {"ruby", []byte("r1")}, {"go", []byte("g1")}}
+	v1 := []BuildpackArchive{{Name: "staticfile", Data: []byte("s1")}, {Name: "ruby", Data: []byte("r1")}, {Name: "go", Data: []byte("g1")}}
 	if err := srv.Staging().RegisterBuiltin(ctx, v1); err != nil {
 		t.Fatal(err)
 	}
@@ -416,7 +416,7 @@ func TestRegisterBuiltin(t *testing.T) {
 	if _, err := cli.Staging.UpdateBuildpack(ctx, &basinv1.UpdateBuildpackRequest{Name: "go", Position: &pos, Enabled: &off}); err != nil {
 		t.Fatal(err)
 	}
-	v2 := []BuildpackArchive{{"staticfile", []byte("s1")}, {"ruby", []byte("r2")}, {"go", []byte("g1")}, {"php", []byte("p1")}}
+	v2 := []BuildpackArchive{{Name: "staticfile", Data: []byte("s1")}, {Name: "ruby", Data: []byte("r2")}, {Name: "go", Data: []byte("g1")}, {Name: "php", Data: []byte("p1")}}
 	if err := srv.Staging().RegisterBuiltin(ctx, v2); err != nil {
 		t.Fatal(err)
 	}

@@ -14,6 +14,7 @@ import (
 	"strings"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/buildpacks"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	"github.com/basinpaas/basin/gorouter"
@@ -168,7 +169,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	srv, err := bbs.NewServer(cli, bbs.Config{ListenAddress: o.apiAddress, DebugAddress: o.debugAddr, Token: token, Blobs: blobs,
-		BuiltinBuildpacks: builtinBuildpacks, Logger: log, Store: bbs.StoreConfig{MaxTxnOps: embeddedetcd.MaxTxnOps}})
+		BuiltinBuildpacks: buildpacks.Builtin, Logger: log, Store: bbs.StoreConfig{MaxTxnOps: embeddedetcd.MaxTxnOps}})
 	if err != nil {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}

@@ -207,13 +207,3 @@ func (p *platform) run(ctx context.Context, g *errgroup.Group) {
 	}
 }
 
-// builtinBuildpacks is what dev up's BBS registers as admin buildpacks on
-// start. TODO(issue 6): once package buildpacks lands, return its archives:
-//
-//	as, err := buildpacks.Builtin()
-//	out := make([]bbs.BuildpackArchive, len(as))
-//	for i, a := range as {
-//		out[i] = bbs.BuildpackArchive(a)
-//	}
-//	return out, err
-func builtinBuildpacks() ([]bbs.BuildpackArchive, error) { return nil, nil }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/buildpacks"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -140,7 +141,7 @@ func run(ctx context.Context, c config) error {
 		c.server.Blobs = blobs
 	}
 	if c.server.Blobs != nil {
-		c.server.BuiltinBuildpacks = builtinBuildpacks
+		c.server.BuiltinBuildpacks = buildpacks.Builtin
 	}
 	srv, err := bbs.NewServer(cli, c.server)
 	if err != nil {
@@ -174,13 +175,3 @@ func etcdTLS(ca, cert, key string) (*tls.Config, error) {
 	return tc, nil
 }
 
-// builtinBuildpacks is what the BBS registers as admin buildpacks on start.
-// TODO(issue 6): once package buildpacks lands, return its archives:
-//
-//	as, err := buildpacks.Builtin()
-//	out := make([]bbs.BuildpackArchive, len(as))
-//	for i, a := range as {
-//		out[i] = bbs.BuildpackArchive(a)
-//	}
-//	return out, err
-func builtinBuildpacks() ([]bbs.BuildpackArchive, error) { return nil, nil }
