@@ -77,6 +77,10 @@ type Config struct {
 	// BuilderPath is the static basin-builder staging containers run;
 	// without it the cell fails the staging tasks it is given.
 	BuilderPath string
+	// StagingEnv and CABundle give staging containers the host's way to
+	// package registries; HostStagingEnv fills them from this machine.
+	StagingEnv []string
+	CABundle   string
 	// StateDir keeps the executor's state, the droplet cache and an own
 	// containerd. Keep it short when the cell starts containerd: the
 	// socket path must fit in 100 bytes.
@@ -222,6 +226,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
 		DropletDir: filepath.Join(cfg.StateDir, "droplets"), BuilderPath: cfg.BuilderPath,
 		StagingDir: filepath.Join(cfg.StateDir, "staging"), BuildpackDir: filepath.Join(cfg.StateDir, "buildpacks"),
+		StagingEnv: cfg.StagingEnv, CABundle: cfg.CABundle,
 		Logger: cfg.Logger, Metrics: rep.NewMetrics(c.registry),
 	}, etcd, bbsClient, ex)
 	if err != nil {
@@ -397,4 +402,28 @@ func ServerTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 		tc.ClientCAs, tc.ClientAuth = pool, tls.RequireAndVerifyClientCert
 	}
 	return tc, nil
+}
+
+// hostCABundle is Debian's bundle of the CAs this machine trusts.
+const hostCABundle = "/etc/ssl/certs/ca-certificates.crt"
+
+// HostStagingEnv returns what staging containers need to reach the package
+// registries this machine reaches: its Go module proxy (GOPROXY, else Go's
+// default), npm registry and HTTP proxies when set, and its CA bundle when
+// it has one (registries behind a TLS-inspecting proxy need its CA).
+func HostStagingEnv() (env []string, caBundle string) {
+	goproxy := os.Getenv("GOPROXY")
+	if goproxy == "" {
+		goproxy = "https://proxy.golang.org,direct"
+	}
+	env = append(env, "GOPROXY="+goproxy)
+	for _, k := range []string{"GOSUMDB", "GONOSUMDB", "GOPRIVATE", "npm_config_registry", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"} {
+		if v, ok := os.LookupEnv(k); ok {
+			env = append(env, k+"="+v)
+		}
+	}
+	if fi, err := os.Stat(hostCABundle); err == nil && fi.Mode().IsRegular() {
+		caBundle = hostCABundle
+	}
+	return env, caBundle
 }

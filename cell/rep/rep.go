@@ -108,6 +108,14 @@ type Config struct {
 	// BuildpackDir keeps buildpacks unpacked once per archive digest;
 	// default "buildpacks" beside DropletDir.
 	BuildpackDir string
+	// StagingEnv is added to every staging container's environment: the
+	// host's way to the package registries (GOPROXY, npm_config_registry,
+	// proxies), so buildpacks reach what the host reaches.
+	StagingEnv []string
+	// CABundle, when set, is a host file of trusted CA certificates mounted
+	// read-only over the stack's bundle in staging containers, so
+	// buildpacks trust the registries (and TLS proxies) the host trusts.
+	CABundle string
 	Logger       *slog.Logger
 	// Metrics, when set, receives the rep's metrics.
 	Metrics *Metrics

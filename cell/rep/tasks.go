@@ -21,6 +21,9 @@ import (
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 )
 
+// stackCABundle is where Debian stacks keep their trusted certificates.
+const stackCABundle = "/etc/ssl/certs/ca-certificates.crt"
+
 // LabelTaskGUID marks a task's container.
 const LabelTaskGUID = "basin.io/task-guid"
 
@@ -135,7 +138,11 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 		spec.StartCommand, spec.Args, spec.Cwd, spec.Mounts = "", stagingArgs, stagingAppDir, stagingMounts
 		spec.LogSource = executor.SourceStaging
 		spec.App = executor.AppInfo{GUID: def.GetStaging().GetAppGuid(), Name: def.GetStaging().GetAppGuid()}
-		spec.Env = append(spec.Env, "HOME=/home/vcap", "CF_STACK="+def.GetStack())
+		spec.Env = append(spec.Env, "HOME=/home/vcap", "CF_STACK="+def.GetStack(), "LANG=en_US.UTF-8")
+		spec.Env = append(spec.Env, r.cfg.StagingEnv...)
+		if r.cfg.CABundle != "" {
+			spec.Mounts = append(spec.Mounts, executor.Mount{Source: r.cfg.CABundle, Destination: stackCABundle, ReadOnly: true})
+		}
 	}
 	for _, e := range def.GetEnv() {
 		spec.Env = append(spec.Env, e.GetName()+"="+e.GetValue())

@@ -151,8 +151,11 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		}
 		pc.protected = append(pc.protected, portOf(listeners[i].Addr().String()))
 	}
+	stagingEnv, caBundle := cell.HostStagingEnv()
 	base := cell.Config{
 		ID:             "cell",
+		StagingEnv:     stagingEnv,
+		CABundle:       caBundle,
 		Capacity:       &basinv1.CellCapacity{MemoryMb: 4096, DiskMb: 16384, Containers: 100},
 		BBSClient:      pc.bbsClient,
 		Etcd:           pc.etcd,

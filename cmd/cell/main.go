@@ -125,6 +125,7 @@ func run(args []string) error {
 		}
 	}
 
+	cfg.StagingEnv, cfg.CABundle = cell.HostStagingEnv()
 	c, err := cell.New(cfg)
 	if err != nil {
 		return err
