@@ -53,7 +53,8 @@ type ExecSpec struct {
 	// Resize, when set, delivers new terminal sizes until the process ends.
 	Resize <-chan WindowSize
 	// Stdin is copied to the process; at its EOF the process's stdin is
-	// closed. Nil gives the process an empty stdin.
+	// closed, except with TTY (a terminal's input does not end: the
+	// session ends with the process or ctx). Nil gives an empty stdin.
 	Stdin          io.Reader
 	Stdout, Stderr io.Writer
 }
@@ -157,6 +158,11 @@ func (e *Executor) Exec(ctx context.Context, guid string, spec ExecSpec) (int, e
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	wg.Go(func() {
+		if spec.TTY {
+			// A terminal has no end of input: closing it would hang up
+			// the session before the process read what came before.
+			return
+		}
 		select {
 		case <-stdinDone:
 			if err := proc.CloseIO(cctx, client.WithStdinCloser); err != nil {
