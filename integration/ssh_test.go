@@ -16,6 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/basinpaas/basin/cell"
 	"github.com/basinpaas/basin/cell/containerdproc"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -167,6 +170,49 @@ func TestSSHThroughTheBBS(t *testing.T) {
 		r := run(t, &basinv1.ExecStart{ProcessGuid: "it-ssh", Index: 3}, "")
 		if r.err == nil || !strings.Contains(r.err.Error(), "has no instance 3") {
 			t.Errorf("exec in a missing instance: %v", r.err)
+		}
+	})
+
+	t.Run("bounded and killed when the client goes", func(t *testing.T) {
+		sctx, cancelSessions := context.WithCancel(ctx)
+		defer cancelSessions()
+		open := func() (basinv1.SSHService_ExecClient, error) {
+			s, err := env.bbs.SSH.Exec(sctx)
+			if err != nil {
+				return nil, err
+			}
+			start := sh("echo started; exec sleep 313")
+			if err := s.Send(&basinv1.SSHServiceExecRequest{Request: &basinv1.ExecRequest{Msg: &basinv1.ExecRequest_Start{Start: start}}}); err != nil {
+				return nil, err
+			}
+			m, err := s.Recv()
+			if err != nil {
+				return nil, err
+			}
+			if got := string(m.GetResponse().GetStdout()); got != "started\n" {
+				return nil, fmt.Errorf("first output %q", got)
+			}
+			return s, nil
+		}
+		for i := range 5 { // the executor's default limit per instance
+			if _, err := open(); err != nil {
+				t.Fatalf("session %d: %v", i, err)
+			}
+		}
+		if _, err := open(); status.Code(err) != codes.ResourceExhausted {
+			t.Errorf("a 6th session: %v, want ResourceExhausted", err)
+		}
+		cancelSessions()
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			r := run(t, sh("ps -o args | grep -c '^sleep 313' || true"), "")
+			if r.stdout == "0\n" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("sessions' processes still run after their clients went: %q %v", r.stdout, r.err)
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	})
 
