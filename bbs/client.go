@@ -32,6 +32,7 @@ type Client struct {
 	Blobs   basinv1.BlobstoreServiceClient
 	Staging basinv1.StagingServiceClient
 	Logs    basinv1.LogServiceClient
+	SSH     basinv1.SSHServiceClient
 	conn    *grpc.ClientConn
 }
 
@@ -70,7 +71,8 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("connect to BBS at %s: %w", cfg.Address, err)
 	}
 	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), Blobs: basinv1.NewBlobstoreServiceClient(conn),
-		Staging: basinv1.NewStagingServiceClient(conn), Logs: basinv1.NewLogServiceClient(conn), conn: conn}, nil
+		Staging: basinv1.NewStagingServiceClient(conn), Logs: basinv1.NewLogServiceClient(conn),
+		SSH: basinv1.NewSSHServiceClient(conn), conn: conn}, nil
 }
 
 // Close closes the connection.

@@ -22,6 +22,9 @@ var (
 	// ErrFenceLost: the caller's election or presence key is gone or was
 	// re-created, so it may no longer write.
 	ErrFenceLost = errors.New("fence lost")
+	// ErrNotRunning: the instance exists but is not running (yet, or any
+	// more), so nothing can be done in it.
+	ErrNotRunning = errors.New("not running")
 	// ErrSlowSubscriber: an events subscriber fell too far behind.
 	ErrSlowSubscriber = errors.New("events subscriber too slow")
 )

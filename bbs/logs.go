@@ -122,8 +122,8 @@ func (a *LogAPI) StreamLogs(req *basinv1.StreamLogsRequest, stream grpc.ServerSt
 }
 
 // repAddress finds where a cell's rep listens, from its presence.
-func (a *LogAPI) repAddress(ctx context.Context, cellID string) (string, error) {
-	resp, err := a.store.cli.Get(ctx, a.store.keys.Cell(cellID))
+func repAddress(ctx context.Context, store *Store, cellID string) (string, error) {
+	resp, err := store.cli.Get(ctx, store.keys.Cell(cellID))
 	if err != nil {
 		return "", fmt.Errorf("read presence of cell %s: %w", cellID, err)
 	}
@@ -139,7 +139,7 @@ func (a *LogAPI) repAddress(ctx context.Context, cellID string) (string, error) 
 
 // relay copies one cell's Logs stream into send until it ends.
 func (a *LogAPI) relay(ctx context.Context, cellID string, req *basinv1.LogsRequest, send func(*basinv1.LogLine) error) error {
-	addr, err := a.repAddress(ctx, cellID)
+	addr, err := repAddress(ctx, a.store, cellID)
 	if err != nil {
 		return err
 	}

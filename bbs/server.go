@@ -60,7 +60,7 @@ type Config struct {
 	// StagingAPI.RegisterBuiltin): basin dev up and cmd/bbs pass
 	// buildpacks.Builtin's archives.
 	BuiltinBuildpacks func() ([]BuildpackArchive, error)
-	// CellDialOptions reach the cells' reps for LogService (their TLS
+	// CellDialOptions reach the cells' reps for LogService and SSHService (their TLS
 	// credentials); plaintext when empty, as the auctioneer dials them.
 	CellDialOptions []grpc.DialOption
 	Logger          *slog.Logger
@@ -78,6 +78,7 @@ type Server struct {
 	log      *slog.Logger
 	staging  *StagingAPI // nil without a blobstore
 	logs     *LogAPI
+	ssh      *SSHAPI
 }
 
 // NewServer builds a BBS on cli and binds its gRPC listener, so Addr is known
@@ -134,6 +135,8 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 	}
 	logs := NewLogAPI(store, cfg.CellDialOptions, cfg.Logger)
 	basinv1.RegisterLogServiceServer(gs, logs)
+	ssh := NewSSHAPI(store, cfg.CellDialOptions, cfg.Logger)
+	basinv1.RegisterSSHServiceServer(gs, ssh)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -145,7 +148,7 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddress, err)
 		}
 	}
-	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs}, nil
+	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs, ssh: ssh}, nil
 }
 
 // Addr is where the gRPC API listens.
@@ -163,6 +166,7 @@ func (s *Server) Staging() *StagingAPI { return s.staging }
 // Run serves until ctx is done, then stops gracefully (bounded).
 func (s *Server) Run(ctx context.Context) error {
 	defer s.logs.Close()
+	defer s.ssh.Close()
 	g, gctx := errgroup.WithContext(ctx)
 	if s.staging != nil && s.cfg.BuiltinBuildpacks != nil {
 		g.Go(func() error { s.registerBuiltin(gctx); return nil })

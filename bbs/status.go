@@ -34,7 +34,7 @@ func toStatus(err error) error {
 		code = codes.AlreadyExists
 	case errors.Is(err, ErrConflict):
 		code = codes.Aborted
-	case errors.Is(err, ErrTransition), errors.Is(err, ErrFenceLost):
+	case errors.Is(err, ErrTransition), errors.Is(err, ErrFenceLost), errors.Is(err, ErrNotRunning):
 		code = codes.FailedPrecondition
 	case errors.Is(err, ErrSlowSubscriber):
 		code = codes.ResourceExhausted

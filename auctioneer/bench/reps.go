@@ -82,6 +82,9 @@ func (e *nullExec) Destroy(_ context.Context, guid string) error {
 }
 
 func (e *nullExec) Logs(string) (*executor.LogBuffer, error) { return nil, executor.ErrNotFound }
+func (e *nullExec) Exec(context.Context, string, executor.ExecSpec) (int, error) {
+	return 0, executor.ErrNotFound
+}
 
 // startReps runs n real reps on null executors until ctx ends; wait blocks
 // until they have all stopped.

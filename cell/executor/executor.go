@@ -107,6 +107,9 @@ type Config struct {
 	// ExitLines is how many last lines of output an exit report carries;
 	// default 20.
 	ExitLines int
+	// MaxExecs bounds the concurrent Exec sessions (basin ssh) per
+	// instance; default 5.
+	MaxExecs int
 }
 
 func (c *Config) withDefaults() {
@@ -154,6 +157,9 @@ func (c *Config) withDefaults() {
 	}
 	if c.ExitLines == 0 {
 		c.ExitLines = 20
+	}
+	if c.MaxExecs == 0 {
+		c.MaxExecs = 5
 	}
 }
 

@@ -100,6 +100,7 @@ type instance struct {
 	task      client.Task
 	stdout    *lineWriter
 	stderr    *lineWriter
+	execs     int // running Exec sessions
 }
 
 func newInstance(e *Executor, id string, logs *LogBuffer) *instance {

@@ -3,6 +3,9 @@ package rep
 import (
 	"context"
 	"fmt"
+	"io"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -24,6 +27,7 @@ type fakeExec struct {
 	destroyed   []string
 	adopted     []string
 	gone        map[string]*executor.LogBuffer // logs outlive instances, as in the executor
+	blocked     int                            // Exec sessions waiting for their context
 }
 
 type fakeInst struct {
@@ -191,4 +195,54 @@ func (f *fakeExec) wasStopped(guid string) bool {
 		}
 	}
 	return false
+}
+
+// Exec plays a few commands on a running fake instance: "echo ARGS...",
+// "cat" (stdin to stdout), "stderr TEXT", "exit N", "resizes N" (prints the
+// first N sizes), "block" (until ctx ends, counting in blocked).
+func (f *fakeExec) Exec(ctx context.Context, guid string, spec executor.ExecSpec) (int, error) {
+	if f.get(guid) == nil {
+		return 0, fmt.Errorf("exec in %s: %w", guid, executor.ErrNotFound)
+	}
+	if len(spec.Args) == 0 {
+		spec.Args = []string{"echo", "login shell"}
+	}
+	switch spec.Args[0] {
+	case "echo":
+		fmt.Fprintln(spec.Stdout, strings.Join(spec.Args[1:], " "))
+	case "stderr":
+		fmt.Fprintln(spec.Stderr, strings.Join(spec.Args[1:], " "))
+	case "cat":
+		if _, err := io.Copy(spec.Stdout, spec.Stdin); err != nil {
+			return 0, err
+		}
+	case "exit":
+		n, _ := strconv.Atoi(spec.Args[1])
+		return n, nil
+	case "resizes":
+		n, _ := strconv.Atoi(spec.Args[1])
+		fmt.Fprintf(spec.Stdout, "tty=%v %dx%d\n", spec.TTY, spec.Size.Rows, spec.Size.Cols)
+		for range n {
+			sz := <-spec.Resize
+			fmt.Fprintf(spec.Stdout, "%dx%d\n", sz.Rows, sz.Cols)
+		}
+	case "block":
+		f.mu.Lock()
+		f.blocked++
+		f.mu.Unlock()
+		<-ctx.Done()
+		f.mu.Lock()
+		f.blocked--
+		f.mu.Unlock()
+		return 0, ctx.Err()
+	default:
+		return 127, nil
+	}
+	return 0, nil
+}
+
+func (f *fakeExec) blockedExecs() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.blocked
 }

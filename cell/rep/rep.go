@@ -47,6 +47,7 @@ type Executor interface {
 	Adopt(ctx context.Context, guid string) (executor.Info, error)
 	Destroy(ctx context.Context, guid string) error
 	Logs(guid string) (*executor.LogBuffer, error)
+	Exec(ctx context.Context, guid string, spec executor.ExecSpec) (int, error)
 }
 
 // BBS is the part of the BBS API a cell calls; *bbs.Client satisfies it.

@@ -828,6 +828,418 @@ func (x *LogsResponse) GetLine() *LogLine {
 	return nil
 }
 
+// TerminalSize is a terminal's size in character cells.
+type TerminalSize struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Rows          uint32                 `protobuf:"varint,1,opt,name=rows,proto3" json:"rows,omitempty"`
+	Cols          uint32                 `protobuf:"varint,2,opt,name=cols,proto3" json:"cols,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TerminalSize) Reset() {
+	*x = TerminalSize{}
+	mi := &file_basin_v1_cell_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TerminalSize) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TerminalSize) ProtoMessage() {}
+
+func (x *TerminalSize) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_cell_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TerminalSize.ProtoReflect.Descriptor instead.
+func (*TerminalSize) Descriptor() ([]byte, []int) {
+	return file_basin_v1_cell_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *TerminalSize) GetRows() uint32 {
+	if x != nil {
+		return x.Rows
+	}
+	return 0
+}
+
+func (x *TerminalSize) GetCols() uint32 {
+	if x != nil {
+		return x.Cols
+	}
+	return 0
+}
+
+// ExecStart says what to run and where.
+type ExecStart struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ProcessGuid string                 `protobuf:"bytes,1,opt,name=process_guid,json=processGuid,proto3" json:"process_guid,omitempty"`
+	// The instance: its index, or its guid (which wins when both are set).
+	Index        int32  `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	InstanceGuid string `protobuf:"bytes,3,opt,name=instance_guid,json=instanceGuid,proto3" json:"instance_guid,omitempty"`
+	// argv, run without a shell; empty runs a login shell.
+	Command []string `protobuf:"bytes,4,rep,name=command,proto3" json:"command,omitempty"`
+	// Allocate a pseudo-terminal: stdout and stderr then both arrive as
+	// stdout, and size applies.
+	Tty  bool          `protobuf:"varint,5,opt,name=tty,proto3" json:"tty,omitempty"`
+	Size *TerminalSize `protobuf:"bytes,6,opt,name=size,proto3" json:"size,omitempty"`
+	// Extra "KEY=VALUE" variables added to the container's environment.
+	Env           []string `protobuf:"bytes,7,rep,name=env,proto3" json:"env,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecStart) Reset() {
+	*x = ExecStart{}
+	mi := &file_basin_v1_cell_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecStart) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecStart) ProtoMessage() {}
+
+func (x *ExecStart) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_cell_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecStart.ProtoReflect.Descriptor instead.
+func (*ExecStart) Descriptor() ([]byte, []int) {
+	return file_basin_v1_cell_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ExecStart) GetProcessGuid() string {
+	if x != nil {
+		return x.ProcessGuid
+	}
+	return ""
+}
+
+func (x *ExecStart) GetIndex() int32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *ExecStart) GetInstanceGuid() string {
+	if x != nil {
+		return x.InstanceGuid
+	}
+	return ""
+}
+
+func (x *ExecStart) GetCommand() []string {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+func (x *ExecStart) GetTty() bool {
+	if x != nil {
+		return x.Tty
+	}
+	return false
+}
+
+func (x *ExecStart) GetSize() *TerminalSize {
+	if x != nil {
+		return x.Size
+	}
+	return nil
+}
+
+func (x *ExecStart) GetEnv() []string {
+	if x != nil {
+		return x.Env
+	}
+	return nil
+}
+
+type ExecRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ExecRequest_Start
+	//	*ExecRequest_Stdin
+	//	*ExecRequest_Resize
+	//	*ExecRequest_StdinClose
+	Msg           isExecRequest_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecRequest) Reset() {
+	*x = ExecRequest{}
+	mi := &file_basin_v1_cell_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecRequest) ProtoMessage() {}
+
+func (x *ExecRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_cell_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecRequest.ProtoReflect.Descriptor instead.
+func (*ExecRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_cell_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ExecRequest) GetMsg() isExecRequest_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ExecRequest) GetStart() *ExecStart {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecRequest_Start); ok {
+			return x.Start
+		}
+	}
+	return nil
+}
+
+func (x *ExecRequest) GetStdin() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecRequest_Stdin); ok {
+			return x.Stdin
+		}
+	}
+	return nil
+}
+
+func (x *ExecRequest) GetResize() *TerminalSize {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecRequest_Resize); ok {
+			return x.Resize
+		}
+	}
+	return nil
+}
+
+func (x *ExecRequest) GetStdinClose() bool {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecRequest_StdinClose); ok {
+			return x.StdinClose
+		}
+	}
+	return false
+}
+
+type isExecRequest_Msg interface {
+	isExecRequest_Msg()
+}
+
+type ExecRequest_Start struct {
+	// The first request, and only the first.
+	Start *ExecStart `protobuf:"bytes,1,opt,name=start,proto3,oneof"`
+}
+
+type ExecRequest_Stdin struct {
+	Stdin []byte `protobuf:"bytes,2,opt,name=stdin,proto3,oneof"`
+}
+
+type ExecRequest_Resize struct {
+	Resize *TerminalSize `protobuf:"bytes,3,opt,name=resize,proto3,oneof"`
+}
+
+type ExecRequest_StdinClose struct {
+	// No more stdin: the process reads end of file.
+	StdinClose bool `protobuf:"varint,4,opt,name=stdin_close,json=stdinClose,proto3,oneof"`
+}
+
+func (*ExecRequest_Start) isExecRequest_Msg() {}
+
+func (*ExecRequest_Stdin) isExecRequest_Msg() {}
+
+func (*ExecRequest_Resize) isExecRequest_Msg() {}
+
+func (*ExecRequest_StdinClose) isExecRequest_Msg() {}
+
+// ExecExit is the process's end.
+type ExecExit struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The exit status; 128+n when killed by signal n.
+	Code          int32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecExit) Reset() {
+	*x = ExecExit{}
+	mi := &file_basin_v1_cell_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecExit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecExit) ProtoMessage() {}
+
+func (x *ExecExit) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_cell_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecExit.ProtoReflect.Descriptor instead.
+func (*ExecExit) Descriptor() ([]byte, []int) {
+	return file_basin_v1_cell_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ExecExit) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+type ExecResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Msg:
+	//
+	//	*ExecResponse_Stdout
+	//	*ExecResponse_Stderr
+	//	*ExecResponse_Exit
+	Msg           isExecResponse_Msg `protobuf_oneof:"msg"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecResponse) Reset() {
+	*x = ExecResponse{}
+	mi := &file_basin_v1_cell_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecResponse) ProtoMessage() {}
+
+func (x *ExecResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_cell_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecResponse.ProtoReflect.Descriptor instead.
+func (*ExecResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_cell_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *ExecResponse) GetMsg() isExecResponse_Msg {
+	if x != nil {
+		return x.Msg
+	}
+	return nil
+}
+
+func (x *ExecResponse) GetStdout() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecResponse_Stdout); ok {
+			return x.Stdout
+		}
+	}
+	return nil
+}
+
+func (x *ExecResponse) GetStderr() []byte {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecResponse_Stderr); ok {
+			return x.Stderr
+		}
+	}
+	return nil
+}
+
+func (x *ExecResponse) GetExit() *ExecExit {
+	if x != nil {
+		if x, ok := x.Msg.(*ExecResponse_Exit); ok {
+			return x.Exit
+		}
+	}
+	return nil
+}
+
+type isExecResponse_Msg interface {
+	isExecResponse_Msg()
+}
+
+type ExecResponse_Stdout struct {
+	Stdout []byte `protobuf:"bytes,1,opt,name=stdout,proto3,oneof"`
+}
+
+type ExecResponse_Stderr struct {
+	Stderr []byte `protobuf:"bytes,2,opt,name=stderr,proto3,oneof"`
+}
+
+type ExecResponse_Exit struct {
+	// The last response.
+	Exit *ExecExit `protobuf:"bytes,3,opt,name=exit,proto3,oneof"`
+}
+
+func (*ExecResponse_Stdout) isExecResponse_Msg() {}
+
+func (*ExecResponse_Stderr) isExecResponse_Msg() {}
+
+func (*ExecResponse_Exit) isExecResponse_Msg() {}
+
 var File_basin_v1_cell_proto protoreflect.FileDescriptor
 
 const file_basin_v1_cell_proto_rawDesc = "" +
@@ -884,12 +1296,38 @@ const file_basin_v1_cell_proto_rawDesc = "" +
 	"\x04text\x18\x06 \x01(\tR\x04text\x12#\n" +
 	"\rinstance_guid\x18\a \x01(\tR\finstanceGuid\"5\n" +
 	"\fLogsResponse\x12%\n" +
-	"\x04line\x18\x01 \x01(\v2\x11.basin.v1.LogLineR\x04line2\xfa\x01\n" +
+	"\x04line\x18\x01 \x01(\v2\x11.basin.v1.LogLineR\x04line\"6\n" +
+	"\fTerminalSize\x12\x12\n" +
+	"\x04rows\x18\x01 \x01(\rR\x04rows\x12\x12\n" +
+	"\x04cols\x18\x02 \x01(\rR\x04cols\"\xd3\x01\n" +
+	"\tExecStart\x12!\n" +
+	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x05R\x05index\x12#\n" +
+	"\rinstance_guid\x18\x03 \x01(\tR\finstanceGuid\x12\x18\n" +
+	"\acommand\x18\x04 \x03(\tR\acommand\x12\x10\n" +
+	"\x03tty\x18\x05 \x01(\bR\x03tty\x12*\n" +
+	"\x04size\x18\x06 \x01(\v2\x16.basin.v1.TerminalSizeR\x04size\x12\x10\n" +
+	"\x03env\x18\a \x03(\tR\x03env\"\xae\x01\n" +
+	"\vExecRequest\x12+\n" +
+	"\x05start\x18\x01 \x01(\v2\x13.basin.v1.ExecStartH\x00R\x05start\x12\x16\n" +
+	"\x05stdin\x18\x02 \x01(\fH\x00R\x05stdin\x120\n" +
+	"\x06resize\x18\x03 \x01(\v2\x16.basin.v1.TerminalSizeH\x00R\x06resize\x12!\n" +
+	"\vstdin_close\x18\x04 \x01(\bH\x00R\n" +
+	"stdinCloseB\x05\n" +
+	"\x03msg\"\x1e\n" +
+	"\bExecExit\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\"s\n" +
+	"\fExecResponse\x12\x18\n" +
+	"\x06stdout\x18\x01 \x01(\fH\x00R\x06stdout\x12\x18\n" +
+	"\x06stderr\x18\x02 \x01(\fH\x00R\x06stderr\x12(\n" +
+	"\x04exit\x18\x03 \x01(\v2\x12.basin.v1.ExecExitH\x00R\x04exitB\x05\n" +
+	"\x03msg2\xb5\x02\n" +
 	"\vCellService\x128\n" +
 	"\x05State\x12\x16.basin.v1.StateRequest\x1a\x17.basin.v1.StateResponse\x12>\n" +
 	"\aPerform\x12\x18.basin.v1.PerformRequest\x1a\x19.basin.v1.PerformResponse\x128\n" +
 	"\x05Drain\x12\x16.basin.v1.DrainRequest\x1a\x17.basin.v1.DrainResponse\x127\n" +
-	"\x04Logs\x12\x15.basin.v1.LogsRequest\x1a\x16.basin.v1.LogsResponse0\x01B3Z1github.com/basinpaas/basin/proto/basin/v1;basinv1b\x06proto3"
+	"\x04Logs\x12\x15.basin.v1.LogsRequest\x1a\x16.basin.v1.LogsResponse0\x01\x129\n" +
+	"\x04Exec\x12\x15.basin.v1.ExecRequest\x1a\x16.basin.v1.ExecResponse(\x010\x01B3Z1github.com/basinpaas/basin/proto/basin/v1;basinv1b\x06proto3"
 
 var (
 	file_basin_v1_cell_proto_rawDescOnce sync.Once
@@ -903,7 +1341,7 @@ func file_basin_v1_cell_proto_rawDescGZIP() []byte {
 	return file_basin_v1_cell_proto_rawDescData
 }
 
-var file_basin_v1_cell_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_basin_v1_cell_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
 var file_basin_v1_cell_proto_goTypes = []any{
 	(*StateRequest)(nil),    // 0: basin.v1.StateRequest
 	(*LRPAllocation)(nil),   // 1: basin.v1.LRPAllocation
@@ -919,37 +1357,48 @@ var file_basin_v1_cell_proto_goTypes = []any{
 	(*LogsRequest)(nil),     // 11: basin.v1.LogsRequest
 	(*LogLine)(nil),         // 12: basin.v1.LogLine
 	(*LogsResponse)(nil),    // 13: basin.v1.LogsResponse
-	(*CellPresence)(nil),    // 14: basin.v1.CellPresence
-	(*CellCapacity)(nil),    // 15: basin.v1.CellCapacity
-	(*ActualLRPKey)(nil),    // 16: basin.v1.ActualLRPKey
-	(*ResourceLimits)(nil),  // 17: basin.v1.ResourceLimits
+	(*TerminalSize)(nil),    // 14: basin.v1.TerminalSize
+	(*ExecStart)(nil),       // 15: basin.v1.ExecStart
+	(*ExecRequest)(nil),     // 16: basin.v1.ExecRequest
+	(*ExecExit)(nil),        // 17: basin.v1.ExecExit
+	(*ExecResponse)(nil),    // 18: basin.v1.ExecResponse
+	(*CellPresence)(nil),    // 19: basin.v1.CellPresence
+	(*CellCapacity)(nil),    // 20: basin.v1.CellCapacity
+	(*ActualLRPKey)(nil),    // 21: basin.v1.ActualLRPKey
+	(*ResourceLimits)(nil),  // 22: basin.v1.ResourceLimits
 }
 var file_basin_v1_cell_proto_depIdxs = []int32{
-	14, // 0: basin.v1.StateResponse.presence:type_name -> basin.v1.CellPresence
-	15, // 1: basin.v1.StateResponse.available:type_name -> basin.v1.CellCapacity
+	19, // 0: basin.v1.StateResponse.presence:type_name -> basin.v1.CellPresence
+	20, // 1: basin.v1.StateResponse.available:type_name -> basin.v1.CellCapacity
 	1,  // 2: basin.v1.StateResponse.lrps:type_name -> basin.v1.LRPAllocation
-	16, // 3: basin.v1.LRPStart.key:type_name -> basin.v1.ActualLRPKey
-	17, // 4: basin.v1.LRPStart.resources:type_name -> basin.v1.ResourceLimits
-	17, // 5: basin.v1.TaskStart.resources:type_name -> basin.v1.ResourceLimits
+	21, // 3: basin.v1.LRPStart.key:type_name -> basin.v1.ActualLRPKey
+	22, // 4: basin.v1.LRPStart.resources:type_name -> basin.v1.ResourceLimits
+	22, // 5: basin.v1.TaskStart.resources:type_name -> basin.v1.ResourceLimits
 	3,  // 6: basin.v1.PerformRequest.lrps:type_name -> basin.v1.LRPStart
 	4,  // 7: basin.v1.PerformRequest.tasks:type_name -> basin.v1.TaskStart
-	16, // 8: basin.v1.RejectedLRP.key:type_name -> basin.v1.ActualLRPKey
+	21, // 8: basin.v1.RejectedLRP.key:type_name -> basin.v1.ActualLRPKey
 	6,  // 9: basin.v1.PerformResponse.rejected_lrps:type_name -> basin.v1.RejectedLRP
 	7,  // 10: basin.v1.PerformResponse.rejected_tasks:type_name -> basin.v1.RejectedTask
 	12, // 11: basin.v1.LogsResponse.line:type_name -> basin.v1.LogLine
-	0,  // 12: basin.v1.CellService.State:input_type -> basin.v1.StateRequest
-	5,  // 13: basin.v1.CellService.Perform:input_type -> basin.v1.PerformRequest
-	9,  // 14: basin.v1.CellService.Drain:input_type -> basin.v1.DrainRequest
-	11, // 15: basin.v1.CellService.Logs:input_type -> basin.v1.LogsRequest
-	2,  // 16: basin.v1.CellService.State:output_type -> basin.v1.StateResponse
-	8,  // 17: basin.v1.CellService.Perform:output_type -> basin.v1.PerformResponse
-	10, // 18: basin.v1.CellService.Drain:output_type -> basin.v1.DrainResponse
-	13, // 19: basin.v1.CellService.Logs:output_type -> basin.v1.LogsResponse
-	16, // [16:20] is the sub-list for method output_type
-	12, // [12:16] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	14, // 12: basin.v1.ExecStart.size:type_name -> basin.v1.TerminalSize
+	15, // 13: basin.v1.ExecRequest.start:type_name -> basin.v1.ExecStart
+	14, // 14: basin.v1.ExecRequest.resize:type_name -> basin.v1.TerminalSize
+	17, // 15: basin.v1.ExecResponse.exit:type_name -> basin.v1.ExecExit
+	0,  // 16: basin.v1.CellService.State:input_type -> basin.v1.StateRequest
+	5,  // 17: basin.v1.CellService.Perform:input_type -> basin.v1.PerformRequest
+	9,  // 18: basin.v1.CellService.Drain:input_type -> basin.v1.DrainRequest
+	11, // 19: basin.v1.CellService.Logs:input_type -> basin.v1.LogsRequest
+	16, // 20: basin.v1.CellService.Exec:input_type -> basin.v1.ExecRequest
+	2,  // 21: basin.v1.CellService.State:output_type -> basin.v1.StateResponse
+	8,  // 22: basin.v1.CellService.Perform:output_type -> basin.v1.PerformResponse
+	10, // 23: basin.v1.CellService.Drain:output_type -> basin.v1.DrainResponse
+	13, // 24: basin.v1.CellService.Logs:output_type -> basin.v1.LogsResponse
+	18, // 25: basin.v1.CellService.Exec:output_type -> basin.v1.ExecResponse
+	21, // [21:26] is the sub-list for method output_type
+	16, // [16:21] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_cell_proto_init() }
@@ -959,13 +1408,24 @@ func file_basin_v1_cell_proto_init() {
 	}
 	file_basin_v1_models_proto_init()
 	file_basin_v1_cell_proto_msgTypes[11].OneofWrappers = []any{}
+	file_basin_v1_cell_proto_msgTypes[16].OneofWrappers = []any{
+		(*ExecRequest_Start)(nil),
+		(*ExecRequest_Stdin)(nil),
+		(*ExecRequest_Resize)(nil),
+		(*ExecRequest_StdinClose)(nil),
+	}
+	file_basin_v1_cell_proto_msgTypes[18].OneofWrappers = []any{
+		(*ExecResponse_Stdout)(nil),
+		(*ExecResponse_Stderr)(nil),
+		(*ExecResponse_Exit)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_cell_proto_rawDesc), len(file_basin_v1_cell_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   19,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

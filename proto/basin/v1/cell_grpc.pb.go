@@ -23,6 +23,7 @@ const (
 	CellService_Perform_FullMethodName = "/basin.v1.CellService/Perform"
 	CellService_Drain_FullMethodName   = "/basin.v1.CellService/Drain"
 	CellService_Logs_FullMethodName    = "/basin.v1.CellService/Logs"
+	CellService_Exec_FullMethodName    = "/basin.v1.CellService/Exec"
 )
 
 // CellServiceClient is the client API for CellService service.
@@ -41,6 +42,12 @@ type CellServiceClient interface {
 	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 	// Logs streams instance output and cell events for an LRP or a task.
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogsResponse], error)
+	// Exec runs a process in an instance's container as vcap (uid 2000) in
+	// /home/vcap/app with the container's environment, no capabilities and
+	// no new privileges. The first request carries ExecStart; then stdin,
+	// resizes and stdin_close in any order. Responses stream the output and
+	// end with the exit. The process is killed when the stream ends.
+	Exec(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecRequest, ExecResponse], error)
 }
 
 type cellServiceClient struct {
@@ -100,6 +107,19 @@ func (c *cellServiceClient) Logs(ctx context.Context, in *LogsRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CellService_LogsClient = grpc.ServerStreamingClient[LogsResponse]
 
+func (c *cellServiceClient) Exec(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ExecRequest, ExecResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &CellService_ServiceDesc.Streams[1], CellService_Exec_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ExecRequest, ExecResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CellService_ExecClient = grpc.BidiStreamingClient[ExecRequest, ExecResponse]
+
 // CellServiceServer is the server API for CellService service.
 // All implementations must embed UnimplementedCellServiceServer
 // for forward compatibility.
@@ -116,6 +136,12 @@ type CellServiceServer interface {
 	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	// Logs streams instance output and cell events for an LRP or a task.
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error
+	// Exec runs a process in an instance's container as vcap (uid 2000) in
+	// /home/vcap/app with the container's environment, no capabilities and
+	// no new privileges. The first request carries ExecStart; then stdin,
+	// resizes and stdin_close in any order. Responses stream the output and
+	// end with the exit. The process is killed when the stream ends.
+	Exec(grpc.BidiStreamingServer[ExecRequest, ExecResponse]) error
 	mustEmbedUnimplementedCellServiceServer()
 }
 
@@ -137,6 +163,9 @@ func (UnimplementedCellServiceServer) Drain(context.Context, *DrainRequest) (*Dr
 }
 func (UnimplementedCellServiceServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error {
 	return status.Error(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedCellServiceServer) Exec(grpc.BidiStreamingServer[ExecRequest, ExecResponse]) error {
+	return status.Error(codes.Unimplemented, "method Exec not implemented")
 }
 func (UnimplementedCellServiceServer) mustEmbedUnimplementedCellServiceServer() {}
 func (UnimplementedCellServiceServer) testEmbeddedByValue()                     {}
@@ -224,6 +253,13 @@ func _CellService_Logs_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type CellService_LogsServer = grpc.ServerStreamingServer[LogsResponse]
 
+func _CellService_Exec_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(CellServiceServer).Exec(&grpc.GenericServerStream[ExecRequest, ExecResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type CellService_ExecServer = grpc.BidiStreamingServer[ExecRequest, ExecResponse]
+
 // CellService_ServiceDesc is the grpc.ServiceDesc for CellService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -249,6 +285,12 @@ var CellService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "Logs",
 			Handler:       _CellService_Logs_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Exec",
+			Handler:       _CellService_Exec_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "basin/v1/cell.proto",
