@@ -117,7 +117,7 @@ type Config struct {
 	// read-only over the stack's bundle in staging containers, so
 	// buildpacks trust the registries (and TLS proxies) the host trusts.
 	CABundle string
-	Logger       *slog.Logger
+	Logger   *slog.Logger
 	// Metrics, when set, receives the rep's metrics.
 	Metrics *Metrics
 }

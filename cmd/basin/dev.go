@@ -14,9 +14,9 @@ import (
 	"strings"
 
 	"github.com/basinpaas/basin/bbs"
-	"github.com/basinpaas/basin/buildpacks"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	"github.com/basinpaas/basin/buildpacks"
 	"github.com/basinpaas/basin/gorouter"
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"

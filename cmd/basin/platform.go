@@ -209,4 +209,3 @@ func (p *platform) run(ctx context.Context, g *errgroup.Group) {
 		})
 	}
 }
-

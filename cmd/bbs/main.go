@@ -18,9 +18,9 @@ import (
 	"time"
 
 	"github.com/basinpaas/basin/bbs"
-	"github.com/basinpaas/basin/buildpacks"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
+	"github.com/basinpaas/basin/buildpacks"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 )
@@ -174,4 +174,3 @@ func etcdTLS(ca, cert, key string) (*tls.Config, error) {
 	}
 	return tc, nil
 }
-
