@@ -10,8 +10,11 @@ GOFLAGS_TEST ?= -race -count=1
 
 all: build
 
+# basin-launcher and basin-builder run inside containers on any stack, so
+# they are built static.
 build:
 	$(GO) build -o $(BIN)/ ./cmd/...
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/basin-launcher ./cmd/basin-builder
 
 # test is what .ci/run calls and what the README tells a newcomer to run.
 test:
