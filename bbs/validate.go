@@ -119,6 +119,13 @@ func checkHost(field, h string) error {
 	return nil
 }
 
+// CheckRoute validates a route as DesireLRP does, naming field in the error,
+// for layers above the BBS (the app layer) that store routes of their own.
+func CheckRoute(field string, r *basinv1.Route) error { return checkRoute(field, r) }
+
+// CheckHealthCheck validates a health check as DesireLRP does.
+func CheckHealthCheck(field string, h *basinv1.HealthCheck) error { return checkHealthCheck(field, h) }
+
 func checkRoute(field string, r *basinv1.Route) error {
 	if r == nil {
 		return fieldErr(field, "is required")

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/basinpaas/basin/apps"
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
@@ -80,6 +81,9 @@ type target struct {
 	API   string `json:"api"`
 	Token string `json:"token"`
 	CA    string `json:"ca,omitempty"`
+	// Domain and Router are what dev up serves apps on, for display.
+	Domain string `json:"domain,omitempty"`
+	Router string `json:"router,omitempty"`
 }
 
 func targetPath() string {
@@ -172,6 +176,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}
 	step("BBS API       %s (metrics on http://%s/metrics)", srv.Addr(), o.debugAddr)
+	appLayer := apps.Serve(srv, cli, apps.Config{Domain: o.domain, DefaultStack: "tiny", Logger: log.With("component", "apps")})
 
 	router, err := gorouter.New(gorouter.Config{Addr: o.routerAddr, DefaultDomain: o.domain}, cli, log.With("component", "router"))
 	if err != nil {
@@ -218,6 +223,7 @@ Try it with grpcurl:
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(func() error { return appLayer.Run(gctx) })
 	g.Go(func() error { return router.Run(gctx) })
 	plat.run(gctx, g)
 	g.Go(func() error {
