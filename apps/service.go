@@ -820,3 +820,7 @@ func Serve(srv *bbs.Server, cli *clientv3.Client, cfg Config) *Service {
 	srv.RegisterService(&basinv1.AppService_ServiceDesc, s)
 	return s
 }
+
+func (s *Service) GetInfo(context.Context, *basinv1.GetInfoRequest) (*basinv1.GetInfoResponse, error) {
+	return &basinv1.GetInfoResponse{Domain: s.cfg.Domain, DefaultStack: s.cfg.DefaultStack, DefaultMemoryMb: s.cfg.DefaultMemoryMB, DefaultDiskMb: s.cfg.DefaultDiskMB}, nil
+}

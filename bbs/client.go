@@ -70,6 +70,10 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	return &Client{BBSServiceClient: basinv1.NewBBSServiceClient(conn), Blobs: basinv1.NewBlobstoreServiceClient(conn), conn: conn}, nil
 }
 
+// Conn is the connection, for the other services the BBS process serves
+// (the app layer, staging, logs).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 

@@ -70,6 +70,111 @@ func (AppState) EnumDescriptor() ([]byte, []int) {
 	return file_basin_v1_apps_proto_rawDescGZIP(), []int{0}
 }
 
+type GetInfoRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetInfoRequest) Reset() {
+	*x = GetInfoRequest{}
+	mi := &file_basin_v1_apps_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetInfoRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetInfoRequest) ProtoMessage() {}
+
+func (x *GetInfoRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_apps_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetInfoRequest.ProtoReflect.Descriptor instead.
+func (*GetInfoRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{0}
+}
+
+type GetInfoResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Apps are routed at NAME.<domain> by default.
+	Domain          string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
+	DefaultStack    string `protobuf:"bytes,2,opt,name=default_stack,json=defaultStack,proto3" json:"default_stack,omitempty"`
+	DefaultMemoryMb int64  `protobuf:"varint,3,opt,name=default_memory_mb,json=defaultMemoryMb,proto3" json:"default_memory_mb,omitempty"`
+	DefaultDiskMb   int64  `protobuf:"varint,4,opt,name=default_disk_mb,json=defaultDiskMb,proto3" json:"default_disk_mb,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *GetInfoResponse) Reset() {
+	*x = GetInfoResponse{}
+	mi := &file_basin_v1_apps_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetInfoResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetInfoResponse) ProtoMessage() {}
+
+func (x *GetInfoResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_apps_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetInfoResponse.ProtoReflect.Descriptor instead.
+func (*GetInfoResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *GetInfoResponse) GetDomain() string {
+	if x != nil {
+		return x.Domain
+	}
+	return ""
+}
+
+func (x *GetInfoResponse) GetDefaultStack() string {
+	if x != nil {
+		return x.DefaultStack
+	}
+	return ""
+}
+
+func (x *GetInfoResponse) GetDefaultMemoryMb() int64 {
+	if x != nil {
+		return x.DefaultMemoryMb
+	}
+	return 0
+}
+
+func (x *GetInfoResponse) GetDefaultDiskMb() int64 {
+	if x != nil {
+		return x.DefaultDiskMb
+	}
+	return 0
+}
+
 // App is stored at apps/<name>.
 type App struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
@@ -107,7 +212,7 @@ type App struct {
 
 func (x *App) Reset() {
 	*x = App{}
-	mi := &file_basin_v1_apps_proto_msgTypes[0]
+	mi := &file_basin_v1_apps_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -119,7 +224,7 @@ func (x *App) String() string {
 func (*App) ProtoMessage() {}
 
 func (x *App) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[0]
+	mi := &file_basin_v1_apps_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -132,7 +237,7 @@ func (x *App) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use App.ProtoReflect.Descriptor instead.
 func (*App) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{0}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *App) GetGuid() string {
@@ -311,7 +416,7 @@ type AppInstance struct {
 
 func (x *AppInstance) Reset() {
 	*x = AppInstance{}
-	mi := &file_basin_v1_apps_proto_msgTypes[1]
+	mi := &file_basin_v1_apps_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -323,7 +428,7 @@ func (x *AppInstance) String() string {
 func (*AppInstance) ProtoMessage() {}
 
 func (x *AppInstance) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[1]
+	mi := &file_basin_v1_apps_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -336,7 +441,7 @@ func (x *AppInstance) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppInstance.ProtoReflect.Descriptor instead.
 func (*AppInstance) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{1}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *AppInstance) GetProcessGuid() string {
@@ -427,7 +532,7 @@ type CreateAppRequest struct {
 
 func (x *CreateAppRequest) Reset() {
 	*x = CreateAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[2]
+	mi := &file_basin_v1_apps_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -439,7 +544,7 @@ func (x *CreateAppRequest) String() string {
 func (*CreateAppRequest) ProtoMessage() {}
 
 func (x *CreateAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[2]
+	mi := &file_basin_v1_apps_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -452,7 +557,7 @@ func (x *CreateAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAppRequest.ProtoReflect.Descriptor instead.
 func (*CreateAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{2}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *CreateAppRequest) GetApp() *App {
@@ -471,7 +576,7 @@ type CreateAppResponse struct {
 
 func (x *CreateAppResponse) Reset() {
 	*x = CreateAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[3]
+	mi := &file_basin_v1_apps_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -483,7 +588,7 @@ func (x *CreateAppResponse) String() string {
 func (*CreateAppResponse) ProtoMessage() {}
 
 func (x *CreateAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[3]
+	mi := &file_basin_v1_apps_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -496,7 +601,7 @@ func (x *CreateAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateAppResponse.ProtoReflect.Descriptor instead.
 func (*CreateAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{3}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *CreateAppResponse) GetApp() *App {
@@ -515,7 +620,7 @@ type StringList struct {
 
 func (x *StringList) Reset() {
 	*x = StringList{}
-	mi := &file_basin_v1_apps_proto_msgTypes[4]
+	mi := &file_basin_v1_apps_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -527,7 +632,7 @@ func (x *StringList) String() string {
 func (*StringList) ProtoMessage() {}
 
 func (x *StringList) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[4]
+	mi := &file_basin_v1_apps_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -540,7 +645,7 @@ func (x *StringList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StringList.ProtoReflect.Descriptor instead.
 func (*StringList) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{4}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StringList) GetValues() []string {
@@ -559,7 +664,7 @@ type StringMap struct {
 
 func (x *StringMap) Reset() {
 	*x = StringMap{}
-	mi := &file_basin_v1_apps_proto_msgTypes[5]
+	mi := &file_basin_v1_apps_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -571,7 +676,7 @@ func (x *StringMap) String() string {
 func (*StringMap) ProtoMessage() {}
 
 func (x *StringMap) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[5]
+	mi := &file_basin_v1_apps_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -584,7 +689,7 @@ func (x *StringMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StringMap.ProtoReflect.Descriptor instead.
 func (*StringMap) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{5}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *StringMap) GetValues() map[string]string {
@@ -615,7 +720,7 @@ type UpdateAppRequest struct {
 
 func (x *UpdateAppRequest) Reset() {
 	*x = UpdateAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[6]
+	mi := &file_basin_v1_apps_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -627,7 +732,7 @@ func (x *UpdateAppRequest) String() string {
 func (*UpdateAppRequest) ProtoMessage() {}
 
 func (x *UpdateAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[6]
+	mi := &file_basin_v1_apps_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -640,7 +745,7 @@ func (x *UpdateAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAppRequest.ProtoReflect.Descriptor instead.
 func (*UpdateAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{6}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UpdateAppRequest) GetName() string {
@@ -729,7 +834,7 @@ type UpdateAppResponse struct {
 
 func (x *UpdateAppResponse) Reset() {
 	*x = UpdateAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[7]
+	mi := &file_basin_v1_apps_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -741,7 +846,7 @@ func (x *UpdateAppResponse) String() string {
 func (*UpdateAppResponse) ProtoMessage() {}
 
 func (x *UpdateAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[7]
+	mi := &file_basin_v1_apps_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -754,7 +859,7 @@ func (x *UpdateAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateAppResponse.ProtoReflect.Descriptor instead.
 func (*UpdateAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{7}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UpdateAppResponse) GetApp() *App {
@@ -773,7 +878,7 @@ type GetAppRequest struct {
 
 func (x *GetAppRequest) Reset() {
 	*x = GetAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[8]
+	mi := &file_basin_v1_apps_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -785,7 +890,7 @@ func (x *GetAppRequest) String() string {
 func (*GetAppRequest) ProtoMessage() {}
 
 func (x *GetAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[8]
+	mi := &file_basin_v1_apps_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -798,7 +903,7 @@ func (x *GetAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAppRequest.ProtoReflect.Descriptor instead.
 func (*GetAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{8}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *GetAppRequest) GetName() string {
@@ -818,7 +923,7 @@ type GetAppResponse struct {
 
 func (x *GetAppResponse) Reset() {
 	*x = GetAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[9]
+	mi := &file_basin_v1_apps_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -830,7 +935,7 @@ func (x *GetAppResponse) String() string {
 func (*GetAppResponse) ProtoMessage() {}
 
 func (x *GetAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[9]
+	mi := &file_basin_v1_apps_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -843,7 +948,7 @@ func (x *GetAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetAppResponse.ProtoReflect.Descriptor instead.
 func (*GetAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{9}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GetAppResponse) GetApp() *App {
@@ -868,7 +973,7 @@ type ListAppsRequest struct {
 
 func (x *ListAppsRequest) Reset() {
 	*x = ListAppsRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[10]
+	mi := &file_basin_v1_apps_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -880,7 +985,7 @@ func (x *ListAppsRequest) String() string {
 func (*ListAppsRequest) ProtoMessage() {}
 
 func (x *ListAppsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[10]
+	mi := &file_basin_v1_apps_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -893,7 +998,7 @@ func (x *ListAppsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppsRequest.ProtoReflect.Descriptor instead.
 func (*ListAppsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{10}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{12}
 }
 
 type AppSummary struct {
@@ -906,7 +1011,7 @@ type AppSummary struct {
 
 func (x *AppSummary) Reset() {
 	*x = AppSummary{}
-	mi := &file_basin_v1_apps_proto_msgTypes[11]
+	mi := &file_basin_v1_apps_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1023,7 @@ func (x *AppSummary) String() string {
 func (*AppSummary) ProtoMessage() {}
 
 func (x *AppSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[11]
+	mi := &file_basin_v1_apps_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1036,7 @@ func (x *AppSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppSummary.ProtoReflect.Descriptor instead.
 func (*AppSummary) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{11}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *AppSummary) GetApp() *App {
@@ -957,7 +1062,7 @@ type ListAppsResponse struct {
 
 func (x *ListAppsResponse) Reset() {
 	*x = ListAppsResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[12]
+	mi := &file_basin_v1_apps_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -969,7 +1074,7 @@ func (x *ListAppsResponse) String() string {
 func (*ListAppsResponse) ProtoMessage() {}
 
 func (x *ListAppsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[12]
+	mi := &file_basin_v1_apps_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -982,7 +1087,7 @@ func (x *ListAppsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppsResponse.ProtoReflect.Descriptor instead.
 func (*ListAppsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{12}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListAppsResponse) GetApps() []*AppSummary {
@@ -1002,7 +1107,7 @@ type DeleteAppRequest struct {
 
 func (x *DeleteAppRequest) Reset() {
 	*x = DeleteAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[13]
+	mi := &file_basin_v1_apps_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1014,7 +1119,7 @@ func (x *DeleteAppRequest) String() string {
 func (*DeleteAppRequest) ProtoMessage() {}
 
 func (x *DeleteAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[13]
+	mi := &file_basin_v1_apps_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1027,7 +1132,7 @@ func (x *DeleteAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAppRequest.ProtoReflect.Descriptor instead.
 func (*DeleteAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{13}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DeleteAppRequest) GetName() string {
@@ -1052,7 +1157,7 @@ type DeleteAppResponse struct {
 
 func (x *DeleteAppResponse) Reset() {
 	*x = DeleteAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[14]
+	mi := &file_basin_v1_apps_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1064,7 +1169,7 @@ func (x *DeleteAppResponse) String() string {
 func (*DeleteAppResponse) ProtoMessage() {}
 
 func (x *DeleteAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[14]
+	mi := &file_basin_v1_apps_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1077,7 +1182,7 @@ func (x *DeleteAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAppResponse.ProtoReflect.Descriptor instead.
 func (*DeleteAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{14}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{16}
 }
 
 type SetPackageRequest struct {
@@ -1090,7 +1195,7 @@ type SetPackageRequest struct {
 
 func (x *SetPackageRequest) Reset() {
 	*x = SetPackageRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[15]
+	mi := &file_basin_v1_apps_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1102,7 +1207,7 @@ func (x *SetPackageRequest) String() string {
 func (*SetPackageRequest) ProtoMessage() {}
 
 func (x *SetPackageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[15]
+	mi := &file_basin_v1_apps_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1115,7 +1220,7 @@ func (x *SetPackageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPackageRequest.ProtoReflect.Descriptor instead.
 func (*SetPackageRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{15}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *SetPackageRequest) GetName() string {
@@ -1141,7 +1246,7 @@ type SetPackageResponse struct {
 
 func (x *SetPackageResponse) Reset() {
 	*x = SetPackageResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[16]
+	mi := &file_basin_v1_apps_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1153,7 +1258,7 @@ func (x *SetPackageResponse) String() string {
 func (*SetPackageResponse) ProtoMessage() {}
 
 func (x *SetPackageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[16]
+	mi := &file_basin_v1_apps_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1166,7 +1271,7 @@ func (x *SetPackageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetPackageResponse.ProtoReflect.Descriptor instead.
 func (*SetPackageResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{16}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SetPackageResponse) GetApp() *App {
@@ -1188,7 +1293,7 @@ type SetDropletRequest struct {
 
 func (x *SetDropletRequest) Reset() {
 	*x = SetDropletRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[17]
+	mi := &file_basin_v1_apps_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1200,7 +1305,7 @@ func (x *SetDropletRequest) String() string {
 func (*SetDropletRequest) ProtoMessage() {}
 
 func (x *SetDropletRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[17]
+	mi := &file_basin_v1_apps_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1213,7 +1318,7 @@ func (x *SetDropletRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDropletRequest.ProtoReflect.Descriptor instead.
 func (*SetDropletRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{17}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetDropletRequest) GetName() string {
@@ -1253,7 +1358,7 @@ type SetDropletResponse struct {
 
 func (x *SetDropletResponse) Reset() {
 	*x = SetDropletResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[18]
+	mi := &file_basin_v1_apps_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1265,7 +1370,7 @@ func (x *SetDropletResponse) String() string {
 func (*SetDropletResponse) ProtoMessage() {}
 
 func (x *SetDropletResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[18]
+	mi := &file_basin_v1_apps_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1278,7 +1383,7 @@ func (x *SetDropletResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetDropletResponse.ProtoReflect.Descriptor instead.
 func (*SetDropletResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{18}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SetDropletResponse) GetApp() *App {
@@ -1297,7 +1402,7 @@ type StartAppRequest struct {
 
 func (x *StartAppRequest) Reset() {
 	*x = StartAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[19]
+	mi := &file_basin_v1_apps_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1309,7 +1414,7 @@ func (x *StartAppRequest) String() string {
 func (*StartAppRequest) ProtoMessage() {}
 
 func (x *StartAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[19]
+	mi := &file_basin_v1_apps_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1322,7 +1427,7 @@ func (x *StartAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAppRequest.ProtoReflect.Descriptor instead.
 func (*StartAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{19}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StartAppRequest) GetName() string {
@@ -1341,7 +1446,7 @@ type StartAppResponse struct {
 
 func (x *StartAppResponse) Reset() {
 	*x = StartAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[20]
+	mi := &file_basin_v1_apps_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1353,7 +1458,7 @@ func (x *StartAppResponse) String() string {
 func (*StartAppResponse) ProtoMessage() {}
 
 func (x *StartAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[20]
+	mi := &file_basin_v1_apps_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1366,7 +1471,7 @@ func (x *StartAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartAppResponse.ProtoReflect.Descriptor instead.
 func (*StartAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{20}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StartAppResponse) GetApp() *App {
@@ -1385,7 +1490,7 @@ type StopAppRequest struct {
 
 func (x *StopAppRequest) Reset() {
 	*x = StopAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[21]
+	mi := &file_basin_v1_apps_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1397,7 +1502,7 @@ func (x *StopAppRequest) String() string {
 func (*StopAppRequest) ProtoMessage() {}
 
 func (x *StopAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[21]
+	mi := &file_basin_v1_apps_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1410,7 +1515,7 @@ func (x *StopAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopAppRequest.ProtoReflect.Descriptor instead.
 func (*StopAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{21}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StopAppRequest) GetName() string {
@@ -1429,7 +1534,7 @@ type StopAppResponse struct {
 
 func (x *StopAppResponse) Reset() {
 	*x = StopAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[22]
+	mi := &file_basin_v1_apps_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1441,7 +1546,7 @@ func (x *StopAppResponse) String() string {
 func (*StopAppResponse) ProtoMessage() {}
 
 func (x *StopAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[22]
+	mi := &file_basin_v1_apps_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1454,7 +1559,7 @@ func (x *StopAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StopAppResponse.ProtoReflect.Descriptor instead.
 func (*StopAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{22}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StopAppResponse) GetApp() *App {
@@ -1473,7 +1578,7 @@ type RestartAppRequest struct {
 
 func (x *RestartAppRequest) Reset() {
 	*x = RestartAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[23]
+	mi := &file_basin_v1_apps_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1485,7 +1590,7 @@ func (x *RestartAppRequest) String() string {
 func (*RestartAppRequest) ProtoMessage() {}
 
 func (x *RestartAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[23]
+	mi := &file_basin_v1_apps_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1498,7 +1603,7 @@ func (x *RestartAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartAppRequest.ProtoReflect.Descriptor instead.
 func (*RestartAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{23}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *RestartAppRequest) GetName() string {
@@ -1517,7 +1622,7 @@ type RestartAppResponse struct {
 
 func (x *RestartAppResponse) Reset() {
 	*x = RestartAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[24]
+	mi := &file_basin_v1_apps_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1634,7 @@ func (x *RestartAppResponse) String() string {
 func (*RestartAppResponse) ProtoMessage() {}
 
 func (x *RestartAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[24]
+	mi := &file_basin_v1_apps_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1647,7 @@ func (x *RestartAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartAppResponse.ProtoReflect.Descriptor instead.
 func (*RestartAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{24}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RestartAppResponse) GetApp() *App {
@@ -1563,7 +1668,7 @@ type RollAppRequest struct {
 
 func (x *RollAppRequest) Reset() {
 	*x = RollAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[25]
+	mi := &file_basin_v1_apps_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1575,7 +1680,7 @@ func (x *RollAppRequest) String() string {
 func (*RollAppRequest) ProtoMessage() {}
 
 func (x *RollAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[25]
+	mi := &file_basin_v1_apps_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1588,7 +1693,7 @@ func (x *RollAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollAppRequest.ProtoReflect.Descriptor instead.
 func (*RollAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{25}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RollAppRequest) GetName() string {
@@ -1622,7 +1727,7 @@ type RollAppResponse struct {
 
 func (x *RollAppResponse) Reset() {
 	*x = RollAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[26]
+	mi := &file_basin_v1_apps_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1634,7 +1739,7 @@ func (x *RollAppResponse) String() string {
 func (*RollAppResponse) ProtoMessage() {}
 
 func (x *RollAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[26]
+	mi := &file_basin_v1_apps_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1647,7 +1752,7 @@ func (x *RollAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RollAppResponse.ProtoReflect.Descriptor instead.
 func (*RollAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{26}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RollAppResponse) GetOldProcessGuid() string {
@@ -1711,7 +1816,7 @@ type ScaleAppRequest struct {
 
 func (x *ScaleAppRequest) Reset() {
 	*x = ScaleAppRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[27]
+	mi := &file_basin_v1_apps_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1723,7 +1828,7 @@ func (x *ScaleAppRequest) String() string {
 func (*ScaleAppRequest) ProtoMessage() {}
 
 func (x *ScaleAppRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[27]
+	mi := &file_basin_v1_apps_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1736,7 +1841,7 @@ func (x *ScaleAppRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleAppRequest.ProtoReflect.Descriptor instead.
 func (*ScaleAppRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{27}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ScaleAppRequest) GetName() string {
@@ -1778,7 +1883,7 @@ type ScaleAppResponse struct {
 
 func (x *ScaleAppResponse) Reset() {
 	*x = ScaleAppResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[28]
+	mi := &file_basin_v1_apps_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1790,7 +1895,7 @@ func (x *ScaleAppResponse) String() string {
 func (*ScaleAppResponse) ProtoMessage() {}
 
 func (x *ScaleAppResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[28]
+	mi := &file_basin_v1_apps_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1803,7 +1908,7 @@ func (x *ScaleAppResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScaleAppResponse.ProtoReflect.Descriptor instead.
 func (*ScaleAppResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{28}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ScaleAppResponse) GetApp() *App {
@@ -1830,7 +1935,7 @@ type RestartAppInstanceRequest struct {
 
 func (x *RestartAppInstanceRequest) Reset() {
 	*x = RestartAppInstanceRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[29]
+	mi := &file_basin_v1_apps_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1842,7 +1947,7 @@ func (x *RestartAppInstanceRequest) String() string {
 func (*RestartAppInstanceRequest) ProtoMessage() {}
 
 func (x *RestartAppInstanceRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[29]
+	mi := &file_basin_v1_apps_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1855,7 +1960,7 @@ func (x *RestartAppInstanceRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartAppInstanceRequest.ProtoReflect.Descriptor instead.
 func (*RestartAppInstanceRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{29}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *RestartAppInstanceRequest) GetName() string {
@@ -1880,7 +1985,7 @@ type RestartAppInstanceResponse struct {
 
 func (x *RestartAppInstanceResponse) Reset() {
 	*x = RestartAppInstanceResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[30]
+	mi := &file_basin_v1_apps_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1892,7 +1997,7 @@ func (x *RestartAppInstanceResponse) String() string {
 func (*RestartAppInstanceResponse) ProtoMessage() {}
 
 func (x *RestartAppInstanceResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[30]
+	mi := &file_basin_v1_apps_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1905,7 +2010,7 @@ func (x *RestartAppInstanceResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RestartAppInstanceResponse.ProtoReflect.Descriptor instead.
 func (*RestartAppInstanceResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{30}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{32}
 }
 
 type UpdateEnvRequest struct {
@@ -1919,7 +2024,7 @@ type UpdateEnvRequest struct {
 
 func (x *UpdateEnvRequest) Reset() {
 	*x = UpdateEnvRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[31]
+	mi := &file_basin_v1_apps_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1931,7 +2036,7 @@ func (x *UpdateEnvRequest) String() string {
 func (*UpdateEnvRequest) ProtoMessage() {}
 
 func (x *UpdateEnvRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[31]
+	mi := &file_basin_v1_apps_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1944,7 +2049,7 @@ func (x *UpdateEnvRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEnvRequest.ProtoReflect.Descriptor instead.
 func (*UpdateEnvRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{31}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UpdateEnvRequest) GetName() string {
@@ -1977,7 +2082,7 @@ type UpdateEnvResponse struct {
 
 func (x *UpdateEnvResponse) Reset() {
 	*x = UpdateEnvResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[32]
+	mi := &file_basin_v1_apps_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1989,7 +2094,7 @@ func (x *UpdateEnvResponse) String() string {
 func (*UpdateEnvResponse) ProtoMessage() {}
 
 func (x *UpdateEnvResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[32]
+	mi := &file_basin_v1_apps_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2002,7 +2107,7 @@ func (x *UpdateEnvResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateEnvResponse.ProtoReflect.Descriptor instead.
 func (*UpdateEnvResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{32}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UpdateEnvResponse) GetApp() *App {
@@ -2022,7 +2127,7 @@ type MapRouteRequest struct {
 
 func (x *MapRouteRequest) Reset() {
 	*x = MapRouteRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[33]
+	mi := &file_basin_v1_apps_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2034,7 +2139,7 @@ func (x *MapRouteRequest) String() string {
 func (*MapRouteRequest) ProtoMessage() {}
 
 func (x *MapRouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[33]
+	mi := &file_basin_v1_apps_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2047,7 +2152,7 @@ func (x *MapRouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapRouteRequest.ProtoReflect.Descriptor instead.
 func (*MapRouteRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{33}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *MapRouteRequest) GetName() string {
@@ -2073,7 +2178,7 @@ type MapRouteResponse struct {
 
 func (x *MapRouteResponse) Reset() {
 	*x = MapRouteResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[34]
+	mi := &file_basin_v1_apps_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2190,7 @@ func (x *MapRouteResponse) String() string {
 func (*MapRouteResponse) ProtoMessage() {}
 
 func (x *MapRouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[34]
+	mi := &file_basin_v1_apps_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2203,7 @@ func (x *MapRouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapRouteResponse.ProtoReflect.Descriptor instead.
 func (*MapRouteResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{34}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *MapRouteResponse) GetApp() *App {
@@ -2118,7 +2223,7 @@ type UnmapRouteRequest struct {
 
 func (x *UnmapRouteRequest) Reset() {
 	*x = UnmapRouteRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[35]
+	mi := &file_basin_v1_apps_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2130,7 +2235,7 @@ func (x *UnmapRouteRequest) String() string {
 func (*UnmapRouteRequest) ProtoMessage() {}
 
 func (x *UnmapRouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[35]
+	mi := &file_basin_v1_apps_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2143,7 +2248,7 @@ func (x *UnmapRouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnmapRouteRequest.ProtoReflect.Descriptor instead.
 func (*UnmapRouteRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{35}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *UnmapRouteRequest) GetName() string {
@@ -2169,7 +2274,7 @@ type UnmapRouteResponse struct {
 
 func (x *UnmapRouteResponse) Reset() {
 	*x = UnmapRouteResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[36]
+	mi := &file_basin_v1_apps_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2181,7 +2286,7 @@ func (x *UnmapRouteResponse) String() string {
 func (*UnmapRouteResponse) ProtoMessage() {}
 
 func (x *UnmapRouteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[36]
+	mi := &file_basin_v1_apps_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2194,7 +2299,7 @@ func (x *UnmapRouteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnmapRouteResponse.ProtoReflect.Descriptor instead.
 func (*UnmapRouteResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{36}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *UnmapRouteResponse) GetApp() *App {
@@ -2216,7 +2321,7 @@ type RouteBinding struct {
 
 func (x *RouteBinding) Reset() {
 	*x = RouteBinding{}
-	mi := &file_basin_v1_apps_proto_msgTypes[37]
+	mi := &file_basin_v1_apps_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2228,7 +2333,7 @@ func (x *RouteBinding) String() string {
 func (*RouteBinding) ProtoMessage() {}
 
 func (x *RouteBinding) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[37]
+	mi := &file_basin_v1_apps_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2241,7 +2346,7 @@ func (x *RouteBinding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteBinding.ProtoReflect.Descriptor instead.
 func (*RouteBinding) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{37}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RouteBinding) GetRoute() *Route {
@@ -2266,7 +2371,7 @@ type ListRoutesRequest struct {
 
 func (x *ListRoutesRequest) Reset() {
 	*x = ListRoutesRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[38]
+	mi := &file_basin_v1_apps_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2278,7 +2383,7 @@ func (x *ListRoutesRequest) String() string {
 func (*ListRoutesRequest) ProtoMessage() {}
 
 func (x *ListRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[38]
+	mi := &file_basin_v1_apps_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2291,7 +2396,7 @@ func (x *ListRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoutesRequest.ProtoReflect.Descriptor instead.
 func (*ListRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{38}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{40}
 }
 
 type ListRoutesResponse struct {
@@ -2303,7 +2408,7 @@ type ListRoutesResponse struct {
 
 func (x *ListRoutesResponse) Reset() {
 	*x = ListRoutesResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	mi := &file_basin_v1_apps_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2315,7 +2420,7 @@ func (x *ListRoutesResponse) String() string {
 func (*ListRoutesResponse) ProtoMessage() {}
 
 func (x *ListRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	mi := &file_basin_v1_apps_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2328,7 +2433,7 @@ func (x *ListRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoutesResponse.ProtoReflect.Descriptor instead.
 func (*ListRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{39}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ListRoutesResponse) GetRoutes() []*RouteBinding {
@@ -2358,7 +2463,7 @@ type AppEvent struct {
 
 func (x *AppEvent) Reset() {
 	*x = AppEvent{}
-	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	mi := &file_basin_v1_apps_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2370,7 +2475,7 @@ func (x *AppEvent) String() string {
 func (*AppEvent) ProtoMessage() {}
 
 func (x *AppEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	mi := &file_basin_v1_apps_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2383,7 +2488,7 @@ func (x *AppEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppEvent.ProtoReflect.Descriptor instead.
 func (*AppEvent) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{40}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *AppEvent) GetType() string {
@@ -2444,7 +2549,7 @@ type ListAppEventsRequest struct {
 
 func (x *ListAppEventsRequest) Reset() {
 	*x = ListAppEventsRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[41]
+	mi := &file_basin_v1_apps_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2456,7 +2561,7 @@ func (x *ListAppEventsRequest) String() string {
 func (*ListAppEventsRequest) ProtoMessage() {}
 
 func (x *ListAppEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[41]
+	mi := &file_basin_v1_apps_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2469,7 +2574,7 @@ func (x *ListAppEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListAppEventsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{41}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ListAppEventsRequest) GetName() string {
@@ -2488,7 +2593,7 @@ type ListAppEventsResponse struct {
 
 func (x *ListAppEventsResponse) Reset() {
 	*x = ListAppEventsResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[42]
+	mi := &file_basin_v1_apps_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2500,7 +2605,7 @@ func (x *ListAppEventsResponse) String() string {
 func (*ListAppEventsResponse) ProtoMessage() {}
 
 func (x *ListAppEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[42]
+	mi := &file_basin_v1_apps_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2513,7 +2618,7 @@ func (x *ListAppEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListAppEventsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{42}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *ListAppEventsResponse) GetEvents() []*AppEvent {
@@ -2537,7 +2642,7 @@ type RunTaskRequest struct {
 
 func (x *RunTaskRequest) Reset() {
 	*x = RunTaskRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[43]
+	mi := &file_basin_v1_apps_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2549,7 +2654,7 @@ func (x *RunTaskRequest) String() string {
 func (*RunTaskRequest) ProtoMessage() {}
 
 func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[43]
+	mi := &file_basin_v1_apps_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2562,7 +2667,7 @@ func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskRequest.ProtoReflect.Descriptor instead.
 func (*RunTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{43}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *RunTaskRequest) GetName() string {
@@ -2610,7 +2715,7 @@ type RunTaskResponse struct {
 
 func (x *RunTaskResponse) Reset() {
 	*x = RunTaskResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[44]
+	mi := &file_basin_v1_apps_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2622,7 +2727,7 @@ func (x *RunTaskResponse) String() string {
 func (*RunTaskResponse) ProtoMessage() {}
 
 func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[44]
+	mi := &file_basin_v1_apps_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2635,7 +2740,7 @@ func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskResponse.ProtoReflect.Descriptor instead.
 func (*RunTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{44}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *RunTaskResponse) GetTask() *Task {
@@ -2661,7 +2766,7 @@ type ListAppTasksRequest struct {
 
 func (x *ListAppTasksRequest) Reset() {
 	*x = ListAppTasksRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[45]
+	mi := &file_basin_v1_apps_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2673,7 +2778,7 @@ func (x *ListAppTasksRequest) String() string {
 func (*ListAppTasksRequest) ProtoMessage() {}
 
 func (x *ListAppTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[45]
+	mi := &file_basin_v1_apps_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2686,7 +2791,7 @@ func (x *ListAppTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListAppTasksRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{45}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *ListAppTasksRequest) GetName() string {
@@ -2706,7 +2811,7 @@ type AppTask struct {
 
 func (x *AppTask) Reset() {
 	*x = AppTask{}
-	mi := &file_basin_v1_apps_proto_msgTypes[46]
+	mi := &file_basin_v1_apps_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2718,7 +2823,7 @@ func (x *AppTask) String() string {
 func (*AppTask) ProtoMessage() {}
 
 func (x *AppTask) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[46]
+	mi := &file_basin_v1_apps_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2731,7 +2836,7 @@ func (x *AppTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppTask.ProtoReflect.Descriptor instead.
 func (*AppTask) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{46}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *AppTask) GetTaskName() string {
@@ -2757,7 +2862,7 @@ type ListAppTasksResponse struct {
 
 func (x *ListAppTasksResponse) Reset() {
 	*x = ListAppTasksResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[47]
+	mi := &file_basin_v1_apps_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2769,7 +2874,7 @@ func (x *ListAppTasksResponse) String() string {
 func (*ListAppTasksResponse) ProtoMessage() {}
 
 func (x *ListAppTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[47]
+	mi := &file_basin_v1_apps_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2782,7 +2887,7 @@ func (x *ListAppTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListAppTasksResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{47}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListAppTasksResponse) GetTasks() []*AppTask {
@@ -2796,7 +2901,13 @@ var File_basin_v1_apps_proto protoreflect.FileDescriptor
 
 const file_basin_v1_apps_proto_rawDesc = "" +
 	"\n" +
-	"\x13basin/v1/apps.proto\x12\bbasin.v1\x1a\x12basin/v1/bbs.proto\x1a\x15basin/v1/models.proto\"\xd8\x06\n" +
+	"\x13basin/v1/apps.proto\x12\bbasin.v1\x1a\x12basin/v1/bbs.proto\x1a\x15basin/v1/models.proto\"\x10\n" +
+	"\x0eGetInfoRequest\"\xa2\x01\n" +
+	"\x0fGetInfoResponse\x12\x16\n" +
+	"\x06domain\x18\x01 \x01(\tR\x06domain\x12#\n" +
+	"\rdefault_stack\x18\x02 \x01(\tR\fdefaultStack\x12*\n" +
+	"\x11default_memory_mb\x18\x03 \x01(\x03R\x0fdefaultMemoryMb\x12&\n" +
+	"\x0fdefault_disk_mb\x18\x04 \x01(\x03R\rdefaultDiskMb\"\xd8\x06\n" +
 	"\x03App\x12\x12\n" +
 	"\x04guid\x18\x01 \x01(\tR\x04guid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12(\n" +
@@ -3007,9 +3118,10 @@ const file_basin_v1_apps_proto_rawDesc = "" +
 	"\bAppState\x12\x19\n" +
 	"\x15APP_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11APP_STATE_STOPPED\x10\x01\x12\x15\n" +
-	"\x11APP_STATE_STARTED\x10\x022\x9e\v\n" +
+	"\x11APP_STATE_STARTED\x10\x022\xde\v\n" +
 	"\n" +
-	"AppService\x12D\n" +
+	"AppService\x12>\n" +
+	"\aGetInfo\x12\x18.basin.v1.GetInfoRequest\x1a\x19.basin.v1.GetInfoResponse\x12D\n" +
 	"\tCreateApp\x12\x1a.basin.v1.CreateAppRequest\x1a\x1b.basin.v1.CreateAppResponse\x12D\n" +
 	"\tUpdateApp\x12\x1a.basin.v1.UpdateAppRequest\x1a\x1b.basin.v1.UpdateAppResponse\x12;\n" +
 	"\x06GetApp\x12\x17.basin.v1.GetAppRequest\x1a\x18.basin.v1.GetAppResponse\x12A\n" +
@@ -3049,145 +3161,149 @@ func file_basin_v1_apps_proto_rawDescGZIP() []byte {
 }
 
 var file_basin_v1_apps_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basin_v1_apps_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
+var file_basin_v1_apps_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_basin_v1_apps_proto_goTypes = []any{
 	(AppState)(0),                      // 0: basin.v1.AppState
-	(*App)(nil),                        // 1: basin.v1.App
-	(*AppInstance)(nil),                // 2: basin.v1.AppInstance
-	(*CreateAppRequest)(nil),           // 3: basin.v1.CreateAppRequest
-	(*CreateAppResponse)(nil),          // 4: basin.v1.CreateAppResponse
-	(*StringList)(nil),                 // 5: basin.v1.StringList
-	(*StringMap)(nil),                  // 6: basin.v1.StringMap
-	(*UpdateAppRequest)(nil),           // 7: basin.v1.UpdateAppRequest
-	(*UpdateAppResponse)(nil),          // 8: basin.v1.UpdateAppResponse
-	(*GetAppRequest)(nil),              // 9: basin.v1.GetAppRequest
-	(*GetAppResponse)(nil),             // 10: basin.v1.GetAppResponse
-	(*ListAppsRequest)(nil),            // 11: basin.v1.ListAppsRequest
-	(*AppSummary)(nil),                 // 12: basin.v1.AppSummary
-	(*ListAppsResponse)(nil),           // 13: basin.v1.ListAppsResponse
-	(*DeleteAppRequest)(nil),           // 14: basin.v1.DeleteAppRequest
-	(*DeleteAppResponse)(nil),          // 15: basin.v1.DeleteAppResponse
-	(*SetPackageRequest)(nil),          // 16: basin.v1.SetPackageRequest
-	(*SetPackageResponse)(nil),         // 17: basin.v1.SetPackageResponse
-	(*SetDropletRequest)(nil),          // 18: basin.v1.SetDropletRequest
-	(*SetDropletResponse)(nil),         // 19: basin.v1.SetDropletResponse
-	(*StartAppRequest)(nil),            // 20: basin.v1.StartAppRequest
-	(*StartAppResponse)(nil),           // 21: basin.v1.StartAppResponse
-	(*StopAppRequest)(nil),             // 22: basin.v1.StopAppRequest
-	(*StopAppResponse)(nil),            // 23: basin.v1.StopAppResponse
-	(*RestartAppRequest)(nil),          // 24: basin.v1.RestartAppRequest
-	(*RestartAppResponse)(nil),         // 25: basin.v1.RestartAppResponse
-	(*RollAppRequest)(nil),             // 26: basin.v1.RollAppRequest
-	(*RollAppResponse)(nil),            // 27: basin.v1.RollAppResponse
-	(*ScaleAppRequest)(nil),            // 28: basin.v1.ScaleAppRequest
-	(*ScaleAppResponse)(nil),           // 29: basin.v1.ScaleAppResponse
-	(*RestartAppInstanceRequest)(nil),  // 30: basin.v1.RestartAppInstanceRequest
-	(*RestartAppInstanceResponse)(nil), // 31: basin.v1.RestartAppInstanceResponse
-	(*UpdateEnvRequest)(nil),           // 32: basin.v1.UpdateEnvRequest
-	(*UpdateEnvResponse)(nil),          // 33: basin.v1.UpdateEnvResponse
-	(*MapRouteRequest)(nil),            // 34: basin.v1.MapRouteRequest
-	(*MapRouteResponse)(nil),           // 35: basin.v1.MapRouteResponse
-	(*UnmapRouteRequest)(nil),          // 36: basin.v1.UnmapRouteRequest
-	(*UnmapRouteResponse)(nil),         // 37: basin.v1.UnmapRouteResponse
-	(*RouteBinding)(nil),               // 38: basin.v1.RouteBinding
-	(*ListRoutesRequest)(nil),          // 39: basin.v1.ListRoutesRequest
-	(*ListRoutesResponse)(nil),         // 40: basin.v1.ListRoutesResponse
-	(*AppEvent)(nil),                   // 41: basin.v1.AppEvent
-	(*ListAppEventsRequest)(nil),       // 42: basin.v1.ListAppEventsRequest
-	(*ListAppEventsResponse)(nil),      // 43: basin.v1.ListAppEventsResponse
-	(*RunTaskRequest)(nil),             // 44: basin.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),            // 45: basin.v1.RunTaskResponse
-	(*ListAppTasksRequest)(nil),        // 46: basin.v1.ListAppTasksRequest
-	(*AppTask)(nil),                    // 47: basin.v1.AppTask
-	(*ListAppTasksResponse)(nil),       // 48: basin.v1.ListAppTasksResponse
-	nil,                                // 49: basin.v1.App.EnvEntry
-	nil,                                // 50: basin.v1.StringMap.ValuesEntry
-	nil,                                // 51: basin.v1.UpdateEnvRequest.SetEntry
-	(*Route)(nil),                      // 52: basin.v1.Route
-	(*HealthCheck)(nil),                // 53: basin.v1.HealthCheck
-	(ActualLRPState)(0),                // 54: basin.v1.ActualLRPState
-	(*RouteList)(nil),                  // 55: basin.v1.RouteList
-	(*Task)(nil),                       // 56: basin.v1.Task
+	(*GetInfoRequest)(nil),             // 1: basin.v1.GetInfoRequest
+	(*GetInfoResponse)(nil),            // 2: basin.v1.GetInfoResponse
+	(*App)(nil),                        // 3: basin.v1.App
+	(*AppInstance)(nil),                // 4: basin.v1.AppInstance
+	(*CreateAppRequest)(nil),           // 5: basin.v1.CreateAppRequest
+	(*CreateAppResponse)(nil),          // 6: basin.v1.CreateAppResponse
+	(*StringList)(nil),                 // 7: basin.v1.StringList
+	(*StringMap)(nil),                  // 8: basin.v1.StringMap
+	(*UpdateAppRequest)(nil),           // 9: basin.v1.UpdateAppRequest
+	(*UpdateAppResponse)(nil),          // 10: basin.v1.UpdateAppResponse
+	(*GetAppRequest)(nil),              // 11: basin.v1.GetAppRequest
+	(*GetAppResponse)(nil),             // 12: basin.v1.GetAppResponse
+	(*ListAppsRequest)(nil),            // 13: basin.v1.ListAppsRequest
+	(*AppSummary)(nil),                 // 14: basin.v1.AppSummary
+	(*ListAppsResponse)(nil),           // 15: basin.v1.ListAppsResponse
+	(*DeleteAppRequest)(nil),           // 16: basin.v1.DeleteAppRequest
+	(*DeleteAppResponse)(nil),          // 17: basin.v1.DeleteAppResponse
+	(*SetPackageRequest)(nil),          // 18: basin.v1.SetPackageRequest
+	(*SetPackageResponse)(nil),         // 19: basin.v1.SetPackageResponse
+	(*SetDropletRequest)(nil),          // 20: basin.v1.SetDropletRequest
+	(*SetDropletResponse)(nil),         // 21: basin.v1.SetDropletResponse
+	(*StartAppRequest)(nil),            // 22: basin.v1.StartAppRequest
+	(*StartAppResponse)(nil),           // 23: basin.v1.StartAppResponse
+	(*StopAppRequest)(nil),             // 24: basin.v1.StopAppRequest
+	(*StopAppResponse)(nil),            // 25: basin.v1.StopAppResponse
+	(*RestartAppRequest)(nil),          // 26: basin.v1.RestartAppRequest
+	(*RestartAppResponse)(nil),         // 27: basin.v1.RestartAppResponse
+	(*RollAppRequest)(nil),             // 28: basin.v1.RollAppRequest
+	(*RollAppResponse)(nil),            // 29: basin.v1.RollAppResponse
+	(*ScaleAppRequest)(nil),            // 30: basin.v1.ScaleAppRequest
+	(*ScaleAppResponse)(nil),           // 31: basin.v1.ScaleAppResponse
+	(*RestartAppInstanceRequest)(nil),  // 32: basin.v1.RestartAppInstanceRequest
+	(*RestartAppInstanceResponse)(nil), // 33: basin.v1.RestartAppInstanceResponse
+	(*UpdateEnvRequest)(nil),           // 34: basin.v1.UpdateEnvRequest
+	(*UpdateEnvResponse)(nil),          // 35: basin.v1.UpdateEnvResponse
+	(*MapRouteRequest)(nil),            // 36: basin.v1.MapRouteRequest
+	(*MapRouteResponse)(nil),           // 37: basin.v1.MapRouteResponse
+	(*UnmapRouteRequest)(nil),          // 38: basin.v1.UnmapRouteRequest
+	(*UnmapRouteResponse)(nil),         // 39: basin.v1.UnmapRouteResponse
+	(*RouteBinding)(nil),               // 40: basin.v1.RouteBinding
+	(*ListRoutesRequest)(nil),          // 41: basin.v1.ListRoutesRequest
+	(*ListRoutesResponse)(nil),         // 42: basin.v1.ListRoutesResponse
+	(*AppEvent)(nil),                   // 43: basin.v1.AppEvent
+	(*ListAppEventsRequest)(nil),       // 44: basin.v1.ListAppEventsRequest
+	(*ListAppEventsResponse)(nil),      // 45: basin.v1.ListAppEventsResponse
+	(*RunTaskRequest)(nil),             // 46: basin.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),            // 47: basin.v1.RunTaskResponse
+	(*ListAppTasksRequest)(nil),        // 48: basin.v1.ListAppTasksRequest
+	(*AppTask)(nil),                    // 49: basin.v1.AppTask
+	(*ListAppTasksResponse)(nil),       // 50: basin.v1.ListAppTasksResponse
+	nil,                                // 51: basin.v1.App.EnvEntry
+	nil,                                // 52: basin.v1.StringMap.ValuesEntry
+	nil,                                // 53: basin.v1.UpdateEnvRequest.SetEntry
+	(*Route)(nil),                      // 54: basin.v1.Route
+	(*HealthCheck)(nil),                // 55: basin.v1.HealthCheck
+	(ActualLRPState)(0),                // 56: basin.v1.ActualLRPState
+	(*RouteList)(nil),                  // 57: basin.v1.RouteList
+	(*Task)(nil),                       // 58: basin.v1.Task
 }
 var file_basin_v1_apps_proto_depIdxs = []int32{
 	0,  // 0: basin.v1.App.state:type_name -> basin.v1.AppState
-	49, // 1: basin.v1.App.env:type_name -> basin.v1.App.EnvEntry
-	52, // 2: basin.v1.App.routes:type_name -> basin.v1.Route
-	53, // 3: basin.v1.App.health_check:type_name -> basin.v1.HealthCheck
-	54, // 4: basin.v1.AppInstance.state:type_name -> basin.v1.ActualLRPState
-	1,  // 5: basin.v1.CreateAppRequest.app:type_name -> basin.v1.App
-	1,  // 6: basin.v1.CreateAppResponse.app:type_name -> basin.v1.App
-	50, // 7: basin.v1.StringMap.values:type_name -> basin.v1.StringMap.ValuesEntry
-	5,  // 8: basin.v1.UpdateAppRequest.buildpacks:type_name -> basin.v1.StringList
-	6,  // 9: basin.v1.UpdateAppRequest.env:type_name -> basin.v1.StringMap
-	53, // 10: basin.v1.UpdateAppRequest.health_check:type_name -> basin.v1.HealthCheck
-	55, // 11: basin.v1.UpdateAppRequest.routes:type_name -> basin.v1.RouteList
-	1,  // 12: basin.v1.UpdateAppResponse.app:type_name -> basin.v1.App
-	1,  // 13: basin.v1.GetAppResponse.app:type_name -> basin.v1.App
-	2,  // 14: basin.v1.GetAppResponse.instances:type_name -> basin.v1.AppInstance
-	1,  // 15: basin.v1.AppSummary.app:type_name -> basin.v1.App
-	12, // 16: basin.v1.ListAppsResponse.apps:type_name -> basin.v1.AppSummary
-	1,  // 17: basin.v1.SetPackageResponse.app:type_name -> basin.v1.App
-	1,  // 18: basin.v1.SetDropletResponse.app:type_name -> basin.v1.App
-	1,  // 19: basin.v1.StartAppResponse.app:type_name -> basin.v1.App
-	1,  // 20: basin.v1.StopAppResponse.app:type_name -> basin.v1.App
-	1,  // 21: basin.v1.RestartAppResponse.app:type_name -> basin.v1.App
-	1,  // 22: basin.v1.RollAppResponse.app:type_name -> basin.v1.App
-	1,  // 23: basin.v1.ScaleAppResponse.app:type_name -> basin.v1.App
-	51, // 24: basin.v1.UpdateEnvRequest.set:type_name -> basin.v1.UpdateEnvRequest.SetEntry
-	1,  // 25: basin.v1.UpdateEnvResponse.app:type_name -> basin.v1.App
-	52, // 26: basin.v1.MapRouteRequest.route:type_name -> basin.v1.Route
-	1,  // 27: basin.v1.MapRouteResponse.app:type_name -> basin.v1.App
-	52, // 28: basin.v1.UnmapRouteRequest.route:type_name -> basin.v1.Route
-	1,  // 29: basin.v1.UnmapRouteResponse.app:type_name -> basin.v1.App
-	52, // 30: basin.v1.RouteBinding.route:type_name -> basin.v1.Route
-	38, // 31: basin.v1.ListRoutesResponse.routes:type_name -> basin.v1.RouteBinding
-	41, // 32: basin.v1.ListAppEventsResponse.events:type_name -> basin.v1.AppEvent
-	56, // 33: basin.v1.RunTaskResponse.task:type_name -> basin.v1.Task
-	56, // 34: basin.v1.AppTask.task:type_name -> basin.v1.Task
-	47, // 35: basin.v1.ListAppTasksResponse.tasks:type_name -> basin.v1.AppTask
-	3,  // 36: basin.v1.AppService.CreateApp:input_type -> basin.v1.CreateAppRequest
-	7,  // 37: basin.v1.AppService.UpdateApp:input_type -> basin.v1.UpdateAppRequest
-	9,  // 38: basin.v1.AppService.GetApp:input_type -> basin.v1.GetAppRequest
-	11, // 39: basin.v1.AppService.ListApps:input_type -> basin.v1.ListAppsRequest
-	14, // 40: basin.v1.AppService.DeleteApp:input_type -> basin.v1.DeleteAppRequest
-	16, // 41: basin.v1.AppService.SetPackage:input_type -> basin.v1.SetPackageRequest
-	18, // 42: basin.v1.AppService.SetDroplet:input_type -> basin.v1.SetDropletRequest
-	20, // 43: basin.v1.AppService.StartApp:input_type -> basin.v1.StartAppRequest
-	22, // 44: basin.v1.AppService.StopApp:input_type -> basin.v1.StopAppRequest
-	24, // 45: basin.v1.AppService.RestartApp:input_type -> basin.v1.RestartAppRequest
-	26, // 46: basin.v1.AppService.RollApp:input_type -> basin.v1.RollAppRequest
-	28, // 47: basin.v1.AppService.ScaleApp:input_type -> basin.v1.ScaleAppRequest
-	30, // 48: basin.v1.AppService.RestartAppInstance:input_type -> basin.v1.RestartAppInstanceRequest
-	32, // 49: basin.v1.AppService.UpdateEnv:input_type -> basin.v1.UpdateEnvRequest
-	34, // 50: basin.v1.AppService.MapRoute:input_type -> basin.v1.MapRouteRequest
-	36, // 51: basin.v1.AppService.UnmapRoute:input_type -> basin.v1.UnmapRouteRequest
-	39, // 52: basin.v1.AppService.ListRoutes:input_type -> basin.v1.ListRoutesRequest
-	42, // 53: basin.v1.AppService.ListAppEvents:input_type -> basin.v1.ListAppEventsRequest
-	44, // 54: basin.v1.AppService.RunTask:input_type -> basin.v1.RunTaskRequest
-	46, // 55: basin.v1.AppService.ListAppTasks:input_type -> basin.v1.ListAppTasksRequest
-	4,  // 56: basin.v1.AppService.CreateApp:output_type -> basin.v1.CreateAppResponse
-	8,  // 57: basin.v1.AppService.UpdateApp:output_type -> basin.v1.UpdateAppResponse
-	10, // 58: basin.v1.AppService.GetApp:output_type -> basin.v1.GetAppResponse
-	13, // 59: basin.v1.AppService.ListApps:output_type -> basin.v1.ListAppsResponse
-	15, // 60: basin.v1.AppService.DeleteApp:output_type -> basin.v1.DeleteAppResponse
-	17, // 61: basin.v1.AppService.SetPackage:output_type -> basin.v1.SetPackageResponse
-	19, // 62: basin.v1.AppService.SetDroplet:output_type -> basin.v1.SetDropletResponse
-	21, // 63: basin.v1.AppService.StartApp:output_type -> basin.v1.StartAppResponse
-	23, // 64: basin.v1.AppService.StopApp:output_type -> basin.v1.StopAppResponse
-	25, // 65: basin.v1.AppService.RestartApp:output_type -> basin.v1.RestartAppResponse
-	27, // 66: basin.v1.AppService.RollApp:output_type -> basin.v1.RollAppResponse
-	29, // 67: basin.v1.AppService.ScaleApp:output_type -> basin.v1.ScaleAppResponse
-	31, // 68: basin.v1.AppService.RestartAppInstance:output_type -> basin.v1.RestartAppInstanceResponse
-	33, // 69: basin.v1.AppService.UpdateEnv:output_type -> basin.v1.UpdateEnvResponse
-	35, // 70: basin.v1.AppService.MapRoute:output_type -> basin.v1.MapRouteResponse
-	37, // 71: basin.v1.AppService.UnmapRoute:output_type -> basin.v1.UnmapRouteResponse
-	40, // 72: basin.v1.AppService.ListRoutes:output_type -> basin.v1.ListRoutesResponse
-	43, // 73: basin.v1.AppService.ListAppEvents:output_type -> basin.v1.ListAppEventsResponse
-	45, // 74: basin.v1.AppService.RunTask:output_type -> basin.v1.RunTaskResponse
-	48, // 75: basin.v1.AppService.ListAppTasks:output_type -> basin.v1.ListAppTasksResponse
-	56, // [56:76] is the sub-list for method output_type
-	36, // [36:56] is the sub-list for method input_type
+	51, // 1: basin.v1.App.env:type_name -> basin.v1.App.EnvEntry
+	54, // 2: basin.v1.App.routes:type_name -> basin.v1.Route
+	55, // 3: basin.v1.App.health_check:type_name -> basin.v1.HealthCheck
+	56, // 4: basin.v1.AppInstance.state:type_name -> basin.v1.ActualLRPState
+	3,  // 5: basin.v1.CreateAppRequest.app:type_name -> basin.v1.App
+	3,  // 6: basin.v1.CreateAppResponse.app:type_name -> basin.v1.App
+	52, // 7: basin.v1.StringMap.values:type_name -> basin.v1.StringMap.ValuesEntry
+	7,  // 8: basin.v1.UpdateAppRequest.buildpacks:type_name -> basin.v1.StringList
+	8,  // 9: basin.v1.UpdateAppRequest.env:type_name -> basin.v1.StringMap
+	55, // 10: basin.v1.UpdateAppRequest.health_check:type_name -> basin.v1.HealthCheck
+	57, // 11: basin.v1.UpdateAppRequest.routes:type_name -> basin.v1.RouteList
+	3,  // 12: basin.v1.UpdateAppResponse.app:type_name -> basin.v1.App
+	3,  // 13: basin.v1.GetAppResponse.app:type_name -> basin.v1.App
+	4,  // 14: basin.v1.GetAppResponse.instances:type_name -> basin.v1.AppInstance
+	3,  // 15: basin.v1.AppSummary.app:type_name -> basin.v1.App
+	14, // 16: basin.v1.ListAppsResponse.apps:type_name -> basin.v1.AppSummary
+	3,  // 17: basin.v1.SetPackageResponse.app:type_name -> basin.v1.App
+	3,  // 18: basin.v1.SetDropletResponse.app:type_name -> basin.v1.App
+	3,  // 19: basin.v1.StartAppResponse.app:type_name -> basin.v1.App
+	3,  // 20: basin.v1.StopAppResponse.app:type_name -> basin.v1.App
+	3,  // 21: basin.v1.RestartAppResponse.app:type_name -> basin.v1.App
+	3,  // 22: basin.v1.RollAppResponse.app:type_name -> basin.v1.App
+	3,  // 23: basin.v1.ScaleAppResponse.app:type_name -> basin.v1.App
+	53, // 24: basin.v1.UpdateEnvRequest.set:type_name -> basin.v1.UpdateEnvRequest.SetEntry
+	3,  // 25: basin.v1.UpdateEnvResponse.app:type_name -> basin.v1.App
+	54, // 26: basin.v1.MapRouteRequest.route:type_name -> basin.v1.Route
+	3,  // 27: basin.v1.MapRouteResponse.app:type_name -> basin.v1.App
+	54, // 28: basin.v1.UnmapRouteRequest.route:type_name -> basin.v1.Route
+	3,  // 29: basin.v1.UnmapRouteResponse.app:type_name -> basin.v1.App
+	54, // 30: basin.v1.RouteBinding.route:type_name -> basin.v1.Route
+	40, // 31: basin.v1.ListRoutesResponse.routes:type_name -> basin.v1.RouteBinding
+	43, // 32: basin.v1.ListAppEventsResponse.events:type_name -> basin.v1.AppEvent
+	58, // 33: basin.v1.RunTaskResponse.task:type_name -> basin.v1.Task
+	58, // 34: basin.v1.AppTask.task:type_name -> basin.v1.Task
+	49, // 35: basin.v1.ListAppTasksResponse.tasks:type_name -> basin.v1.AppTask
+	1,  // 36: basin.v1.AppService.GetInfo:input_type -> basin.v1.GetInfoRequest
+	5,  // 37: basin.v1.AppService.CreateApp:input_type -> basin.v1.CreateAppRequest
+	9,  // 38: basin.v1.AppService.UpdateApp:input_type -> basin.v1.UpdateAppRequest
+	11, // 39: basin.v1.AppService.GetApp:input_type -> basin.v1.GetAppRequest
+	13, // 40: basin.v1.AppService.ListApps:input_type -> basin.v1.ListAppsRequest
+	16, // 41: basin.v1.AppService.DeleteApp:input_type -> basin.v1.DeleteAppRequest
+	18, // 42: basin.v1.AppService.SetPackage:input_type -> basin.v1.SetPackageRequest
+	20, // 43: basin.v1.AppService.SetDroplet:input_type -> basin.v1.SetDropletRequest
+	22, // 44: basin.v1.AppService.StartApp:input_type -> basin.v1.StartAppRequest
+	24, // 45: basin.v1.AppService.StopApp:input_type -> basin.v1.StopAppRequest
+	26, // 46: basin.v1.AppService.RestartApp:input_type -> basin.v1.RestartAppRequest
+	28, // 47: basin.v1.AppService.RollApp:input_type -> basin.v1.RollAppRequest
+	30, // 48: basin.v1.AppService.ScaleApp:input_type -> basin.v1.ScaleAppRequest
+	32, // 49: basin.v1.AppService.RestartAppInstance:input_type -> basin.v1.RestartAppInstanceRequest
+	34, // 50: basin.v1.AppService.UpdateEnv:input_type -> basin.v1.UpdateEnvRequest
+	36, // 51: basin.v1.AppService.MapRoute:input_type -> basin.v1.MapRouteRequest
+	38, // 52: basin.v1.AppService.UnmapRoute:input_type -> basin.v1.UnmapRouteRequest
+	41, // 53: basin.v1.AppService.ListRoutes:input_type -> basin.v1.ListRoutesRequest
+	44, // 54: basin.v1.AppService.ListAppEvents:input_type -> basin.v1.ListAppEventsRequest
+	46, // 55: basin.v1.AppService.RunTask:input_type -> basin.v1.RunTaskRequest
+	48, // 56: basin.v1.AppService.ListAppTasks:input_type -> basin.v1.ListAppTasksRequest
+	2,  // 57: basin.v1.AppService.GetInfo:output_type -> basin.v1.GetInfoResponse
+	6,  // 58: basin.v1.AppService.CreateApp:output_type -> basin.v1.CreateAppResponse
+	10, // 59: basin.v1.AppService.UpdateApp:output_type -> basin.v1.UpdateAppResponse
+	12, // 60: basin.v1.AppService.GetApp:output_type -> basin.v1.GetAppResponse
+	15, // 61: basin.v1.AppService.ListApps:output_type -> basin.v1.ListAppsResponse
+	17, // 62: basin.v1.AppService.DeleteApp:output_type -> basin.v1.DeleteAppResponse
+	19, // 63: basin.v1.AppService.SetPackage:output_type -> basin.v1.SetPackageResponse
+	21, // 64: basin.v1.AppService.SetDroplet:output_type -> basin.v1.SetDropletResponse
+	23, // 65: basin.v1.AppService.StartApp:output_type -> basin.v1.StartAppResponse
+	25, // 66: basin.v1.AppService.StopApp:output_type -> basin.v1.StopAppResponse
+	27, // 67: basin.v1.AppService.RestartApp:output_type -> basin.v1.RestartAppResponse
+	29, // 68: basin.v1.AppService.RollApp:output_type -> basin.v1.RollAppResponse
+	31, // 69: basin.v1.AppService.ScaleApp:output_type -> basin.v1.ScaleAppResponse
+	33, // 70: basin.v1.AppService.RestartAppInstance:output_type -> basin.v1.RestartAppInstanceResponse
+	35, // 71: basin.v1.AppService.UpdateEnv:output_type -> basin.v1.UpdateEnvResponse
+	37, // 72: basin.v1.AppService.MapRoute:output_type -> basin.v1.MapRouteResponse
+	39, // 73: basin.v1.AppService.UnmapRoute:output_type -> basin.v1.UnmapRouteResponse
+	42, // 74: basin.v1.AppService.ListRoutes:output_type -> basin.v1.ListRoutesResponse
+	45, // 75: basin.v1.AppService.ListAppEvents:output_type -> basin.v1.ListAppEventsResponse
+	47, // 76: basin.v1.AppService.RunTask:output_type -> basin.v1.RunTaskResponse
+	50, // 77: basin.v1.AppService.ListAppTasks:output_type -> basin.v1.ListAppTasksResponse
+	57, // [57:78] is the sub-list for method output_type
+	36, // [36:57] is the sub-list for method input_type
 	36, // [36:36] is the sub-list for extension type_name
 	36, // [36:36] is the sub-list for extension extendee
 	0,  // [0:36] is the sub-list for field type_name
@@ -3200,15 +3316,15 @@ func file_basin_v1_apps_proto_init() {
 	}
 	file_basin_v1_bbs_proto_init()
 	file_basin_v1_models_proto_init()
-	file_basin_v1_apps_proto_msgTypes[6].OneofWrappers = []any{}
-	file_basin_v1_apps_proto_msgTypes[27].OneofWrappers = []any{}
+	file_basin_v1_apps_proto_msgTypes[8].OneofWrappers = []any{}
+	file_basin_v1_apps_proto_msgTypes[29].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_apps_proto_rawDesc), len(file_basin_v1_apps_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   51,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

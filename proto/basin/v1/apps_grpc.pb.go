@@ -19,6 +19,7 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
+	AppService_GetInfo_FullMethodName            = "/basin.v1.AppService/GetInfo"
 	AppService_CreateApp_FullMethodName          = "/basin.v1.AppService/CreateApp"
 	AppService_UpdateApp_FullMethodName          = "/basin.v1.AppService/UpdateApp"
 	AppService_GetApp_FullMethodName             = "/basin.v1.AppService/GetApp"
@@ -54,6 +55,8 @@ const (
 // INVALID_ARGUMENT naming the field, FAILED_PRECONDITION (e.g. starting an app
 // without a droplet), ABORTED (a concurrent change won; retry).
 type AppServiceClient interface {
+	// GetInfo says how the app layer is set up: the default domain and stack.
+	GetInfo(ctx context.Context, in *GetInfoRequest, opts ...grpc.CallOption) (*GetInfoResponse, error)
 	CreateApp(ctx context.Context, in *CreateAppRequest, opts ...grpc.CallOption) (*CreateAppResponse, error)
 	// UpdateApp changes the settings that are set; the running version keeps
 	// the old ones until the app is restarted (as cf's "restart required").
@@ -103,6 +106,16 @@ type appServiceClient struct {
 
 func NewAppServiceClient(cc grpc.ClientConnInterface) AppServiceClient {
 	return &appServiceClient{cc}
+}
+
+func (c *appServiceClient) GetInfo(ctx context.Context, in *GetInfoRequest, opts ...grpc.CallOption) (*GetInfoResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetInfoResponse)
+	err := c.cc.Invoke(ctx, AppService_GetInfo_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
 }
 
 func (c *appServiceClient) CreateApp(ctx context.Context, in *CreateAppRequest, opts ...grpc.CallOption) (*CreateAppResponse, error) {
@@ -327,6 +340,8 @@ func (c *appServiceClient) ListAppTasks(ctx context.Context, in *ListAppTasksReq
 // INVALID_ARGUMENT naming the field, FAILED_PRECONDITION (e.g. starting an app
 // without a droplet), ABORTED (a concurrent change won; retry).
 type AppServiceServer interface {
+	// GetInfo says how the app layer is set up: the default domain and stack.
+	GetInfo(context.Context, *GetInfoRequest) (*GetInfoResponse, error)
 	CreateApp(context.Context, *CreateAppRequest) (*CreateAppResponse, error)
 	// UpdateApp changes the settings that are set; the running version keeps
 	// the old ones until the app is restarted (as cf's "restart required").
@@ -378,6 +393,9 @@ type AppServiceServer interface {
 // pointer dereference when methods are called.
 type UnimplementedAppServiceServer struct{}
 
+func (UnimplementedAppServiceServer) GetInfo(context.Context, *GetInfoRequest) (*GetInfoResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetInfo not implemented")
+}
 func (UnimplementedAppServiceServer) CreateApp(context.Context, *CreateAppRequest) (*CreateAppResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CreateApp not implemented")
 }
@@ -457,6 +475,24 @@ func RegisterAppServiceServer(s grpc.ServiceRegistrar, srv AppServiceServer) {
 		t.testEmbeddedByValue()
 	}
 	s.RegisterService(&AppService_ServiceDesc, srv)
+}
+
+func _AppService_GetInfo_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetInfoRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AppServiceServer).GetInfo(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AppService_GetInfo_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AppServiceServer).GetInfo(ctx, req.(*GetInfoRequest))
+	}
+	return interceptor(ctx, in, info, handler)
 }
 
 func _AppService_CreateApp_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
@@ -819,6 +855,10 @@ var AppService_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "basin.v1.AppService",
 	HandlerType: (*AppServiceServer)(nil),
 	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "GetInfo",
+			Handler:    _AppService_GetInfo_Handler,
+		},
 		{
 			MethodName: "CreateApp",
 			Handler:    _AppService_CreateApp_Handler,
