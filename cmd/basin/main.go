@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/basinpaas/basin/cmd/basin/internal/ui"
 	"github.com/spf13/cobra"
 )
 
@@ -19,7 +20,9 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if err := newRootCommand().ExecuteContext(ctx); err != nil {
-		fmt.Fprintln(os.Stderr, "basin:", err)
+		u := ui.New(os.Stderr, os.Stderr)
+		fmt.Fprintln(os.Stderr, u.Red("FAILED"))
+		fmt.Fprintln(os.Stderr, ui.Explain(err, apiAddress))
 		os.Exit(1)
 	}
 }
@@ -33,6 +36,12 @@ func newRootCommand() *cobra.Command {
 	}
 	root.AddCommand(newVersionCommand(), newDevCommand(), newSetupCommand(), newCellCommand())
 	root.AddCommand(newStackCommand())
+	root.AddCommand(newTargetCommands()...)
+	root.AddCommand(newPushCommand(), newLogsCommand())
+	root.AddCommand(newAppCommands()...)
+	root.AddCommand(newRouteCommands()...)
+	root.AddCommand(newTaskCommands()...)
+	root.AddCommand(newPlatformCommands()...)
 	return root
 }
 
