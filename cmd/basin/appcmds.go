@@ -212,7 +212,7 @@ func waitRunning(ctx context.Context, s *session, name string, timeout time.Dura
 			return nil, fmt.Errorf("wait for %s to start: %w", name, err)
 		}
 		want := resp.GetApp().GetInstances()
-		running, crashed := int32(0), []string{}
+		running, crashed, unplaced := int32(0), []string{}, []string{}
 		for _, in := range resp.GetInstances() {
 			if !in.GetCurrent() {
 				continue
@@ -222,6 +222,10 @@ func waitRunning(ctx context.Context, s *session, name string, timeout time.Dura
 				running++
 			case basinv1.ActualLRPState_ACTUAL_LRP_STATE_CRASHED:
 				crashed = append(crashed, fmt.Sprintf("instance %d crashed: %s", in.GetIndex(), in.GetCrashReason()))
+			default:
+				if in.GetPlacementError() != "" {
+					unplaced = append(unplaced, fmt.Sprintf("instance %d cannot be placed: %s", in.GetIndex(), in.GetPlacementError()))
+				}
 			}
 		}
 		line := fmt.Sprintf("   %d of %d instances running", running, want)
@@ -239,6 +243,13 @@ func waitRunning(ctx context.Context, s *session, name string, timeout time.Dura
 			}
 			return resp, ui.WithHint(fmt.Errorf("start app %s: %s", name, strings.Join(crashed, "\n")),
 				fmt.Sprintf("See `basin logs %s --recent` and `basin events %s`.", name, name))
+		}
+		if len(unplaced) > 0 && int(running)+len(unplaced) >= int(want) {
+			if s.ui.TTY {
+				fmt.Fprintln(s.ui.Out)
+			}
+			return resp, ui.WithHint(fmt.Errorf("start app %s: %s", name, strings.Join(unplaced, "\n")),
+				"No cell can take it: see `basin cells` for capacity and stacks, or ask for less memory or disk with `basin scale`.")
 		}
 		if running >= want {
 			if s.ui.TTY {
