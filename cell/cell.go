@@ -85,8 +85,10 @@ type Config struct {
 	ProtectedPorts                                 []int
 	CNIBinDir                                      string
 
-	LeaseTTL          time.Duration
-	StopGrace         time.Duration
+	LeaseTTL  time.Duration
+	StopGrace time.Duration
+	// RouteDrain: see rep.Config.RouteDrain.
+	RouteDrain        time.Duration
 	EvacuationTimeout time.Duration
 	Logger            *slog.Logger
 }
@@ -216,7 +218,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 	r, err = rep.New(rep.Config{
 		CellID: cfg.ID, Zone: cfg.Zone, Stacks: cfg.Stacks, PlacementTags: cfg.PlacementTags, Capacity: cfg.Capacity,
 		RepAddress: cfg.RepAddress, AdvertiseAddress: cfg.AdvertiseAddress, Keys: bbs.NewKeys(cfg.Prefix),
-		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
+		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, RouteDrain: cfg.RouteDrain, EvacuationTimeout: cfg.EvacuationTimeout,
 		DropletDir: filepath.Join(cfg.StateDir, "droplets"), Logger: cfg.Logger, Metrics: rep.NewMetrics(c.registry),
 	}, etcd, bbsClient, ex)
 	if err != nil {
