@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/basinpaas/basin/apps"
@@ -30,6 +31,7 @@ type devUpOptions struct {
 	routerAddr string
 	domain     string
 	cells      int
+	netID      int
 	verbose    bool
 }
 
@@ -60,6 +62,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.routerAddr, "router", "127.0.0.1:8080", "address of the HTTP router apps are reached through")
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
+	up.Flags().IntVar(&o.netID, "net-id", 0, "1-40 gives the cells bridges basin-dN-I and subnets 10.(214+N).I.0/24 of their own, so two platforms share a machine")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up, newDevDownCommand())
 	return dev
@@ -145,6 +148,12 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	defer os.Remove(filepath.Join(o.dir, pidFile))
+	if o.netID < 0 || o.netID > 40 {
+		return fmt.Errorf("--net-id %d: must be between 0 and 40", o.netID)
+	}
+	if err := os.WriteFile(filepath.Join(o.dir, netIDFile), []byte(strconv.Itoa(o.netID)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", netIDFile, err)
+	}
 	token, err := devToken(o.dir)
 	if err != nil {
 		return err
@@ -192,6 +201,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	plat, err := startPlatform(ctx, platformConfig{
 		dir:       o.dir,
 		cells:     o.cells,
+		netID:     o.netID,
 		bbsClient: bbsClient,
 		etcd:      cli,
 		protected: []int{portOf(etcd.Endpoint()[len("http://"):]), portOf(srv.Addr()), portOf(o.debugAddr)},
