@@ -62,7 +62,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.routerAddr, "router", "127.0.0.1:8080", "address of the HTTP router apps are reached through")
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
-	up.Flags().IntVar(&o.netID, "net-id", 0, "1-40 gives the cells bridges basin-dN-I and subnets 10.(214+N).I.0/24 of their own, so two platforms share a machine")
+	up.Flags().IntVar(&o.netID, "net-id", 0, "1-12 gives the cells bridges basin-dN-I, subnets 10.(214+N).I.0/24 and host ports of their own, so two platforms share a machine")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up, newDevDownCommand())
 	return dev
@@ -148,8 +148,11 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	defer os.Remove(filepath.Join(o.dir, pidFile))
-	if o.netID < 0 || o.netID > 40 {
-		return fmt.Errorf("--net-id %d: must be between 0 and 40", o.netID)
+	if o.netID < 0 || o.netID > 12 {
+		return fmt.Errorf("--net-id %d: must be between 0 and 12", o.netID)
+	}
+	if o.netID > 0 && o.cells > 10 {
+		return fmt.Errorf("--cells %d: at most 10 with --net-id", o.cells)
 	}
 	if err := os.WriteFile(filepath.Join(o.dir, netIDFile), []byte(strconv.Itoa(o.netID)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("write %s: %w", netIDFile, err)

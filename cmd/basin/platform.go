@@ -164,8 +164,8 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 
 // devCellConfig is dev up's cell i: names and a subnet of dev up's own, so a
 // cell started on its own (cmd/cell, with the executor's defaults) never
-// shares a bridge. netID (dev up --net-id) picks another set of names and
-// subnets, so two dev ups (two test runs) on one machine do not collide.
+// shares a bridge. netID (dev up --net-id) picks another set of names,
+// subnets and host ports (below Linux's ephemeral range), so two dev ups (two test runs) on one machine do not collide.
 // dev down derives the same names to clean up.
 func devCellConfig(base cell.Config, netID, i int) cell.Config {
 	cfg := cell.Numbered(base, i)
@@ -179,6 +179,10 @@ func devCellConfig(base cell.Config, netID, i int) cell.Config {
 		cfg.BridgeName = fmt.Sprintf("basin-d%d-%d", netID, i)
 		cfg.Subnet = fmt.Sprintf("10.%d.%d.0/24", 214+netID, i%256)
 		cfg.FirewallChain = fmt.Sprintf("BASIN-D%d-%d", netID, i)
+		// Host ports too: a port mapped by another platform's cell (or
+		// left mapped by one that died) would take this cell's traffic.
+		cfg.HostPortLow = 20000 + (netID-1)*1000 + i*100
+		cfg.HostPortHigh = cfg.HostPortLow + 99
 	}
 	cfg.Zone = fmt.Sprintf("z%d", i%2+1)
 	return cfg
