@@ -36,9 +36,15 @@ func startCLIPlatform(t *testing.T, netID int) *devUp {
 	})
 	d := startDevUp(t, 2, "--net-id", strconvItoa(netID))
 	// Registered after dev up's home, so it runs before the home is
-	// removed: stop dev up, then remove the containers it left.
+	// removed: stop dev up, then remove what it left with dev down (port
+	// mappings and NAT rules included), and whatever that missed.
 	t.Cleanup(func() {
 		d.stop()
+		cmd := exec.Command(basinBinary(t), "dev", "down")
+		cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("basin dev down: %v\n%s", err, out)
+		}
 		cleanupCellState(t, filepath.Join(d.home, "dev"))
 	})
 	return d
