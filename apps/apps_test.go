@@ -178,7 +178,7 @@ func TestStartDesiresTheAppsLRP(t *testing.T) {
 		len(s.GetRoutes()) != 1 || s.GetRoutes()[0].GetHost() != "web.apps.example.com" {
 		t.Errorf("schedule %v", s)
 	}
-	if r.GetDroplet().GetDigest() != digest || r.GetAppName() != "web" || len(r.GetEnv()) != 2 || r.GetEnv()[0].GetName() != "A" || r.GetPorts()[0] != AppPort {
+	if r.GetDroplet().GetDigest() != digest || r.GetAppName() != "web" || r.GetAppGuid() != a.GetGuid() || r.GetAppVersion() != pg || len(r.GetEnv()) != 2 || r.GetEnv()[0].GetName() != "A" || r.GetPorts()[0] != AppPort {
 		t.Errorf("run %v", r)
 	}
 	// Starting a started app changes nothing.

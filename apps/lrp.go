@@ -73,6 +73,8 @@ func desireRequest(a *basinv1.App, pg string, instances int32) *basinv1.DesireLR
 			HealthCheck:  a.GetHealthCheck(),
 			Ports:        []uint32{AppPort},
 			AppName:      a.GetName(),
+			AppGuid:      a.GetGuid(),
+			AppVersion:   pg,
 		},
 	}
 }

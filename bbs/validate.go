@@ -289,6 +289,12 @@ func (l Limits) checkRun(r *basinv1.DesiredLRPRun) error {
 	if len(r.GetAppName()) > 256 {
 		return fieldErr("run.app_name", "must be at most 256 characters")
 	}
+	if err := checkOptionalGUID("run.app_guid", r.GetAppGuid()); err != nil {
+		return err
+	}
+	if err := checkOptionalGUID("run.app_version", r.GetAppVersion()); err != nil {
+		return err
+	}
 	return nil
 }
 

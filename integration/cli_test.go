@@ -105,7 +105,7 @@ func scriptDroplet(t *testing.T, path, cmd string, files map[string]string) {
 }
 
 // serveGreeting answers GET / with "greeting=$GREETING" from busybox httpd.
-const serveGreeting = `mkdir -p /home/vcap/tmp/www && echo "greeting=$GREETING" > /home/vcap/tmp/www/index.html && echo "app started with $GREETING" && exec httpd -f -p $PORT -h /home/vcap/tmp/www`
+const serveGreeting = `mkdir -p /home/vcap/tmp/www && echo "greeting=$GREETING" > /home/vcap/tmp/www/index.html && echo "$VCAP_APPLICATION" > /home/vcap/tmp/www/vcap.json && echo "app started with $GREETING" && exec httpd -f -p $PORT -h /home/vcap/tmp/www`
 
 func (d *devUp) waitBody(t *testing.T, host, want string, timeout time.Duration) {
 	t.Helper()
@@ -172,6 +172,35 @@ applications:
 		}
 	}
 	d.waitBody(t, "e2e.apps.localhost", "greeting=hello", time.Minute)
+
+	t.Run("VCAP_APPLICATION", func(t *testing.T) {
+		out := d.mustBasin(t, dir, "app", "e2e", "--json")
+		var a struct {
+			App struct {
+				GUID string `json:"guid"`
+			} `json:"app"`
+		}
+		json.Unmarshal([]byte(out), &a)
+		req, _ := http.NewRequest("GET", "http://"+d.router+"/vcap.json", nil)
+		req.Host = "e2e.apps.localhost"
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var v struct {
+			ID   string   `json:"application_id"`
+			Name string   `json:"application_name"`
+			URIs []string `json:"application_uris"`
+			Ver  string   `json:"application_version"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+			t.Fatal(err)
+		}
+		if v.ID == "" || v.ID != a.App.GUID || v.Name != "e2e" || len(v.URIs) != 1 || v.URIs[0] != "e2e.apps.localhost" || !strings.HasPrefix(v.Ver, a.App.GUID+"-v") {
+			t.Errorf("VCAP_APPLICATION %+v, app guid %s", v, a.App.GUID)
+		}
+	})
 
 	t.Run("scale", func(t *testing.T) {
 		d.mustBasin(t, dir, "scale", "e2e", "-i", "3")

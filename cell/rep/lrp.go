@@ -373,7 +373,10 @@ func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
 		CPUShares: uint64(max(sched.GetResources().GetCpuWeight(), 0)),
 		PidsLimit: sched.GetResources().GetPids(),
 		Labels:    map[string]string{LabelCellID: r.cfg.CellID},
-		App:       executor.AppInfo{GUID: l.key.GetProcessGuid(), Name: run.GetAppName()},
+		App:       executor.AppInfo{GUID: l.key.GetProcessGuid(), Name: run.GetAppName(), Version: l.key.GetProcessGuid()},
+	}
+	if run.GetAppGuid() != "" {
+		spec.App.GUID, spec.App.Version = run.GetAppGuid(), run.GetAppVersion()
 	}
 	for _, e := range run.GetEnv() {
 		spec.Env = append(spec.Env, e.GetName()+"="+e.GetValue())
