@@ -364,7 +364,8 @@ func TestRollingDeploy(t *testing.T) {
 	scriptDroplet(t, filepath.Join(dir, "v3.tgz"), strings.Replace(serveGreeting, "greeting=", "v3-greeting=", 1), nil)
 	d.mustBasin(t, dir, "push", "roll", "--droplet", "v3.tgz", "--strategy", "rolling", "--no-manifest")
 	t.Logf("second deploy done at +%s", time.Since(t0).Round(time.Millisecond))
-	time.Sleep(2 * time.Second)
+	// Load for about ten seconds in all, at least two after the last deploy.
+	time.Sleep(max(2*time.Second, 10*time.Second-time.Since(t0)))
 	cancel()
 	wg.Wait()
 	fmt.Printf("RESULT rolling_failed_requests %d\n", failed.Load())
