@@ -542,3 +542,32 @@ func TestRollingDeploy(t *testing.T) {
 		t.Errorf("old version has %d instances after the rollback, want 3", n)
 	}
 }
+
+// TestReconcileRepairsAppsAndLRPs: a started app whose LRP went gets it
+// back; an old LRP of the apps domain that no app names is removed; a young
+// one (being desired right now) is left alone.
+func TestReconcileRepairsAppsAndLRPs(t *testing.T) {
+	e := newEnv(t, Config{})
+	a := e.pushed(t, "web", 2)
+	pg := current(a)
+	if _, err := e.api.RemoveDesiredLRP(e.ctx, &basinv1.RemoveDesiredLRPRequest{ProcessGuid: pg}); err != nil {
+		t.Fatal(err)
+	}
+	orphan := desireRequest(a, "someone-v9", 1)
+	if _, err := e.api.DesireLRP(e.ctx, orphan); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.reconcile(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := e.lrp(t, pg).GetSchedule().GetInstances(); n != 2 {
+		t.Errorf("the app's LRP came back with %d instances, want 2", n)
+	}
+	e.lrp(t, "someone-v9") // too young to go
+	e.svc.now = func() time.Time { return time.Now().Add(2 * time.Minute) }
+	if err := e.svc.reconcile(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.lrpGone(t, "someone-v9")
+	e.lrp(t, pg)
+}

@@ -342,3 +342,59 @@ func (s *Service) roll(ctx context.Context, name string, timeout time.Duration, 
 		}
 	}
 }
+
+// reconcile repairs what a BBS dying between an app's record and its LRPs
+// leaves: a started app whose current LRP is missing gets it, and an LRP of
+// the apps domain that no app names is removed once older than
+// OrphanGrace. LRPs are listed before apps: an app's record names a new LRP
+// before it is desired, so every LRP listed is named by the apps read after.
+func (s *Service) reconcile(ctx context.Context) error {
+	scheds, err := s.listSchedules(ctx)
+	if err != nil {
+		return err
+	}
+	as, err := s.list(ctx)
+	if err != nil {
+		return err
+	}
+	named := map[string]bool{}
+	var errs []error
+	for _, a := range as {
+		for _, pg := range a.GetProcessGuids() {
+			named[pg] = true
+		}
+		pg := current(a)
+		if a.GetState() != basinv1.AppState_APP_STATE_STARTED || pg == "" || a.GetDropletDigest() == "" {
+			continue
+		}
+		if _, ok := scheds[pg]; !ok && len(a.GetProcessGuids()) == 1 {
+			s.log.Warn("app's LRP missing; desiring it again", "app", a.GetName(), "process_guid", pg)
+			if err := s.desire(ctx, a, a.GetInstances()); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	now := s.now()
+	for pg, sc := range scheds {
+		if named[pg] || now.Sub(time.Unix(0, sc.GetCreatedAtUnixNano())) < s.cfg.OrphanGrace {
+			continue
+		}
+		s.log.Warn("removing an LRP no app names", "process_guid", pg)
+		if err := s.removeLRPs(ctx, []string{pg}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Service) listSchedules(ctx context.Context) (map[string]*basinv1.DesiredLRPSchedule, error) {
+	resp, err := s.lrps.ListDesiredLRPSchedules(ctx, &basinv1.ListDesiredLRPSchedulesRequest{Domain: Domain})
+	if err != nil {
+		return nil, fmt.Errorf("list app LRPs: %w", err)
+	}
+	out := map[string]*basinv1.DesiredLRPSchedule{}
+	for _, sc := range resp.GetSchedules() {
+		out[sc.GetProcessGuid()] = sc
+	}
+	return out, nil
+}

@@ -25,6 +25,7 @@ type LRPs interface {
 	UpdateDesiredLRP(context.Context, *basinv1.UpdateDesiredLRPRequest) (*basinv1.UpdateDesiredLRPResponse, error)
 	RemoveDesiredLRP(context.Context, *basinv1.RemoveDesiredLRPRequest) (*basinv1.RemoveDesiredLRPResponse, error)
 	GetDesiredLRP(context.Context, *basinv1.GetDesiredLRPRequest) (*basinv1.GetDesiredLRPResponse, error)
+	ListDesiredLRPSchedules(context.Context, *basinv1.ListDesiredLRPSchedulesRequest) (*basinv1.ListDesiredLRPSchedulesResponse, error)
 	ListActualLRPs(context.Context, *basinv1.ListActualLRPsRequest) (*basinv1.ListActualLRPsResponse, error)
 	RetireActualLRP(context.Context, *basinv1.RetireActualLRPRequest) (*basinv1.RetireActualLRPResponse, error)
 	CreateMissingActualLRPs(context.Context, *basinv1.CreateMissingActualLRPsRequest) (*basinv1.CreateMissingActualLRPsResponse, error)
@@ -53,8 +54,12 @@ type Config struct {
 	// PollInterval of a rolling deploy (250 ms); RouteSettle is how long a
 	// new instance must have been routed before an old one goes (500 ms).
 	PollInterval, RouteSettle time.Duration
-	Now                       func() time.Time
-	Logger                    *slog.Logger
+	// ReconcileInterval is how often apps and their LRPs are brought back
+	// in step (30 s); OrphanGrace is how old an LRP no app names must be
+	// before it is removed (1 min).
+	ReconcileInterval, OrphanGrace time.Duration
+	Now                            func() time.Time
+	Logger                         *slog.Logger
 }
 
 // Service serves the AppService.
@@ -95,6 +100,12 @@ func New(cli *clientv3.Client, lrps LRPs, sub Subscriber, cfg Config) *Service {
 	if cfg.RouteSettle <= 0 {
 		cfg.RouteSettle = 500 * time.Millisecond
 	}
+	if cfg.ReconcileInterval <= 0 {
+		cfg.ReconcileInterval = 30 * time.Second
+	}
+	if cfg.OrphanGrace <= 0 {
+		cfg.OrphanGrace = time.Minute
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -105,10 +116,29 @@ func New(cli *clientv3.Client, lrps LRPs, sub Subscriber, cfg Config) *Service {
 	return &Service{cfg: cfg, etcd: cli, lrps: lrps, sub: sub, keys: keys{prefix: bk.Prefix}, bbsKeys: bk, now: cfg.Now, log: cfg.Logger}
 }
 
-// Run records instance crashes of apps as app events until ctx ends. Every
-// BBS replica may run it: a crash is keyed by the etcd revision of the change
-// that reported it, so replicas write it once.
+// Run records instance crashes of apps as app events, and every
+// ReconcileInterval brings apps and their LRPs back in step, until ctx ends.
+// Every BBS replica may run it: a crash is keyed by the etcd revision of the
+// change that reported it, so replicas write it once, and repairs are
+// idempotent.
 func (s *Service) Run(ctx context.Context) error {
+	done := make(chan struct{})
+	defer func() { <-done }()
+	go func() {
+		defer close(done)
+		t := time.NewTicker(s.cfg.ReconcileInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if err := s.reconcile(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("reconcile apps and LRPs", "err", err)
+			}
+		}
+	}()
 	for ctx.Err() == nil {
 		sub := s.sub.Subscribe("")
 		err := s.recordCrashes(ctx, sub)
