@@ -75,6 +75,10 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		SSH: basinv1.NewSSHServiceClient(conn), conn: conn}, nil
 }
 
+// Conn is the connection, for the other services the BBS process serves
+// (the app layer, staging, logs).
+func (c *Client) Conn() *grpc.ClientConn { return c.conn }
+
 // Close closes the connection.
 func (c *Client) Close() error { return c.conn.Close() }
 

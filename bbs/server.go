@@ -71,6 +71,7 @@ type Config struct {
 type Server struct {
 	cfg      Config
 	store    *Store
+	api      *API
 	registry *prometheus.Registry
 	grpc     *grpc.Server
 	health   *health.Server
@@ -115,7 +116,8 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(tc)))
 	}
 	gs := grpc.NewServer(opts...)
-	basinv1.RegisterBBSServiceServer(gs, NewAPI(store, cfg.Limits))
+	api := NewAPI(store, cfg.Limits)
+	basinv1.RegisterBBSServiceServer(gs, api)
 	if cfg.Blobs != nil {
 		if cfg.MaxBlobBytes <= 0 {
 			cfg.MaxBlobBytes = 2 << 30
@@ -148,7 +150,7 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddress, err)
 		}
 	}
-	return &Server{cfg: cfg, store: store, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs, ssh: ssh}, nil
+	return &Server{cfg: cfg, store: store, api: api, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs, ssh: ssh}, nil
 }
 
 // Addr is where the gRPC API listens.
@@ -156,6 +158,16 @@ func (s *Server) Addr() string { return s.lis.Addr().String() }
 
 // Store is the server's store.
 func (s *Server) Store() *Store { return s.store }
+
+// API is the BBSService the server serves, for layers in the same process
+// (the app layer) that call it without a network hop, validation included.
+func (s *Server) API() *API { return s.api }
+
+// RegisterService serves another gRPC service beside the BBS, behind the
+// same authentication and error mapping; call it before Run.
+func (s *Server) RegisterService(desc *grpc.ServiceDesc, impl any) {
+	s.grpc.RegisterService(desc, impl)
+}
 
 // Registry holds the server's metrics, for embedding in a shared debug server.
 func (s *Server) Registry() *prometheus.Registry { return s.registry }

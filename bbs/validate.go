@@ -136,6 +136,13 @@ func checkHost(field, h string) error {
 	return nil
 }
 
+// CheckRoute validates a route as DesireLRP does, naming field in the error,
+// for layers above the BBS (the app layer) that store routes of their own.
+func CheckRoute(field string, r *basinv1.Route) error { return checkRoute(field, r) }
+
+// CheckHealthCheck validates a health check as DesireLRP does.
+func CheckHealthCheck(field string, h *basinv1.HealthCheck) error { return checkHealthCheck(field, h) }
+
 func checkRoute(field string, r *basinv1.Route) error {
 	if r == nil {
 		return fieldErr(field, "is required")
@@ -298,6 +305,12 @@ func (l Limits) checkRun(r *basinv1.DesiredLRPRun) error {
 	}
 	if len(r.GetAppName()) > 256 {
 		return fieldErr("run.app_name", "must be at most 256 characters")
+	}
+	if err := checkOptionalGUID("run.app_guid", r.GetAppGuid()); err != nil {
+		return err
+	}
+	if err := checkOptionalGUID("run.app_version", r.GetAppVersion()); err != nil {
+		return err
 	}
 	return nil
 }

@@ -92,8 +92,10 @@ type Config struct {
 	ProtectedPorts                                 []int
 	CNIBinDir                                      string
 
-	LeaseTTL          time.Duration
-	StopGrace         time.Duration
+	LeaseTTL  time.Duration
+	StopGrace time.Duration
+	// RouteDrain: see rep.Config.RouteDrain.
+	RouteDrain        time.Duration
 	EvacuationTimeout time.Duration
 	Logger            *slog.Logger
 }
@@ -223,7 +225,7 @@ func (c *Cell) Run(ctx context.Context) (err error) {
 	r, err = rep.New(rep.Config{
 		CellID: cfg.ID, Zone: cfg.Zone, Stacks: cfg.Stacks, PlacementTags: cfg.PlacementTags, Capacity: cfg.Capacity,
 		RepAddress: cfg.RepAddress, AdvertiseAddress: cfg.AdvertiseAddress, Keys: bbs.NewKeys(cfg.Prefix),
-		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, EvacuationTimeout: cfg.EvacuationTimeout,
+		LeaseTTL: cfg.LeaseTTL, StopGrace: cfg.StopGrace, RouteDrain: cfg.RouteDrain, EvacuationTimeout: cfg.EvacuationTimeout,
 		DropletDir: filepath.Join(cfg.StateDir, "droplets"), BuilderPath: cfg.BuilderPath,
 		StagingDir: filepath.Join(cfg.StateDir, "staging"), BuildpackDir: filepath.Join(cfg.StateDir, "buildpacks"),
 		StagingEnv: cfg.StagingEnv, CABundle: cfg.CABundle,

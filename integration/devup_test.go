@@ -61,12 +61,12 @@ type devUp struct {
 // startDevUp runs `basin dev up` with cells cells as a newcomer would, on
 // free loopback ports and a fresh BASIN_HOME, and stops it with SIGINT (as
 // Ctrl-C does) when the test ends, checking that it exits.
-func startDevUp(t *testing.T, cells int) *devUp {
+func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 	t.Helper()
 	bin := basinBinary(t)
 	d := &devUp{api: freeLoopbackAddr(t), router: freeLoopbackAddr(t), home: t.TempDir()}
-	cmd := exec.Command(bin, "dev", "up", "--api", d.api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t),
-		"--router", d.router, "--cells", strconvItoa(cells))
+	cmd := exec.Command(bin, append([]string{"dev", "up", "--api", d.api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t),
+		"--router", d.router, "--cells", strconvItoa(cells)}, extra...)...)
 	cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -215,26 +215,4 @@ func TestSSHThroughTheBBS(t *testing.T) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	})
-
-	t.Run("basin ssh -c", func(t *testing.T) {
-		bin := command(t, "basin")
-		home := t.TempDir()
-		if err := os.WriteFile(filepath.Join(home, "target.json"), []byte(fmt.Sprintf(`{"api": %q, "token": ""}`, env.bbsURL)), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		cmd := exec.CommandContext(ctx, bin, "ssh", "it-ssh", "-c", `echo port=$PORT; id -un; exit 4`)
-		cmd.Env = append(os.Environ(), "BASIN_HOME="+home)
-		cmd.Stdin = strings.NewReader("")
-		out, err := cmd.Output()
-		var ee *exec.ExitError
-		if !errors.As(err, &ee) || ee.ExitCode() != 4 || string(out) != "port=8080\nvcap\n" {
-			t.Errorf("basin ssh -c = %q, %v; want the output and exit status 4", out, err)
-		}
-		cmd = exec.CommandContext(ctx, bin, "ssh", "no-such-app", "-c", "true")
-		cmd.Env = append(os.Environ(), "BASIN_HOME="+home)
-		out, err = cmd.CombinedOutput()
-		if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(string(out), `app "no-such-app" not found`) {
-			t.Errorf("basin ssh to a missing app = %q, %v", out, err)
-		}
-	})
 }

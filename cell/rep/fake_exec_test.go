@@ -24,6 +24,7 @@ type fakeExec struct {
 	autoHealthy bool
 	startErr    error
 	stopped     []string
+	stopCalls   map[string]time.Time // first Stop of each instance
 	destroyed   []string
 	adopted     []string
 	gone        map[string]*executor.LogBuffer // logs outlive instances, as in the executor
@@ -115,6 +116,14 @@ func (f *fakeExec) exit(guid string, x executor.ExitInfo) {
 }
 
 func (f *fakeExec) Stop(_ context.Context, guid string, _ time.Duration) error {
+	f.mu.Lock()
+	if f.stopCalls == nil {
+		f.stopCalls = map[string]time.Time{}
+	}
+	if _, ok := f.stopCalls[guid]; !ok {
+		f.stopCalls[guid] = time.Now()
+	}
+	f.mu.Unlock()
 	if f.get(guid) == nil {
 		return executor.ErrNotFound
 	}
@@ -184,6 +193,14 @@ func (f *fakeExec) running() []string {
 		out = append(out, g)
 	}
 	return out
+}
+
+// stopCalled says when Stop was first called for guid.
+func (f *fakeExec) stopCalled(guid string) (time.Time, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	t, ok := f.stopCalls[guid]
+	return t, ok
 }
 
 func (f *fakeExec) wasStopped(guid string) bool {

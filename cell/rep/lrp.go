@@ -373,7 +373,10 @@ func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
 		CPUShares: uint64(max(sched.GetResources().GetCpuWeight(), 0)),
 		PidsLimit: sched.GetResources().GetPids(),
 		Labels:    map[string]string{LabelCellID: r.cfg.CellID},
-		App:       executor.AppInfo{GUID: l.key.GetProcessGuid(), Name: run.GetAppName()},
+		App:       executor.AppInfo{GUID: l.key.GetProcessGuid(), Name: run.GetAppName(), Version: l.key.GetProcessGuid()},
+	}
+	if run.GetAppGuid() != "" {
+		spec.App.GUID, spec.App.Version = run.GetAppGuid(), run.GetAppVersion()
 	}
 	for _, e := range run.GetEnv() {
 		spec.Env = append(spec.Env, e.GetName()+"="+e.GetValue())
@@ -592,8 +595,19 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 	// Bounded: a container whose creation failed never reports its end.
 	ctx, cancelStop := context.WithTimeout(ctx, r.cfg.StopGrace+30*time.Second)
 	defer cancelStop()
+	r.mu.Lock()
+	routed := len(l.routes) > 0
+	r.mu.Unlock()
 	if err := r.deleteRoutes(ctx, l); err != nil {
 		r.log.Error("delete routes", "lrp", l.name(), "err", err)
+	}
+	if started && routed && r.cfg.RouteDrain > 0 {
+		// Routers learn of the deletion through their watch a moment
+		// later: until then they may still send here.
+		select {
+		case <-ctx.Done():
+		case <-time.After(r.cfg.RouteDrain):
+		}
 	}
 	if !started {
 		// Still claiming or fetching: the start goroutine sees the phase

@@ -89,6 +89,11 @@ type Config struct {
 	LeaseTTL time.Duration
 	// StopGrace is SIGTERM → SIGKILL for stopped instances; default 10 s.
 	StopGrace time.Duration
+	// RouteDrain is how long a routed instance being stopped keeps running
+	// after its routes are deleted, so routers see the deletion through
+	// their watch and requests in flight finish, before it gets SIGTERM;
+	// default 1 s, negative stops at once.
+	RouteDrain time.Duration
 	// EvacuationTimeout bounds the wait for replacements; default 60 s.
 	EvacuationTimeout time.Duration
 	// TaskTimeout applies to tasks that set none; default 1 h.
@@ -137,6 +142,9 @@ func (c *Config) withDefaults() {
 	}
 	if c.StopGrace == 0 {
 		c.StopGrace = 10 * time.Second
+	}
+	if c.RouteDrain == 0 {
+		c.RouteDrain = time.Second
 	}
 	if c.EvacuationTimeout == 0 {
 		c.EvacuationTimeout = 60 * time.Second

@@ -1,6 +1,8 @@
 package rep
 
 import (
+	"time"
+
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -200,6 +202,33 @@ func TestRetiredInstanceIsStopped(t *testing.T) {
 		t.Errorf("route %v still there after the instance was retired", ep)
 	}
 	e.waitFor("resources released", func() bool { return len(e.rep.State().GetLrps()) == 0 })
+}
+
+// TestRetiredInstanceLeavesTheRouterBeforeStopping: a retired instance's
+// route goes first, and the container gets its stop only RouteDrain later,
+// so a router that has not yet seen the deletion never sends to a stopping
+// instance (what a rolling deploy needs for zero failed requests).
+func TestRetiredInstanceLeavesTheRouterBeforeStopping(t *testing.T) {
+	const drain = 400 * time.Millisecond
+	e := newEnv(t, func(c *Config) { c.RouteDrain = drain })
+	e.desire("drain", 1, 64)
+	e.perform(lrpStart("drain", 0, 64))
+	a := e.waitState("drain", 0, stateRunning)
+	e.waitFor("route", func() bool { ep, _ := e.route("drain.example.com", "drain", 0); return ep != nil })
+	if _, err := e.bbs.RetireActualLRP(e.ctx, &basinv1.RetireActualLRPRequest{Key: a.GetKey()}); err != nil {
+		t.Fatal(err)
+	}
+	guid := a.GetInstanceKey().GetInstanceGuid()
+	e.waitFor("route removed", func() bool { ep, _ := e.route("drain.example.com", "drain", 0); return ep == nil })
+	gone := time.Now()
+	if _, called := e.exec.stopCalled(guid); called {
+		t.Fatal("the container was stopped no later than its route was removed")
+	}
+	e.waitFor("stopped", func() bool { return e.exec.wasStopped(guid) })
+	at, _ := e.exec.stopCalled(guid)
+	if d := at.Sub(gone); d < drain-100*time.Millisecond {
+		t.Errorf("stop came %s after the route went, want about %s", d, drain)
+	}
 }
 
 func TestRestartAdoptsOwnedAndDestroysTheRest(t *testing.T) {

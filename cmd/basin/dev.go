@@ -11,8 +11,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
+	"github.com/basinpaas/basin/apps"
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
@@ -30,6 +32,7 @@ type devUpOptions struct {
 	routerAddr string
 	domain     string
 	cells      int
+	netID      int
 	verbose    bool
 }
 
@@ -60,6 +63,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.routerAddr, "router", "127.0.0.1:8080", "address of the HTTP router apps are reached through")
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
+	up.Flags().IntVar(&o.netID, "net-id", 0, "1-12 gives the cells bridges basin-dN-I, subnets 10.(214+N).I.0/24 and host ports of their own, so two platforms share a machine")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up, newDevDownCommand())
 	return dev
@@ -81,6 +85,9 @@ type target struct {
 	API   string `json:"api"`
 	Token string `json:"token"`
 	CA    string `json:"ca,omitempty"`
+	// Domain and Router are what dev up serves apps on, for display.
+	Domain string `json:"domain,omitempty"`
+	Router string `json:"router,omitempty"`
 }
 
 func targetPath() string {
@@ -142,6 +149,15 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return err
 	}
 	defer os.Remove(filepath.Join(o.dir, pidFile))
+	if o.netID < 0 || o.netID > 12 {
+		return fmt.Errorf("--net-id %d: must be between 0 and 12", o.netID)
+	}
+	if o.netID > 0 && o.cells > 10 {
+		return fmt.Errorf("--cells %d: at most 10 with --net-id", o.cells)
+	}
+	if err := os.WriteFile(filepath.Join(o.dir, netIDFile), []byte(strconv.Itoa(o.netID)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("write %s: %w", netIDFile, err)
+	}
 	token, err := devToken(o.dir)
 	if err != nil {
 		return err
@@ -174,6 +190,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}
 	step("BBS API       %s (metrics on http://%s/metrics)", srv.Addr(), o.debugAddr)
+	appLayer := apps.Serve(srv, cli, apps.Config{Domain: o.domain, DefaultStack: "tiny", Logger: log.With("component", "apps")})
 
 	router, err := gorouter.New(gorouter.Config{Addr: o.routerAddr, DefaultDomain: o.domain}, cli, log.With("component", "router"))
 	if err != nil {
@@ -189,6 +206,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 	plat, err := startPlatform(ctx, platformConfig{
 		dir:       o.dir,
 		cells:     o.cells,
+		netID:     o.netID,
 		bbsClient: bbsClient,
 		etcd:      cli,
 		protected: []int{portOf(etcd.Endpoint()[len("http://"):]), portOf(srv.Addr()), portOf(o.debugAddr)},
@@ -220,6 +238,7 @@ Try it with grpcurl:
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(func() error { return appLayer.Run(gctx) })
 	g.Go(func() error { return router.Run(gctx) })
 	plat.run(gctx, g)
 	g.Go(func() error {

@@ -81,6 +81,7 @@ func devDown(ctx context.Context, out io.Writer, dir string) error {
 		}
 		defer stopCtrd()
 		step("containerd    %s", addr)
+		netID := readNetID(dir)
 		base := cell.Config{ID: "cell", StateDir: filepath.Join(dir, "cells"), Containerd: ctrd, LauncherPath: launcher, Logger: log}
 		var errs []error
 		for _, d := range cellDirs {
@@ -88,7 +89,7 @@ func devDown(ctx context.Context, out io.Writer, dir string) error {
 			if err != nil {
 				continue
 			}
-			cfg := devCellConfig(base, i)
+			cfg := devCellConfig(base, netID, i)
 			if err := cell.Purge(ctx, cfg); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", cfg.ID, err))
 				continue

@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/basinpaas/basin/cmd/basin/internal/ui"
 	"github.com/spf13/cobra"
 )
 
@@ -25,7 +26,9 @@ func main() {
 		if errors.As(err, &code) {
 			os.Exit(int(code))
 		}
-		fmt.Fprintln(os.Stderr, "basin:", err)
+		u := ui.New(os.Stderr, os.Stderr)
+		fmt.Fprintln(os.Stderr, u.Red("FAILED"))
+		fmt.Fprintln(os.Stderr, ui.Explain(err, apiAddress))
 		os.Exit(1)
 	}
 }
@@ -39,6 +42,12 @@ func newRootCommand() *cobra.Command {
 	}
 	root.AddCommand(newVersionCommand(), newDevCommand(), newSetupCommand(), newCellCommand())
 	root.AddCommand(newStackCommand(), newSSHCommand())
+	root.AddCommand(newTargetCommands()...)
+	root.AddCommand(newPushCommand(), newLogsCommand())
+	root.AddCommand(newAppCommands()...)
+	root.AddCommand(newRouteCommands()...)
+	root.AddCommand(newTaskCommands()...)
+	root.AddCommand(newPlatformCommands()...)
 	return root
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -106,6 +107,7 @@ type platform struct {
 type platformConfig struct {
 	dir       string
 	cells     int
+	netID     int
 	bbsClient *bbs.Client
 	etcd      *clientv3.Client
 	// protected are host ports containers must not reach.
@@ -167,7 +169,7 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 		Logger:         pc.log,
 	}
 	for i := range pc.cells {
-		cfg := devCellConfig(base, i)
+		cfg := devCellConfig(base, pc.netID, i)
 		cfg.Listener = listeners[i]
 		c, err := cell.New(cfg)
 		if err != nil {
@@ -185,15 +187,40 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 
 // devCellConfig is dev up's cell i: names and a subnet of dev up's own, so a
 // cell started on its own (cmd/cell, with the executor's defaults) never
-// shares a bridge. dev down derives the same names to clean up.
-func devCellConfig(base cell.Config, i int) cell.Config {
+// shares a bridge. netID (dev up --net-id) picks another set of names,
+// subnets and host ports (below Linux's ephemeral range), so two dev ups (two test runs) on one machine do not collide.
+// dev down derives the same names to clean up.
+func devCellConfig(base cell.Config, netID, i int) cell.Config {
 	cfg := cell.Numbered(base, i)
-	cfg.NetworkName = fmt.Sprintf("basin-dev-%d", i)
-	cfg.BridgeName = fmt.Sprintf("basin-dev%d", i)
-	cfg.Subnet = fmt.Sprintf("10.214.%d.0/24", i%256)
-	cfg.FirewallChain = fmt.Sprintf("BASIN-DEV-%d", i)
+	if netID == 0 {
+		cfg.NetworkName = fmt.Sprintf("basin-dev-%d", i)
+		cfg.BridgeName = fmt.Sprintf("basin-dev%d", i)
+		cfg.Subnet = fmt.Sprintf("10.214.%d.0/24", i%256)
+		cfg.FirewallChain = fmt.Sprintf("BASIN-DEV-%d", i)
+	} else {
+		cfg.NetworkName = fmt.Sprintf("basin-d%d-%d", netID, i)
+		cfg.BridgeName = fmt.Sprintf("basin-d%d-%d", netID, i)
+		cfg.Subnet = fmt.Sprintf("10.%d.%d.0/24", 214+netID, i%256)
+		cfg.FirewallChain = fmt.Sprintf("BASIN-D%d-%d", netID, i)
+		// Host ports too: a port mapped by another platform's cell (or
+		// left mapped by one that died) would take this cell's traffic.
+		cfg.HostPortLow = 20000 + (netID-1)*1000 + i*100
+		cfg.HostPortHigh = cfg.HostPortLow + 99
+	}
 	cfg.Zone = fmt.Sprintf("z%d", i%2+1)
 	return cfg
+}
+
+// netIDFile keeps dev up's --net-id for dev down.
+const netIDFile = "net-id"
+
+func readNetID(dir string) int {
+	b, err := os.ReadFile(filepath.Join(dir, netIDFile))
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
 }
 
 // run runs every component until ctx ends.

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
 
+	"github.com/basinpaas/basin/cmd/basin/internal/ui"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 )
 
@@ -59,7 +60,11 @@ the connection drops.`,
 			if noTTY || stdin == nil || !isTerminal(int(stdin.Fd())) {
 				tty = false
 			}
-			return runSSH(cmd.Context(), sshOptions{name: args[0], index: index, command: command, tty: tty,
+			sess, err := connect(cmd)
+			if err != nil {
+				return err
+			}
+			return runSSH(cmd.Context(), sess, sshOptions{name: args[0], index: index, command: command, tty: tty,
 				stdin: cmd.InOrStdin(), stdout: cmd.OutOrStdout(), stderr: cmd.ErrOrStderr(), term: stdin})
 		},
 	}
@@ -80,21 +85,16 @@ type sshOptions struct {
 	term           *os.File // the local terminal when tty
 }
 
-func runSSH(ctx context.Context, o sshOptions) error {
-	cli, t, err := dialTarget()
+func runSSH(ctx context.Context, s *session, o sshOptions) error {
+	guid, err := resolveProcessGUID(ctx, s.apps, o.name)
 	if err != nil {
 		return err
 	}
-	defer cli.Close()
-	guid, err := resolveProcessGUID(ctx, cli, o.name)
-	if err != nil {
-		return apiError(t, err)
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := cli.SSH.Exec(ctx)
+	stream, err := s.bbs.SSH.Exec(ctx)
 	if err != nil {
-		return apiError(t, err)
+		return sshError(o, err)
 	}
 	var sendMu sync.Mutex
 	send := func(r *basinv1.ExecRequest) error {
@@ -112,7 +112,7 @@ func runSSH(ctx context.Context, o sshOptions) error {
 	}
 	if err := send(&basinv1.ExecRequest{Msg: &basinv1.ExecRequest_Start{Start: start}}); err != nil {
 		_, err = stream.Recv() // the server's reason
-		return sshError(t, o, err)
+		return sshError(o, err)
 	}
 	if o.tty {
 		restore, err := makeRaw(int(o.term.Fd()))
@@ -158,7 +158,7 @@ func runSSH(ctx context.Context, o sshOptions) error {
 			return errors.New("the session ended without the command's exit status (the cell may have gone)")
 		}
 		if err != nil {
-			return sshError(t, o, err)
+			return sshError(o, err)
 		}
 		switch r := m.GetResponse().GetMsg().(type) {
 		case *basinv1.ExecResponse_Stdout:
@@ -178,35 +178,21 @@ func runSSH(ctx context.Context, o sshOptions) error {
 	}
 }
 
-func sshError(t target, o sshOptions, err error) error {
-	return fmt.Errorf("ssh to instance %d of %s: %w", o.index, o.name, apiError(t, err))
+func sshError(o sshOptions, err error) error {
+	return fmt.Errorf("ssh to instance %d of %s: %w", o.index, o.name, err)
 }
 
-// resolveProcessGUID finds the LRP of the app name: the one whose
-// run.app_name is name, or whose process guid is name. It is the one place
-// to switch to the app layer (apps/<name>) once that exists.
-func resolveProcessGUID(ctx context.Context, cli interface {
-	ListDesiredLRPs(ctx context.Context, in *basinv1.ListDesiredLRPsRequest, opts ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error)
+// resolveProcessGUID finds the app's current LRP through the app layer.
+func resolveProcessGUID(ctx context.Context, apps interface {
+	GetApp(ctx context.Context, in *basinv1.GetAppRequest, opts ...grpc.CallOption) (*basinv1.GetAppResponse, error)
 }, name string) (string, error) {
-	resp, err := cli.ListDesiredLRPs(ctx, &basinv1.ListDesiredLRPsRequest{})
+	resp, err := apps.GetApp(ctx, &basinv1.GetAppRequest{Name: name})
 	if err != nil {
 		return "", err
 	}
-	var byName []string
-	for _, d := range resp.GetDesiredLrps() {
-		guid := d.GetSchedule().GetProcessGuid()
-		if guid == name {
-			return guid, nil
-		}
-		if d.GetRun().GetAppName() == name {
-			byName = append(byName, guid)
-		}
+	guids := resp.GetApp().GetProcessGuids()
+	if len(guids) == 0 {
+		return "", ui.WithHint(fmt.Errorf("app %s is not running", name), fmt.Sprintf("Start it with `basin start %s`.", name))
 	}
-	switch len(byName) {
-	case 0:
-		return "", fmt.Errorf("app %q not found: no app or process guid has that name", name)
-	case 1:
-		return byName[0], nil
-	}
-	return "", fmt.Errorf("several processes are named %q (%v): give the process guid instead", name, byName)
+	return guids[len(guids)-1], nil
 }

@@ -6,34 +6,36 @@ import (
 	"testing"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
+	"github.com/basinpaas/basin/cmd/basin/internal/ui"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 )
 
-type fakeLister []*basinv1.DesiredLRP
+type sshApps map[string][]string
 
-func (f fakeLister) ListDesiredLRPs(context.Context, *basinv1.ListDesiredLRPsRequest, ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error) {
-	return &basinv1.ListDesiredLRPsResponse{DesiredLrps: f}, nil
-}
-
-func lrp(guid, app string) *basinv1.DesiredLRP {
-	return &basinv1.DesiredLRP{Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: guid}, Run: &basinv1.DesiredLRPRun{AppName: app}}
+func (f sshApps) GetApp(_ context.Context, in *basinv1.GetAppRequest, _ ...grpc.CallOption) (*basinv1.GetAppResponse, error) {
+	guids, ok := f[in.GetName()]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "app %s not found", in.GetName())
+	}
+	return &basinv1.GetAppResponse{App: &basinv1.App{Name: in.GetName(), ProcessGuids: guids}}, nil
 }
 
 func TestResolveProcessGUID(t *testing.T) {
-	l := fakeLister{lrp("web-1", "web"), lrp("worker-1", "worker"), lrp("dup-1", "dup"), lrp("dup-2", "dup"), lrp("raw", "")}
+	apps := sshApps{"web": {"g1-v1"}, "rolling": {"g2-v3", "g2-v4"}, "stopped": nil}
 	tests := []struct {
 		name, want, err string
 	}{
-		{name: "web", want: "web-1"},
-		{name: "worker-1", want: "worker-1"},
-		{name: "raw", want: "raw"},
-		{name: "nope", err: `app "nope" not found`},
-		{name: "dup", err: "several processes are named"},
+		{name: "web", want: "g1-v1"},
+		{name: "rolling", want: "g2-v4"},
+		{name: "stopped", err: "not running"},
+		{name: "nope", err: "app nope not found"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := resolveProcessGUID(context.Background(), l, tt.name)
+			got, err := resolveProcessGUID(context.Background(), apps, tt.name)
 			if tt.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.err) {
 					t.Errorf("err %v, want %q", err, tt.err)
@@ -52,7 +54,7 @@ func TestSSHWithoutTargetSaysWhatToDo(t *testing.T) {
 	cmd := newRootCommand()
 	cmd.SetArgs([]string{"ssh", "web", "-c", "true"})
 	err := cmd.ExecuteContext(context.Background())
-	if err == nil || !strings.Contains(err.Error(), "basin dev up") {
+	if err == nil || !strings.Contains(ui.Explain(err, ""), "basin dev up") {
 		t.Errorf("err %v: want a hint to start basin", err)
 	}
 }

@@ -17,12 +17,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/basinpaas/basin/apps"
 	"github.com/basinpaas/basin/bbs"
 	"github.com/basinpaas/basin/bbs/blobstore"
 	"github.com/basinpaas/basin/bbs/embeddedetcd"
 	"github.com/basinpaas/basin/buildpacks"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"golang.org/x/sync/errgroup"
 )
 
 type config struct {
@@ -34,6 +36,7 @@ type config struct {
 	blobDir                   string
 	blobWebDAV                string
 	logLevel                  string
+	appDomain                 string
 }
 
 func main() {
@@ -57,6 +60,7 @@ func main() {
 	fs.IntVar(&maxInstances, "max-instances", int(bbs.DefaultLimits.MaxInstances), "most instances one LRP may ask for")
 	fs.IntVar(&c.server.Store.Workers, "txn-concurrency", 2, "etcd transactions in flight at once; concurrent writes are merged into them")
 	fs.IntVar(&c.server.Store.MaxTxnOps, "max-txn-ops", 0, "the etcd cluster's --max-txn-ops, up to which writes are merged (default: 128, etcd's default; the embedded etcd's 1024)")
+	fs.StringVar(&c.appDomain, "app-domain", "apps.localhost", "default app domain: app NAME is routed at NAME.<domain>")
 	fs.StringVar(&c.logLevel, "log-level", "info", "debug, info, warn or error")
 	fs.Parse(os.Args[1:])
 	c.server.Limits.MaxInstances = int32(maxInstances)
@@ -147,7 +151,11 @@ func run(ctx context.Context, c config) error {
 	if err != nil {
 		return err
 	}
-	return srv.Run(ctx)
+	appLayer := apps.Serve(srv, cli, apps.Config{Prefix: c.server.Store.Prefix, Domain: c.appDomain, Logger: log.With("component", "apps")})
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return srv.Run(gctx) })
+	g.Go(func() error { return appLayer.Run(gctx) })
+	return g.Wait()
 }
 
 func etcdTLS(ca, cert, key string) (*tls.Config, error) {

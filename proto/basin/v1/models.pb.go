@@ -674,7 +674,12 @@ type DesiredLRPRun struct {
 	// Container ports the app listens on; the first is given as PORT.
 	Ports []uint32 `protobuf:"varint,5,rep,packed,name=ports,proto3" json:"ports,omitempty"`
 	// The app's name for logs and VCAP_APPLICATION.
-	AppName       string `protobuf:"bytes,6,opt,name=app_name,json=appName,proto3" json:"app_name,omitempty"`
+	AppName string `protobuf:"bytes,6,opt,name=app_name,json=appName,proto3" json:"app_name,omitempty"`
+	// The app's guid and version for VCAP_APPLICATION (application_id,
+	// application_version), when an app layer desired the LRP; else the
+	// process guid stands for both.
+	AppGuid       string `protobuf:"bytes,7,opt,name=app_guid,json=appGuid,proto3" json:"app_guid,omitempty"`
+	AppVersion    string `protobuf:"bytes,8,opt,name=app_version,json=appVersion,proto3" json:"app_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -747,6 +752,20 @@ func (x *DesiredLRPRun) GetPorts() []uint32 {
 func (x *DesiredLRPRun) GetAppName() string {
 	if x != nil {
 		return x.AppName
+	}
+	return ""
+}
+
+func (x *DesiredLRPRun) GetAppGuid() string {
+	if x != nil {
+		return x.AppGuid
+	}
+	return ""
+}
+
+func (x *DesiredLRPRun) GetAppVersion() string {
+	if x != nil {
+		return x.AppVersion
 	}
 	return ""
 }
@@ -1982,14 +2001,17 @@ const file_basin_v1_models_proto_rawDesc = "" +
 	"annotation\x12/\n" +
 	"\x14created_at_unix_nano\x18\t \x01(\x03R\x11createdAtUnixNano\x12/\n" +
 	"\x14updated_at_unix_nano\x18\n" +
-	" \x01(\x03R\x11updatedAtUnixNano\"\xf3\x01\n" +
+	" \x01(\x03R\x11updatedAtUnixNano\"\xaf\x02\n" +
 	"\rDesiredLRPRun\x12#\n" +
 	"\rstart_command\x18\x01 \x01(\tR\fstartCommand\x12\"\n" +
 	"\x03env\x18\x02 \x03(\v2\x10.basin.v1.EnvVarR\x03env\x12.\n" +
 	"\adroplet\x18\x03 \x01(\v2\x14.basin.v1.DropletRefR\adroplet\x128\n" +
 	"\fhealth_check\x18\x04 \x01(\v2\x15.basin.v1.HealthCheckR\vhealthCheck\x12\x14\n" +
 	"\x05ports\x18\x05 \x03(\rR\x05ports\x12\x19\n" +
-	"\bapp_name\x18\x06 \x01(\tR\aappName\"\x8d\x01\n" +
+	"\bapp_name\x18\x06 \x01(\tR\aappName\x12\x19\n" +
+	"\bapp_guid\x18\a \x01(\tR\aappGuid\x12\x1f\n" +
+	"\vapp_version\x18\b \x01(\tR\n" +
+	"appVersion\"\x8d\x01\n" +
 	"\n" +
 	"DesiredLRP\x128\n" +
 	"\bschedule\x18\x01 \x01(\v2\x1c.basin.v1.DesiredLRPScheduleR\bschedule\x12)\n" +
