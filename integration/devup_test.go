@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -65,6 +66,11 @@ func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 	t.Helper()
 	bin := basinBinary(t)
 	d := &devUp{api: freeLoopbackAddr(t), router: freeLoopbackAddr(t), home: t.TempDir()}
+	if !slices.Contains(extra, "--stacks") {
+		// Only what these tests run: importing bookworm costs seconds and
+		// a gigabyte per containerd.
+		extra = append(extra, "--stacks", "tiny")
+	}
 	cmd := exec.Command(bin, append([]string{"dev", "up", "--api", d.api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t),
 		"--router", d.router, "--cells", strconvItoa(cells)}, extra...)...)
 	cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)

@@ -34,6 +34,7 @@ type devUpOptions struct {
 	cells      int
 	netID      int
 	verbose    bool
+	stacks     []string
 }
 
 func newDevCommand() *cobra.Command {
@@ -64,6 +65,7 @@ the target file that the other basin commands read.`,
 	up.Flags().StringVar(&o.domain, "domain", "apps.localhost", "default app domain: app NAME answers at NAME.<domain>")
 	up.Flags().IntVar(&o.cells, "cells", 2, "how many cells (each with its own network) to run; 0 runs none")
 	up.Flags().IntVar(&o.netID, "net-id", 0, "1-12 gives the cells bridges basin-dN-I, subnets 10.(214+N).I.0/24 and host ports of their own, so two platforms share a machine")
+	up.Flags().StringSliceVar(&o.stacks, "stacks", []string{"tiny", "bookworm"}, "stacks the cells run (tiny: busybox, for tests; bookworm: Debian with the buildpacks' runtimes)")
 	up.Flags().BoolVarP(&o.verbose, "verbose", "v", false, "log every component's messages")
 	dev.AddCommand(up, newDevDownCommand())
 	return dev
@@ -207,11 +209,13 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		dir:       o.dir,
 		cells:     o.cells,
 		netID:     o.netID,
+		stacks:    o.stacks,
 		bbsClient: bbsClient,
 		etcd:      cli,
 		protected: []int{portOf(etcd.Endpoint()[len("http://"):]), portOf(srv.Addr()), portOf(o.debugAddr)},
 		log:       log,
 		step:      step,
+		out:       out,
 	})
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -19,6 +20,7 @@ import (
 	"github.com/basinpaas/basin/cell/containerdproc"
 	"github.com/basinpaas/basin/converger"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
+	"github.com/basinpaas/basin/stack"
 	"github.com/containerd/containerd/v2/client"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/sync/errgroup"
@@ -105,15 +107,18 @@ type platform struct {
 }
 
 type platformConfig struct {
-	dir       string
-	cells     int
-	netID     int
+	dir   string
+	cells int
+	netID int
+	// stacks the cells run, ensured (built, imported) before they start.
+	stacks    []string
 	bbsClient *bbs.Client
 	etcd      *clientv3.Client
 	// protected are host ports containers must not reach.
 	protected []int
 	log       *slog.Logger
 	step      func(format string, args ...any)
+	out       io.Writer
 }
 
 func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
@@ -140,6 +145,18 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 	}
 	p.stop = stopCtrd
 	pc.step("containerd    %s", addr)
+	for _, name := range pc.stacks {
+		t0 := time.Now()
+		if name != "tiny" {
+			fmt.Fprintf(pc.out, "  … stack %s: building it if this machine has not yet (once per recipe; the first build takes a few minutes)\n", name)
+		}
+		snap, err := stack.Ensure(ctx, ctrd, name, filepath.Join(pc.dir, "stacks"))
+		if err != nil {
+			stopCtrd()
+			return nil, fmt.Errorf("stack %s: %w", name, err)
+		}
+		pc.step("stack %-7s %s (%s)", name, snap, time.Since(t0).Round(100*time.Millisecond))
+	}
 	// Containers must not reach any component, the cells' own reps
 	// included, so the reps' ports are bound first.
 	listeners := make([]net.Listener, pc.cells)
@@ -156,6 +173,7 @@ func startPlatform(ctx context.Context, pc platformConfig) (*platform, error) {
 	stagingEnv, caBundle := cell.HostStagingEnv()
 	base := cell.Config{
 		ID:             "cell",
+		Stacks:         pc.stacks,
 		StagingEnv:     stagingEnv,
 		CABundle:       caBundle,
 		Capacity:       &basinv1.CellCapacity{MemoryMb: 4096, DiskMb: 16384, Containers: 100},
