@@ -59,7 +59,7 @@ takes traffic before the old one stops.`,
 	}
 	f := c.Flags()
 	f.StringVarP(&o.path, "path", "p", "", "app directory, or a zip/jar to push as is (default: the current directory)")
-	f.StringArrayVarP(&o.buildpacks, "buildpack", "b", nil, "buildpack name or digest (repeat for several; the last is final)")
+	f.StringArrayVarP(&o.buildpacks, "buildpack", "b", nil, "buildpack: an admin name, a digest, or a directory, zip or tar.gz to upload (repeat for several; the last is final)")
 	f.Int32VarP(&o.instances, "instances", "i", 0, "number of instances")
 	f.StringVarP(&o.memory, "memory", "m", "", "memory limit per instance (e.g. 256M, 1G)")
 	f.StringVarP(&o.disk, "disk", "k", "", "disk limit per instance (e.g. 1G)")
@@ -260,6 +260,9 @@ func push(cmd *cobra.Command, args []string, o pushOptions) error {
 		return fmt.Errorf("push: reach the app layer: %w", err)
 	}
 	for _, p := range ps {
+		if p.Buildpacks, err = uploadPathBuildpacks(cmd.Context(), s, p.Buildpacks); err != nil {
+			return err
+		}
 		if err := pushOne(cmd.Context(), s, info, p, o); err != nil {
 			return err
 		}
@@ -372,6 +375,65 @@ func pushOne(ctx context.Context, s *session, info *basinv1.GetInfoResponse, p p
 	fmt.Fprintln(u.Out)
 	printSummary(u, resp, time.Now())
 	return nil
+}
+
+// isBuildpackPath says whether a -b value names a buildpack on this machine
+// (a directory, or a zip or tar.gz) rather than an admin buildpack or a
+// digest: admin names have no slash, so only an existing path with one, or
+// an existing archive, counts.
+func isBuildpackPath(bp string) bool {
+	if strings.HasPrefix(bp, "sha256:") {
+		return false
+	}
+	st, err := os.Stat(bp)
+	if err != nil {
+		return false
+	}
+	if st.IsDir() {
+		return strings.ContainsRune(bp, filepath.Separator) || bp == "."
+	}
+	lower := strings.ToLower(bp)
+	return strings.HasSuffix(lower, ".zip") || strings.HasSuffix(lower, ".tgz") || strings.HasSuffix(lower, ".tar.gz")
+}
+
+// uploadPathBuildpacks replaces each buildpack given as a path, as with
+// cf push -b ./my-buildpack, by the digest of its archive in the blobstore:
+// a directory is zipped with its files' modes, an archive is sent as is.
+// The buildpack is used unchanged and not registered as an admin one.
+func uploadPathBuildpacks(ctx context.Context, s *session, bps []string) ([]string, error) {
+	var out []string
+	for _, bp := range bps {
+		if !isBuildpackPath(bp) {
+			out = append(out, bp)
+			continue
+		}
+		var body io.Reader
+		if st, _ := os.Stat(bp); st.IsDir() {
+			files, err := bits.Walk(bp)
+			if err != nil {
+				return nil, fmt.Errorf("read buildpack %s: %w", bp, err)
+			}
+			var buf bytes.Buffer
+			if err := bits.Zip(&buf, files); err != nil {
+				return nil, fmt.Errorf("pack buildpack %s: %w", bp, err)
+			}
+			body = &buf
+		} else {
+			f, err := os.Open(bp)
+			if err != nil {
+				return nil, fmt.Errorf("open buildpack %s: %w", bp, err)
+			}
+			defer f.Close()
+			body = f
+		}
+		digest, size, err := s.bbs.UploadBlob(ctx, body, "")
+		if err != nil {
+			return nil, fmt.Errorf("upload buildpack %s: %w", bp, err)
+		}
+		s.ui.Say("Uploaded buildpack %s (%s) as %s", bp, ui.Bytes(size), digest)
+		out = append(out, digest)
+	}
+	return out, nil
 }
 
 // planRoutes is the routes to set: the manifest's, none for no-route, a

@@ -284,3 +284,20 @@ func TestPushPlansFromManifestAndFlags(t *testing.T) {
 		t.Error("an app missing from the manifest was accepted")
 	}
 }
+
+func TestBuildpackPathsAreToldFromNames(t *testing.T) {
+	dir := t.TempDir()
+	os.Mkdir(filepath.Join(dir, "my-buildpack"), 0o755)
+	os.WriteFile(filepath.Join(dir, "bp.tgz"), []byte("x"), 0o644)
+	os.Mkdir(filepath.Join(dir, "ruby"), 0o755)
+	t.Chdir(dir)
+	for bp, want := range map[string]bool{
+		"./my-buildpack": true, filepath.Join(dir, "my-buildpack"): true, "bp.tgz": true, "./bp.tgz": true,
+		"ruby":      false, // an admin name, even with a directory of that name here
+		"./missing": false, "sha256:" + strings.Repeat("a", 64): false,
+	} {
+		if got := isBuildpackPath(bp); got != want {
+			t.Errorf("isBuildpackPath(%q) = %v, want %v", bp, got, want)
+		}
+	}
+}
