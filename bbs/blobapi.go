@@ -29,22 +29,34 @@ func NewBlobAPI(store blobstore.Store, limit int64) *BlobAPI {
 	return &BlobAPI{store: store, limit: limit}
 }
 
-// uploadReader turns the stream's chunks into an io.Reader.
-type uploadReader struct {
-	stream basinv1.BlobstoreService_UploadBlobServer
-	buf    []byte
+// chunkReader turns a client stream of one header, then chunks, into an
+// io.Reader of the chunks; a second header is refused.
+type chunkReader struct {
+	recv func() (chunk []byte, header bool, err error)
+	buf  []byte
 }
 
-func (u *uploadReader) Read(p []byte) (int, error) {
-	for len(u.buf) == 0 {
-		req, err := u.stream.Recv()
+// chunksOf reads the chunks of stream, whose first message was the header.
+func chunksOf[M interface{ GetChunk() []byte }](recv func() (M, error), isHeader func(M) bool) *chunkReader {
+	return &chunkReader{recv: func() ([]byte, bool, error) {
+		m, err := recv()
 		if err != nil {
-			return 0, err // io.EOF ends the blob
+			return nil, false, err
 		}
-		if req.GetHeader() != nil {
+		return m.GetChunk(), isHeader(m), nil
+	}}
+}
+
+func (u *chunkReader) Read(p []byte) (int, error) {
+	for len(u.buf) == 0 {
+		chunk, header, err := u.recv()
+		if err != nil {
+			return 0, err // io.EOF ends the upload
+		}
+		if header {
 			return 0, fieldErr("header", "must come first and only once")
 		}
-		u.buf = req.GetChunk()
+		u.buf = chunk
 	}
 	n := copy(p, u.buf)
 	u.buf = u.buf[n:]
@@ -68,7 +80,7 @@ func (a *BlobAPI) UploadBlob(stream basinv1.BlobstoreService_UploadBlobServer) e
 	if h.GetSize() < 0 || h.GetSize() > a.limit {
 		return fieldErr("header.size", "must be between 0 and %d bytes, got %d", a.limit, h.GetSize())
 	}
-	digest, size, err := a.store.Put(stream.Context(), &uploadReader{stream: stream}, h.GetDigest(), a.limit)
+	digest, size, err := a.store.Put(stream.Context(), chunksOf(stream.Recv, func(m *basinv1.UploadBlobRequest) bool { return m.GetHeader() != nil }), h.GetDigest(), a.limit)
 	if err != nil {
 		return err
 	}

@@ -92,28 +92,6 @@ func (a *StagingAPI) MatchResources(ctx context.Context, req *basinv1.MatchResou
 	return resp, nil
 }
 
-// bitsReader turns UploadBits chunks into an io.Reader.
-type bitsReader struct {
-	stream basinv1.StagingService_UploadBitsServer
-	buf    []byte
-}
-
-func (u *bitsReader) Read(p []byte) (int, error) {
-	for len(u.buf) == 0 {
-		req, err := u.stream.Recv()
-		if err != nil {
-			return 0, err // io.EOF ends the archive
-		}
-		if req.GetHeader() != nil {
-			return 0, fieldErr("header", "must come first and only once")
-		}
-		u.buf = req.GetChunk()
-	}
-	n := copy(p, u.buf)
-	u.buf = u.buf[n:]
-	return n, nil
-}
-
 func (a *StagingAPI) UploadBits(stream basinv1.StagingService_UploadBitsServer) error {
 	ctx := stream.Context()
 	first, err := stream.Recv()
@@ -146,7 +124,7 @@ func (a *StagingAPI) UploadBits(stream basinv1.StagingService_UploadBitsServer) 
 	}
 	defer os.Remove(spool.Name())
 	defer spool.Close()
-	n, err := io.Copy(spool, io.LimitReader(&bitsReader{stream: stream}, a.cfg.MaxUploadBytes+1))
+	n, err := io.Copy(spool, io.LimitReader(chunksOf(stream.Recv, func(m *basinv1.UploadBitsRequest) bool { return m.GetHeader() != nil }), a.cfg.MaxUploadBytes+1))
 	if err != nil {
 		return fmt.Errorf("receive bits: %w", err)
 	}
