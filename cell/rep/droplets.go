@@ -31,6 +31,12 @@ type dropletCache struct {
 	m       *Metrics
 	fetches atomic.Int64
 
+	fetching fetchGroup
+}
+
+// fetchGroup runs one fetch per key at a time: callers asking for a key
+// being fetched wait for that fetch instead of starting another.
+type fetchGroup struct {
 	mu       sync.Mutex
 	inflight map[string]*fetchCall
 }
@@ -41,13 +47,42 @@ type fetchCall struct {
 	err  error
 }
 
+// do returns fetch's result for key, running it unless a fetch of key is
+// under way. fetch gets a ctx no caller's cancellation ends: others may be
+// waiting on its result.
+func (g *fetchGroup) do(ctx context.Context, key string, fetch func(context.Context) (string, error)) (string, error) {
+	g.mu.Lock()
+	call := g.inflight[key]
+	if call == nil {
+		if g.inflight == nil {
+			g.inflight = map[string]*fetchCall{}
+		}
+		call = &fetchCall{done: make(chan struct{})}
+		g.inflight[key] = call
+		g.mu.Unlock()
+		call.path, call.err = fetch(context.WithoutCancel(ctx))
+		g.mu.Lock()
+		delete(g.inflight, key)
+		g.mu.Unlock()
+		close(call.done)
+	} else {
+		g.mu.Unlock()
+	}
+	select {
+	case <-call.done:
+		return call.path, call.err
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+}
+
 // Blobs downloads blobs by digest; *bbs.Client does, from the BBS's blobstore.
 type Blobs interface {
 	DownloadBlob(ctx context.Context, digest string, w io.Writer) (int64, error)
 }
 
 func newDropletCache(dir string, hc *http.Client, blobs Blobs, maxBytes int64, m *Metrics) *dropletCache {
-	return &dropletCache{dir: dir, http: hc, blobs: blobs, max: maxBytes, m: m, inflight: map[string]*fetchCall{}}
+	return &dropletCache{dir: dir, http: hc, blobs: blobs, max: maxBytes, m: m}
 }
 
 // get returns the local path of the droplet, fetching it if needed. The
@@ -65,27 +100,11 @@ func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string
 	if _, err := os.Stat(path); err == nil {
 		return path, nil
 	}
-	c.mu.Lock()
-	call := c.inflight[digest]
-	if call == nil {
-		call = &fetchCall{done: make(chan struct{})}
-		c.inflight[digest] = call
-		c.mu.Unlock()
-		// Not tied to one caller's ctx: others may wait on the result.
-		call.path, call.err = c.fetch(context.WithoutCancel(ctx), ref, path)
-		c.mu.Lock()
-		delete(c.inflight, digest)
-		c.mu.Unlock()
-		close(call.done)
-	} else {
-		c.mu.Unlock()
+	p, err := c.fetching.do(ctx, digest, func(ctx context.Context) (string, error) { return c.fetch(ctx, ref, path) })
+	if err != nil && ctx.Err() != nil {
+		return "", fmt.Errorf("wait for droplet %s: %w", digest, err)
 	}
-	select {
-	case <-call.done:
-		return call.path, call.err
-	case <-ctx.Done():
-		return "", fmt.Errorf("wait for droplet %s: %w", digest, ctx.Err())
-	}
+	return p, err
 }
 
 func (c *dropletCache) fetch(ctx context.Context, ref *basinv1.DropletRef, path string) (string, error) {

@@ -14,7 +14,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 
 	"google.golang.org/protobuf/encoding/protojson"
 
@@ -440,12 +439,11 @@ type buildpackCache struct {
 	blobs Blobs
 	max   int64
 
-	mu       sync.Mutex
-	inflight map[string]*fetchCall
+	fetching fetchGroup
 }
 
 func newBuildpackCache(dir string, blobs Blobs, max int64) *buildpackCache {
-	return &buildpackCache{dir: dir, blobs: blobs, max: max, inflight: map[string]*fetchCall{}}
+	return &buildpackCache{dir: dir, blobs: blobs, max: max}
 }
 
 // get returns the buildpack's root directory: the unpacked archive, or its
@@ -462,29 +460,14 @@ func (c *buildpackCache) get(ctx context.Context, digest string) (string, error)
 	if _, err := os.Stat(final); err == nil {
 		return buildpackRoot(final)
 	}
-	c.mu.Lock()
-	call := c.inflight[digest]
-	if call == nil {
-		call = &fetchCall{done: make(chan struct{})}
-		c.inflight[digest] = call
-		c.mu.Unlock()
-		call.path, call.err = c.fetch(context.WithoutCancel(ctx), digest, final)
-		c.mu.Lock()
-		delete(c.inflight, digest)
-		c.mu.Unlock()
-		close(call.done)
-	} else {
-		c.mu.Unlock()
-	}
-	select {
-	case <-call.done:
-		if call.err != nil {
-			return "", call.err
+	p, err := c.fetching.do(ctx, digest, func(ctx context.Context) (string, error) { return c.fetch(ctx, digest, final) })
+	if err != nil {
+		if ctx.Err() != nil {
+			return "", fmt.Errorf("wait for buildpack %s: %w", digest, err)
 		}
-		return buildpackRoot(call.path)
-	case <-ctx.Done():
-		return "", fmt.Errorf("wait for buildpack %s: %w", digest, ctx.Err())
+		return "", err
 	}
+	return buildpackRoot(p)
 }
 
 func (c *buildpackCache) fetch(ctx context.Context, digest, final string) (string, error) {
