@@ -287,6 +287,10 @@ func Ensure(ctx context.Context, c *client.Client, stack, workDir string) (strin
 		if err != nil || ok {
 			return SnapshotName(stack, digest), err
 		}
+		// workDir may not exist yet (dev up's fresh state dir).
+		if err := os.MkdirAll(workDir, 0o755); err != nil {
+			return "", fmt.Errorf("ensure stack %s: %w", stack, err)
+		}
 		dir, err := os.MkdirTemp(workDir, "stack-tiny-")
 		if err != nil {
 			return "", fmt.Errorf("ensure stack %s: %w", stack, err)
