@@ -516,12 +516,15 @@ func (c *buildpackCache) fetch(ctx context.Context, digest, final string) (strin
 	return final, nil
 }
 
+// buildpackRoot is dir, or its only directory when that holds the
+// buildpack (GitHub's zips wrap everything in NAME-BRANCH/).
 func buildpackRoot(dir string) (string, error) {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return "", err
 	}
-	if len(entries) == 1 && entries[0].IsDir() {
+	// A buildpack whose only entry is bin/ is already its root.
+	if len(entries) == 1 && entries[0].IsDir() && entries[0].Name() != "bin" {
 		return filepath.Join(dir, entries[0].Name()), nil
 	}
 	return dir, nil

@@ -147,3 +147,21 @@ func TestBuildpacksUnpackedOncePerDigest(t *testing.T) {
 		t.Error("a missing buildpack was found")
 	}
 }
+
+func TestBuildpackRootKeepsABinOnlyBuildpack(t *testing.T) {
+	for name, dirs := range map[string][]string{"bin only": {"bin"}, "wrapped": {"bp-main/bin"}} {
+		root := t.TempDir()
+		for _, d := range dirs {
+			if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}
+		got, err := buildpackRoot(root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(filepath.Join(got, "bin")); err != nil {
+			t.Errorf("%s: root %s has no bin/", name, got)
+		}
+	}
+}
