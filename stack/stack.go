@@ -431,6 +431,11 @@ func sortedKeys(m map[string]string) []string {
 func runOutput(ctx context.Context, name string, args ...string) (string, error) {
 	out, err := exec.CommandContext(ctx, name, args...).Output()
 	if err != nil {
+		if ctx.Err() != nil {
+			// Killed because ctx ended: say so, so callers that ended it
+			// (cell.Purge stopping an executor mid-start) can tell.
+			return "", fmt.Errorf("run %s: %w", name, ctx.Err())
+		}
 		return "", fmt.Errorf("run %s: %w", name, err)
 	}
 	return string(out), nil
