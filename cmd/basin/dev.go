@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -192,7 +193,7 @@ func devUp(ctx context.Context, out io.Writer, o devUpOptions) error {
 		return fmt.Errorf("start BBS (--api picks another address): %w", err)
 	}
 	step("BBS API       %s (metrics on http://%s/metrics)", srv.Addr(), o.debugAddr)
-	appLayer := apps.Serve(srv, cli, apps.Config{Domain: o.domain, DefaultStack: "tiny", Logger: log.With("component", "apps")})
+	appLayer := apps.Serve(srv, cli, apps.Config{Domain: o.domain, DefaultStack: defaultStack(o.stacks), Logger: log.With("component", "apps")})
 
 	router, err := gorouter.New(gorouter.Config{Addr: o.routerAddr, DefaultDomain: o.domain}, cli, log.With("component", "router"))
 	if err != nil {
@@ -259,4 +260,14 @@ Try it with grpcurl:
 		return nil
 	}
 	return err
+}
+
+// defaultStack is what apps run on unless they say: bookworm (Cloud
+// Foundry's cflinuxfs, with the buildpacks' runtimes) when the cells offer
+// it, else the first stack they run.
+func defaultStack(stacks []string) string {
+	if slices.Contains(stacks, "bookworm") || len(stacks) == 0 {
+		return "bookworm"
+	}
+	return stacks[0]
 }
