@@ -6,7 +6,7 @@ BUF       := $(GO) run github.com/bufbuild/buf/cmd/buf@v1.75.0
 BIN       := bin
 GOFLAGS_TEST ?= -race -count=1
 
-.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean bench-cell bench-auction
+.PHONY: all build test unit lint generate bench bench-bbs bench-router up clean bench-cell bench-auction bench-staging
 
 all: build
 
@@ -33,11 +33,11 @@ lint:
 generate:
 	$(BUF) generate
 
-# up starts the whole platform on this machine.
+# up starts the whole platform on this machine (UP_FLAGS: more dev up flags).
 up: build
-	$(BIN)/basin dev up
+	$(BIN)/basin dev up $(UP_FLAGS)
 
-bench: bench-bbs bench-router bench-cell bench-auction
+bench: bench-bbs bench-router bench-cell bench-auction bench-staging
 
 bench-bbs:
 	$(GO) run ./bbs/bench
@@ -51,6 +51,12 @@ bench-auction:
 # (needs root: it runs its own containerd, runc and CNI).
 bench-cell:
 	$(GO) run ./cell/bench
+
+# bench-staging times the first push of a static and a binary app to 200
+# through the router, and a scale-out to 10 routable instances, on a real
+# basin dev up (needs root; builds the bookworm stack on first use).
+bench-staging:
+	$(GO) run ./buildpacks/bench
 
 # bench-router compares the router with nginx and haproxy and measures churn.
 bench-router:

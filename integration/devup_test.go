@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -73,7 +74,17 @@ func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 	}
 	cmd := exec.Command(bin, append([]string{"dev", "up", "--api", d.api, "--etcd", freeLoopbackAddr(t), "--debug", freeLoopbackAddr(t),
 		"--router", d.router, "--cells", strconvItoa(cells)}, extra...)...)
+	d.start(t, cmd)
+	return d
+}
+
+// start runs cmd (basin dev up, or what runs it) with d's BASIN_HOME in a
+// process group of its own, and stops the group with SIGINT when the test
+// ends, as Ctrl-C in a terminal does.
+func (d *devUp) start(t *testing.T, cmd *exec.Cmd) {
+	t.Helper()
 	cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -98,11 +109,11 @@ func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 		io.Copy(io.Discard, stdout)
 	}()
 	d.stop = sync.OnceFunc(func() {
-		cmd.Process.Signal(os.Interrupt)
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
 		select {
 		case <-exited:
 		case <-time.After(30 * time.Second):
-			cmd.Process.Kill()
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 			<-exited
 			t.Error("basin dev up did not stop within 30s of SIGINT")
 		}
@@ -113,7 +124,7 @@ func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 	case err := <-exited:
 		exited <- err // for the cleanup
 		t.Fatalf("basin dev up exited: %v", err)
-	case <-time.After(2 * time.Minute):
+	case <-time.After(5 * time.Minute):
 		t.Fatal("basin dev up did not come up in time")
 	}
 	b, err := os.ReadFile(filepath.Join(d.home, "target.json"))
@@ -123,7 +134,6 @@ func startDevUp(t *testing.T, cells int, extra ...string) *devUp {
 	if err := json.Unmarshal(b, &d.target); err != nil || d.target.API != d.api || d.target.Token == "" {
 		t.Fatalf("target file %s: %+v %v", b, d.target, err)
 	}
-	return d
 }
 
 func strconvItoa(n int) string {
