@@ -158,7 +158,7 @@ func TestPushExamples(t *testing.T) {
 			if r, _ := v.running(); r != 2 {
 				t.Errorf("%d instances running after push, want 2: %+v", r, v.Instances)
 			}
-			d.waitBody(t, ex.name+".apps.localhost", ex.body, 30*time.Second)
+			waitRouted(t, d, ex.name+".apps.localhost", ex.body, 30*time.Second)
 			t.Logf("%s: push %s, answering through the router %s after push began", ex.name, pushed.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
 			if ex.check != nil {
 				ex.check(t, d.sshProcesses(t, ex.name))
@@ -341,6 +341,29 @@ exec python3 -m http.server "$PORT" -d "$TMPDIR/www"
 			t.Errorf("scaling out created tasks %v: it must reuse the droplet", tasks)
 		}
 	})
+}
+
+// waitRouted is waitBody with a deadline per request, so one request that
+// hangs is reported, and the next one can still succeed.
+func waitRouted(t *testing.T, d *devUp, host, want string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t0 := time.Now()
+		code, body, err := d.routerGet(ctx, host)
+		cancel()
+		if err == nil && code == 200 && strings.Contains(body, want) {
+			return
+		}
+		if err != nil || time.Since(t0) > time.Second {
+			t.Logf("GET %s through the router after %s: %d %q %v", host, time.Since(t0).Round(time.Millisecond), code, body, err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never answered %q through the router: %d %q %v", host, want, code, body, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // assertNothingDesired: the app has no droplet, no process and no instance.
