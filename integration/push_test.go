@@ -146,7 +146,7 @@ func TestPushExamples(t *testing.T) {
 				ex.prepare(t, dir)
 			}
 			t0 := time.Now()
-			out := d.mustBasin(t, "", "push", ex.name, "-p", dir, "-i", "2", "-s", "bookworm", "--no-manifest")
+			out := d.mustBasin(t, "", "push", ex.name, "-p", dir, "-i", "2", "--no-manifest")
 			pushed := time.Since(t0)
 			if want := "(buildpack " + ex.detected + ")"; !strings.Contains(out, want) {
 				t.Errorf("push did not stream staging output naming the buildpack (%q)", want)
