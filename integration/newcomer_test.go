@@ -19,7 +19,7 @@ import (
 // runs.)
 func TestReadmeNewcomer(t *testing.T) {
 	needCell(t)
-	const netID = 9
+	const netID = 12
 	root, err := filepath.Abs("..")
 	if err != nil {
 		t.Fatal(err)
