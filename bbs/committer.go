@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
 )
 
@@ -169,8 +170,9 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 		return
 	}
 	var cmps []clientv3.Cmp
-	var ops []clientv3.Op
+	var ops, elses []clientv3.Op
 	fences := make(map[string]struct{})
+	compared := make(map[string]struct{})
 	for _, it := range batch {
 		for _, cmp := range it.cmps {
 			if f, ok := fenceOf(cmp); ok {
@@ -180,11 +182,20 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 				fences[f] = struct{}{}
 			}
 			cmps = append(cmps, cmp)
+			// On failure the else branch reads every compared key, so the
+			// items whose compares still hold need not run alone.
+			if _, dup := compared[string(cmp.Key)]; !dup {
+				compared[string(cmp.Key)] = struct{}{}
+				elses = append(elses, clientv3.OpGet(string(cmp.Key), clientv3.WithKeysOnly()))
+			}
 		}
 		ops = append(ops, it.ops...)
 	}
+	if len(elses) > c.maxOps {
+		elses = nil // cannot happen while compares are within the limit
+	}
 	start := time.Now()
-	resp, err := c.kv.Txn(ctx).If(cmps...).Then(ops...).Commit()
+	resp, err := c.kv.Txn(ctx).If(cmps...).Then(ops...).Else(elses...).Commit()
 	c.metrics.txnSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		for _, it := range batch {
@@ -198,13 +209,60 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 		}
 		return
 	}
-	// Some compare failed: find out which by running each alone.
+	// Some compare failed. Items whose compares fail against what the else
+	// branch read run alone, for their own else values; the others are
+	// merged again. Without the read (too many keys) every item runs alone.
 	c.metrics.batchSplits.Inc()
-	var wg sync.WaitGroup
+	current := map[string]*mvccpb.KeyValue{}
+	for _, r := range resp.Responses {
+		for _, kv := range r.GetResponseRange().GetKvs() {
+			current[string(kv.Key)] = kv
+		}
+	}
+	var alone, again []*txnItem
 	for _, it := range batch {
+		if elses != nil && holds(it.cmps, current) {
+			again = append(again, it)
+		} else {
+			alone = append(alone, it)
+		}
+	}
+	var wg sync.WaitGroup
+	for _, it := range alone {
 		wg.Go(func() { it.res <- c.single(ctx, it) })
 	}
+	if len(again) > 0 {
+		c.commit(ctx, again)
+	}
 	wg.Wait()
+}
+
+// holds evaluates revision compares against the keys' current state (a
+// missing key has revision 0, as etcd compares it). Any other compare is
+// taken as failing, so its item runs alone.
+func holds(cmps []clientv3.Cmp, current map[string]*mvccpb.KeyValue) bool {
+	for _, cmp := range cmps {
+		if cmp.Result != etcdserverpb.Compare_EQUAL || len(cmp.RangeEnd) > 0 {
+			return false
+		}
+		var mod, create int64
+		if kv := current[string(cmp.Key)]; kv != nil {
+			mod, create = kv.ModRevision, kv.CreateRevision
+		}
+		switch u := cmp.TargetUnion.(type) {
+		case *etcdserverpb.Compare_ModRevision:
+			if mod != u.ModRevision {
+				return false
+			}
+		case *etcdserverpb.Compare_CreateRevision:
+			if create != u.CreateRevision {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+	return true
 }
 
 func (c *committer) single(ctx context.Context, it *txnItem) txnResult {

@@ -79,3 +79,58 @@ func TestCommitterSharesFenceCompares(t *testing.T) {
 		t.Errorf("transactions' compare counts %v, want one of %d", kv.cmps, n+1)
 	}
 }
+
+// One stale compare in a merged transaction fails only its own item: the
+// others are merged again rather than each run alone.
+func TestCommitterSplitsOnlyTheConflict(t *testing.T) {
+	prefix := testPrefix()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	const n = 6
+	keys := make([]string, n)
+	revs := make([]int64, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("%sy/%d", prefix, i)
+		put, err := testClient.Put(ctx, keys[i], "v0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		revs[i] = put.Header.Revision
+	}
+	revs[2]-- // stale: this item's guard fails
+	kv := &recordingKV{KV: testClient.KV}
+	c := newCommitter(kv, 1, 128, newMetrics(nil))
+	items := make([]*txnItem, n)
+	for i := range items {
+		items[i] = &txnItem{
+			cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision(keys[i]), "=", revs[i])},
+			ops:    []clientv3.Op{clientv3.OpPut(keys[i], "v1")},
+			elses:  []clientv3.Op{clientv3.OpGet(keys[i])},
+			writes: []string{keys[i]},
+			res:    make(chan txnResult, 1),
+		}
+		c.queue <- items[i]
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); c.run(ctx) }()
+	for i, it := range items {
+		r := <-it.res
+		if r.err != nil {
+			t.Fatalf("item %d: %v", i, r.err)
+		}
+		if want := i != 2; r.succeeded != want {
+			t.Errorf("item %d succeeded=%v, want %v", i, r.succeeded, want)
+		}
+		if i == 2 && (r.elses == nil || len(r.elses.Responses) == 0) {
+			t.Errorf("the conflicting item lacks its else values: %+v", r)
+		}
+	}
+	cancel()
+	<-done
+	kv.mu.Lock()
+	defer kv.mu.Unlock()
+	// The merged attempt, the conflict alone, the other five merged again.
+	if len(kv.cmps) != 3 {
+		t.Errorf("%d transactions (compare counts %v), want 3", len(kv.cmps), kv.cmps)
+	}
+}

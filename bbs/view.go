@@ -58,7 +58,7 @@ type view struct {
 	relists int
 }
 
-const maxOverlay = 16384
+const maxOverlay = 65536
 
 func newView(cli *clientv3.Client, prefix string, log *slog.Logger, onChange func(int64, []change)) *view {
 	return &view{
@@ -94,7 +94,18 @@ func (v *view) noteWrite(key string, val []byte, modRev int64, deleted bool) {
 		return
 	}
 	if len(v.recent) >= maxOverlay {
-		clear(v.recent)
+		// The watch lags by more than the overlay holds (a burst of
+		// claims): forget a quarter, not all, since each forgotten key
+		// costs a guard conflict if written again before the watch
+		// catches up.
+		n := maxOverlay / 4
+		for k := range v.recent {
+			if n == 0 {
+				break
+			}
+			delete(v.recent, k)
+			n--
+		}
 	}
 	v.recent[key] = overlay{kvEntry: kvEntry{val: val, modRev: modRev}, deleted: deleted}
 }

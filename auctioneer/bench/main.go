@@ -377,4 +377,16 @@ func printStoreStats(reg prometheus.Gatherer) {
 	}
 	fmt.Printf("BBS: %.0f merged transactions of %.1f writes on average, %.0f split, %.0f guard conflicts; %.0f etcd txns, %.1f ms mean\n",
 		batches, merged/max(batches, 1), splits, conflicts, txns, 1000*txnSecs/max(txns, 1))
+	// The embedded etcd's own timings, from the default registry.
+	if mfs, err := prometheus.DefaultGatherer.Gather(); err == nil {
+		for _, mf := range mfs {
+			switch mf.GetName() {
+			case "etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds", "etcd_server_apply_duration_seconds":
+				for _, m := range mf.GetMetric() {
+					h := m.GetHistogram()
+					fmt.Printf("etcd: %s: %d, %.2f ms mean\n", mf.GetName(), h.GetSampleCount(), 1000*h.GetSampleSum()/max(float64(h.GetSampleCount()), 1))
+				}
+			}
+		}
+	}
 }

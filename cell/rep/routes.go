@@ -31,7 +31,7 @@ func (r *Rep) watchSchedules(ctx context.Context, from int64) error {
 			for _, ev := range wr.Events {
 				from = ev.Kv.ModRevision
 				guid, ok := strings.CutSuffix(strings.TrimPrefix(string(ev.Kv.Key), prefix), "/schedule")
-				if ev.Type != clientv3.EventTypePut || !ok || strings.Contains(guid, "/") {
+				if ev.Type != clientv3.EventTypePut || !ok || strings.Contains(guid, "/") || !r.runsLRP(guid) {
 					continue
 				}
 				sched := &basinv1.DesiredLRPSchedule{}
@@ -85,6 +85,19 @@ func (r *Rep) resyncSchedules(ctx context.Context) {
 
 // applySchedule records a newer schedule on guid's instances and re-routes
 // the running ones whose routes changed.
+// runsLRP reports whether this cell holds an instance of the LRP: every
+// cell sees every schedule change, and most are for LRPs it does not run.
+func (r *Rep) runsLRP(guid string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, l := range r.lrps {
+		if l.key.GetProcessGuid() == guid {
+			return true
+		}
+	}
+	return false
+}
+
 func (r *Rep) applySchedule(ctx context.Context, guid string, sched *basinv1.DesiredLRPSchedule, rev int64) {
 	var changed []*lrp
 	r.mu.Lock()
