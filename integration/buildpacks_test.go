@@ -370,9 +370,12 @@ func freePort(t *testing.T) int {
 }
 
 // listener finds the process listening on port (IPv4 or IPv6).
-func listener(port int) (pid int, ok bool) {
+func listener(launcher, port int) (pid int, ok bool) {
 	inodes := map[string]bool{}
-	for _, f := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+	// The app's sockets, seen from its own network namespace: /proc/net is
+	// the test process's main thread's, which an earlier test's CNI work
+	// may have left elsewhere than the thread that started the app.
+	for _, f := range []string{fmt.Sprintf("/proc/%d/net/tcp", launcher), fmt.Sprintf("/proc/%d/net/tcp6", launcher)} {
 		file, err := os.Open(f)
 		if err != nil {
 			continue
@@ -550,7 +553,7 @@ func run(t *testing.T, env *bookwormEnv, ex example, res stagingResult) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	if ex.check != nil {
-		pid, ok := listener(port)
+		pid, ok := listener(cmd.Process.Pid, port)
 		if !ok {
 			t.Fatalf("no process listens on port %d", port)
 		}
