@@ -571,3 +571,17 @@ func TestReconcileRepairsAppsAndLRPs(t *testing.T) {
 	e.lrpGone(t, "someone-v9")
 	e.lrp(t, pg)
 }
+
+// TestRollStoppedApp: a rolling deploy of an app with no LRP running has no
+// old version to remove at the end.
+func TestRollStoppedApp(t *testing.T) {
+	e := newEnv(t, Config{})
+	startCell(t, e, "cell-1")
+	e.pushed(t, "web", 1)
+	if _, err := e.svc.StopApp(e.ctx, &basinv1.StopAppRequest{Name: "web"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.svc.roll(e.ctx, "web", 10*time.Second, func(*basinv1.RollAppResponse) error { return nil }); err != nil {
+		t.Fatalf("roll of a stopped app: %v", err)
+	}
+}

@@ -312,10 +312,10 @@ func (s *Service) roll(ctx context.Context, name string, timeout time.Duration, 
 		}
 		done := ready >= n
 		if done {
-			if err := s.removeLRPs(ctx, []string{prev}); err != nil {
-				return nil, err
-			}
 			if prev != "" {
+				if err := s.removeLRPs(ctx, []string{prev}); err != nil {
+					return nil, err
+				}
 				left = 0
 			}
 			a, err = s.mutate(ctx, name, 0, func(x *basinv1.App) error {
