@@ -256,15 +256,24 @@ func (s *Service) roll(ctx context.Context, name string, timeout time.Duration, 
 
 	fail := func(cause error) (*basinv1.App, error) {
 		// Put the old version back as it was, and drop the new one.
+		// A step that fails is logged, not returned: the caller must see
+		// why the deploy failed.
 		bg := context.WithoutCancel(ctx)
+		log := s.log.With("app", name, "process_guid", newPG)
 		if prev != "" {
-			s.lrps.UpdateDesiredLRP(bg, &basinv1.UpdateDesiredLRPRequest{ProcessGuid: prev, Instances: &oldCount})
+			if _, err := s.lrps.UpdateDesiredLRP(bg, &basinv1.UpdateDesiredLRPRequest{ProcessGuid: prev, Instances: &oldCount}); err != nil {
+				log.Warn("rollback: scale the old version back up", "old_process_guid", prev, "err", err)
+			}
 		}
-		s.removeLRPs(bg, []string{newPG})
-		s.mutate(bg, name, 0, func(x *basinv1.App) error {
+		if err := s.removeLRPs(bg, []string{newPG}); err != nil {
+			log.Warn("rollback: remove the new version", "err", err)
+		}
+		if _, err := s.mutate(bg, name, 0, func(x *basinv1.App) error {
 			x.ProcessGuids = slices.DeleteFunc(x.ProcessGuids, func(pg string) bool { return pg == newPG })
 			return nil
-		})
+		}); err != nil {
+			log.Warn("rollback: drop the new version from the app", "err", err)
+		}
 		s.audit(bg, a, "audit.app.deployment.cancel", cause.Error())
 		return nil, cause
 	}
