@@ -277,33 +277,22 @@ func (a *LogAPI) lrpLogs(ctx context.Context, guid string, req *basinv1.StreamLo
 		}
 		return nil
 	}
+	// Every return path stops the relays and waits for them.
+	defer func() { cancel(); wg.Wait() }()
 	if err := scan(); err != nil {
 		return err
 	}
 	if !req.GetFollow() {
-		done := make(chan struct{})
-		go func() { wg.Wait(); close(done) }()
-		for {
-			select {
-			case l := <-lines:
-				if err := send(l); err != nil {
-					return err
-				}
-			case <-done:
-				for {
-					select {
-					case l := <-lines:
-						if err := send(l); err != nil {
-							return err
-						}
-					default:
-						return nil
-					}
-				}
+		// No scan starts relays after this one: once they are done no
+		// one sends on lines.
+		go func() { wg.Wait(); close(lines) }()
+		for l := range lines {
+			if err := send(l); err != nil {
+				return err
 			}
 		}
+		return nil
 	}
-	defer func() { cancel(); wg.Wait() }()
 	tick := time.NewTicker(4 * logPoll)
 	defer tick.Stop()
 	for {
