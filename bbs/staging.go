@@ -1,6 +1,7 @@
 package bbs
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -370,7 +371,7 @@ func (a *StagingAPI) RegisterBuiltin(ctx context.Context, archives []BuildpackAr
 		if err := checkBuildpackName(fmt.Sprintf("builtin[%d].name", i), ar.Name); err != nil {
 			return err
 		}
-		d, _, err := a.blobs.Put(ctx, strings.NewReader(string(ar.Data)), "", int64(len(ar.Data)))
+		d, _, err := a.blobs.Put(ctx, bytes.NewReader(ar.Data), "", int64(len(ar.Data)))
 		if err != nil {
 			return fmt.Errorf("store built-in buildpack %s: %w", ar.Name, err)
 		}
