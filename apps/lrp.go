@@ -14,6 +14,7 @@ import (
 	"github.com/basinpaas/basin/bbs"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/protobuf/proto"
 )
 
 // Domain is the BBS domain of apps' LRPs.
@@ -211,7 +212,7 @@ func (s *Service) routed(ctx context.Context, routes []*basinv1.Route, pg string
 		}
 		for _, kv := range resp.Kvs {
 			ep := &basinv1.RouteEndpoint{}
-			if unmarshal(kv.Value, ep) != nil {
+			if proto.Unmarshal(kv.Value, ep) != nil {
 				continue
 			}
 			counts[routedKey{ep.GetIndex(), ep.GetInstanceGuid()}]++

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/basinpaas/basin/bbs"
+	"github.com/basinpaas/basin/bbs/blobstore"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
@@ -465,13 +466,11 @@ func (s *Service) DeleteApp(ctx context.Context, req *basinv1.DeleteAppRequest) 
 	return nil, fmt.Errorf("delete app %s: %w", req.GetName(), bbs.ErrConflict)
 }
 
-var digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
-
 func (s *Service) SetPackage(ctx context.Context, req *basinv1.SetPackageRequest) (*basinv1.SetPackageResponse, error) {
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
-	if !digestRE.MatchString(req.GetPackageDigest()) {
+	if blobstore.CheckDigest(req.GetPackageDigest()) != nil {
 		return nil, fieldErr("package_digest", "must be sha256:<64 hex digits>, got %q", req.GetPackageDigest())
 	}
 	a, err := s.mutate(ctx, req.GetName(), 0, func(a *basinv1.App) error {
@@ -490,7 +489,7 @@ func (s *Service) SetDroplet(ctx context.Context, req *basinv1.SetDropletRequest
 	if err := checkName("name", req.GetName()); err != nil {
 		return nil, err
 	}
-	if !digestRE.MatchString(req.GetDropletDigest()) {
+	if blobstore.CheckDigest(req.GetDropletDigest()) != nil {
 		return nil, fieldErr("droplet_digest", "must be sha256:<64 hex digits>, got %q", req.GetDropletDigest())
 	}
 	a, err := s.mutate(ctx, req.GetName(), 0, func(a *basinv1.App) error {
@@ -836,8 +835,6 @@ func (s *Service) ListAppTasks(ctx context.Context, req *basinv1.ListAppTasksReq
 	})
 	return out, nil
 }
-
-func unmarshal(b []byte, m proto.Message) error { return proto.Unmarshal(b, m) }
 
 // Serve builds the app layer over a BBS server and registers it there, so it
 // shares the server's port, authentication and error mapping. The caller
