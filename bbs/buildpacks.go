@@ -3,11 +3,11 @@ package bbs
 import (
 	"context"
 	"fmt"
-	"github.com/basinpaas/basin/buildpacks"
 	"regexp"
 	"slices"
 	"strings"
 
+	"github.com/basinpaas/basin/buildpacks"
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/protobuf/proto"
