@@ -142,12 +142,14 @@ func (s *Store) writeBuildpacks(ctx context.Context, change func(list []*basinv1
 			cmps = append(cmps, clientv3.Compare(clientv3.ModRevision(s.keys.Buildpack(name)), "=", r))
 		}
 		var ops []clientv3.Op
+		written := map[string]bool{}
 		for _, b := range next {
 			b.Revision = 0
 			val := marshal(b)
 			if old, ok := before[b.GetName()]; ok && string(old) == string(val) {
 				continue
 			}
+			written[b.GetName()] = true
 			if _, ok := revs[b.GetName()]; !ok {
 				cmps = append(cmps, clientv3.Compare(clientv3.CreateRevision(s.keys.Buildpack(b.GetName())), "=", 0))
 			}
@@ -168,10 +170,10 @@ func (s *Store) writeBuildpacks(ctx context.Context, change func(list []*basinv1
 		}
 		if resp.Succeeded {
 			for _, b := range next {
-				if string(before[b.GetName()]) == string(marshal(b)) {
-					b.Revision = revs[b.GetName()]
-				} else {
+				if written[b.GetName()] {
 					b.Revision = resp.Header.Revision
+				} else {
+					b.Revision = revs[b.GetName()]
 				}
 			}
 			return next, nil
