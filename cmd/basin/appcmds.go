@@ -21,8 +21,6 @@ import (
 	"google.golang.org/protobuf/proto"
 )
 
-var ioEOF = io.EOF
-
 func newAppCommands() []*cobra.Command {
 	return []*cobra.Command{
 		newAppsCommand(), newAppCommand(), newScaleCommand(), newStartCommand(), newStopCommand(),
@@ -432,7 +430,7 @@ func roll(ctx context.Context, s *session, name string) error {
 	for {
 		p, err := stream.Recv()
 		if err != nil {
-			if errors.Is(err, ioEOF) {
+			if errors.Is(err, io.EOF) {
 				return nil
 			}
 			return ui.WithHint(fmt.Errorf("rolling deploy of %s: %w", name, err),
