@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"slices"
-	"strings"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -269,7 +268,7 @@ func (s *Store) ListDesiredLRPs(ctx context.Context, domain string) ([]*basinv1.
 	runs := map[string]*kvEntry{}
 	var order []string
 	if _, err := listPrefix(ctx, s.cli, s.keys.DesiredPrefix(), 0, func(kv kvPair) {
-		guid, part, ok := strings.Cut(strings.TrimPrefix(kv.key, s.keys.DesiredPrefix()), "/")
+		guid, part, ok := s.keys.DesiredPart(kv.key)
 		if !ok {
 			return
 		}
@@ -300,10 +299,7 @@ func (s *Store) ListDesiredLRPs(ctx context.Context, domain string) ([]*basinv1.
 func (s *Store) ListDesiredLRPSchedules(ctx context.Context, domain string) ([]*basinv1.DesiredLRPSchedule, error) {
 	var out []*basinv1.DesiredLRPSchedule
 	var decodeErr error
-	if _, err := listPrefix(ctx, s.cli, s.keys.DesiredPrefix(), 0, func(kv kvPair) {
-		if !strings.HasSuffix(kv.key, "/schedule") {
-			return
-		}
+	if _, err := listPrefix(ctx, s.cli, s.keys.DesiredSchedulePrefix(), 0, func(kv kvPair) {
 		sc := &basinv1.DesiredLRPSchedule{}
 		if err := proto.Unmarshal(kv.val, sc); err != nil {
 			decodeErr = fmt.Errorf("decode %s: %w", kv.key, err)

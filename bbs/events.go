@@ -3,7 +3,6 @@ package bbs
 import (
 	"context"
 	"fmt"
-	"strings"
 	"sync"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -184,8 +183,7 @@ func (s *Store) onDesiredChange(rev int64, changes []change) {
 	touched := make(map[string]*parts)
 	var order []string
 	for _, c := range changes {
-		rest := strings.TrimPrefix(c.key, s.keys.DesiredPrefix())
-		guid, part, ok := strings.Cut(rest, "/")
+		guid, part, ok := s.keys.DesiredPart(c.key)
 		if !ok {
 			continue
 		}

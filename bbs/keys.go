@@ -28,9 +28,24 @@ func NewKeys(prefix string) Keys {
 	return Keys{Prefix: prefix}
 }
 
+// Desired LRPs keep their two parts under two prefixes, so whoever needs
+// only schedules (cells watching routes, the auctioneer and converger
+// listing) reads and watches schedules without every run part.
 func (k Keys) DesiredPrefix() string              { return k.Prefix + "desired/" }
-func (k Keys) DesiredSchedule(guid string) string { return k.Prefix + "desired/" + guid + "/schedule" }
-func (k Keys) DesiredRun(guid string) string      { return k.Prefix + "desired/" + guid + "/run" }
+func (k Keys) DesiredSchedulePrefix() string      { return k.Prefix + "desired/schedule/" }
+func (k Keys) DesiredRunPrefix() string           { return k.Prefix + "desired/run/" }
+func (k Keys) DesiredSchedule(guid string) string { return k.DesiredSchedulePrefix() + guid }
+func (k Keys) DesiredRun(guid string) string      { return k.DesiredRunPrefix() + guid }
+
+// DesiredPart splits a desired LRP key into its process guid and part
+// ("schedule" or "run").
+func (k Keys) DesiredPart(key string) (guid, part string, ok bool) {
+	part, guid, ok = strings.Cut(strings.TrimPrefix(key, k.DesiredPrefix()), "/")
+	if !ok || guid == "" || strings.Contains(guid, "/") || (part != "schedule" && part != "run") {
+		return "", "", false
+	}
+	return guid, part, true
+}
 
 func (k Keys) ActualPrefix() string { return k.Prefix + "actual/" }
 func (k Keys) ActualLRPPrefix(guid string) string {

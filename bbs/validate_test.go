@@ -20,3 +20,23 @@ func TestIsGUID(t *testing.T) {
 		}
 	}
 }
+
+func TestDesiredPart(t *testing.T) {
+	k := NewKeys("/p/")
+	tests := []struct {
+		key, guid, part string
+		ok              bool
+	}{
+		{k.DesiredSchedule("web-1"), "web-1", "schedule", true},
+		{k.DesiredRun("web-1"), "web-1", "run", true},
+		{"/p/desired/other/web-1", "", "", false},
+		{"/p/desired/schedule/", "", "", false},
+		{"/p/desired/run/a/b", "", "", false},
+	}
+	for _, tc := range tests {
+		guid, part, ok := k.DesiredPart(tc.key)
+		if guid != tc.guid || part != tc.part || ok != tc.ok {
+			t.Errorf("DesiredPart(%q) = %q, %q, %v; want %q, %q, %v", tc.key, guid, part, ok, tc.guid, tc.part, tc.ok)
+		}
+	}
+}

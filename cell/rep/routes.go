@@ -20,7 +20,7 @@ import (
 // missed; after a compaction or a broken watch it notes the revision again,
 // re-reads every instance's schedule and watches on from there.
 func (r *Rep) watchSchedules(ctx context.Context, from int64) error {
-	prefix := r.cfg.Keys.DesiredPrefix()
+	prefix := r.cfg.Keys.DesiredSchedulePrefix()
 	for ctx.Err() == nil {
 		wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
 		for wr := range r.etcd.Watch(wctx, prefix, clientv3.WithPrefix(), clientv3.WithRev(from+1)) {
@@ -30,8 +30,8 @@ func (r *Rep) watchSchedules(ctx context.Context, from int64) error {
 			}
 			for _, ev := range wr.Events {
 				from = ev.Kv.ModRevision
-				guid, ok := strings.CutSuffix(strings.TrimPrefix(string(ev.Kv.Key), prefix), "/schedule")
-				if ev.Type != clientv3.EventTypePut || !ok || strings.Contains(guid, "/") || !r.runsLRP(guid) {
+				guid := strings.TrimPrefix(string(ev.Kv.Key), prefix)
+				if ev.Type != clientv3.EventTypePut || guid == "" || strings.Contains(guid, "/") || !r.runsLRP(guid) {
 					continue
 				}
 				sched := &basinv1.DesiredLRPSchedule{}
