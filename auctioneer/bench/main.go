@@ -381,10 +381,14 @@ func printStoreStats(reg prometheus.Gatherer) {
 	if mfs, err := prometheus.DefaultGatherer.Gather(); err == nil {
 		for _, mf := range mfs {
 			switch mf.GetName() {
-			case "etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds", "etcd_server_apply_duration_seconds":
+			case "etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds":
 				for _, m := range mf.GetMetric() {
 					h := m.GetHistogram()
 					fmt.Printf("etcd: %s: %d, %.2f ms mean\n", mf.GetName(), h.GetSampleCount(), 1000*h.GetSampleSum()/max(float64(h.GetSampleCount()), 1))
+				}
+			case "etcd_debugging_mvcc_slow_watcher_total", "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_pending_events_total":
+				for _, m := range mf.GetMetric() {
+					fmt.Printf("etcd: %s: %.0f\n", mf.GetName(), m.GetGauge().GetValue()+m.GetCounter().GetValue())
 				}
 			}
 		}
