@@ -83,17 +83,13 @@ type LogAPI struct {
 
 var _ basinv1.LogServiceServer = (*LogAPI)(nil)
 
-// NewLogAPI relays logs from cells dialled with dialOpts (plaintext when
-// empty, as the auctioneer dials them by default).
-func NewLogAPI(store *Store, dialOpts []grpc.DialOption, log *slog.Logger) *LogAPI {
+// newLogAPI relays logs from cells reached through cells.
+func newLogAPI(store *Store, cells *cellConns, log *slog.Logger) *LogAPI {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &LogAPI{store: store, cells: newCellConns(dialOpts), log: log}
+	return &LogAPI{store: store, cells: cells, log: log}
 }
-
-// Close closes the connections to cells.
-func (a *LogAPI) Close() { a.cells.close() }
 
 func (a *LogAPI) StreamLogs(req *basinv1.StreamLogsRequest, stream grpc.ServerStreamingServer[basinv1.StreamLogsResponse]) error {
 	if req.GetRecent() < 0 || req.GetRecent() > 10000 {

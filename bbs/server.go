@@ -78,8 +78,7 @@ type Server struct {
 	lis      net.Listener
 	log      *slog.Logger
 	staging  *StagingAPI // nil without a blobstore
-	logs     *LogAPI
-	ssh      *SSHAPI
+	cells    *cellConns
 }
 
 // NewServer builds a BBS on cli and binds its gRPC listener, so Addr is known
@@ -135,10 +134,10 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 		staging = NewStagingAPI(store, cfg.Blobs, cfg.Limits, cfg.Staging, cfg.Logger)
 		basinv1.RegisterStagingServiceServer(gs, staging)
 	}
-	logs := NewLogAPI(store, cfg.CellDialOptions, cfg.Logger)
-	basinv1.RegisterLogServiceServer(gs, logs)
-	ssh := NewSSHAPI(store, cfg.CellDialOptions, cfg.Logger)
-	basinv1.RegisterSSHServiceServer(gs, ssh)
+	// Logs and ssh relay to the same cells: one connection per cell.
+	cells := newCellConns(cfg.CellDialOptions)
+	basinv1.RegisterLogServiceServer(gs, newLogAPI(store, cells, cfg.Logger))
+	basinv1.RegisterSSHServiceServer(gs, newSSHAPI(store, cells, cfg.Logger))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
 	reflection.Register(gs)
@@ -150,7 +149,7 @@ func NewServer(cli *clientv3.Client, cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("listen on %s: %w", cfg.ListenAddress, err)
 		}
 	}
-	return &Server{cfg: cfg, store: store, api: api, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, logs: logs, ssh: ssh}, nil
+	return &Server{cfg: cfg, store: store, api: api, registry: reg, grpc: gs, health: hs, lis: lis, log: cfg.Logger, staging: staging, cells: cells}, nil
 }
 
 // Addr is where the gRPC API listens.
@@ -177,8 +176,7 @@ func (s *Server) Staging() *StagingAPI { return s.staging }
 
 // Run serves until ctx is done, then stops gracefully (bounded).
 func (s *Server) Run(ctx context.Context) error {
-	defer s.logs.Close()
-	defer s.ssh.Close()
+	defer s.cells.close()
 	g, gctx := errgroup.WithContext(ctx)
 	if s.staging != nil && s.cfg.BuiltinBuildpacks != nil {
 		g.Go(func() error { s.registerBuiltin(gctx); return nil })

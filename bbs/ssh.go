@@ -25,16 +25,13 @@ type SSHAPI struct {
 
 var _ basinv1.SSHServiceServer = (*SSHAPI)(nil)
 
-// NewSSHAPI relays to cells dialled with dialOpts (plaintext when empty).
-func NewSSHAPI(store *Store, dialOpts []grpc.DialOption, log *slog.Logger) *SSHAPI {
+// newSSHAPI relays exec sessions to cells reached through cells.
+func newSSHAPI(store *Store, cells *cellConns, log *slog.Logger) *SSHAPI {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &SSHAPI{store: store, cells: newCellConns(dialOpts), log: log}
+	return &SSHAPI{store: store, cells: cells, log: log}
 }
-
-// Close closes the connections to cells.
-func (a *SSHAPI) Close() { a.cells.close() }
 
 // Exec relays one session: the first request's start is resolved to a
 // running instance and its cell, then both directions are piped until the
