@@ -77,7 +77,9 @@ func (a *SSHAPI) Exec(stream grpc.BidiStreamingServer[basinv1.SSHServiceExecRequ
 		return cellStatus(cellID, addr, err)
 	}
 
-	// Client → cell. Only this goroutine sends on cs from here on.
+	// Client → cell. Only this goroutine sends on cs from here on. It ends
+	// at the latest when Exec returns: gRPC then cancels the stream, which
+	// ends stream.Recv.
 	go func() {
 		for {
 			m, err := stream.Recv()
