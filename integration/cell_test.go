@@ -745,7 +745,7 @@ func cleanupCellState(t *testing.T, state string) {
 		ctr.Delete(nctx, client.WithSnapshotCleanup)
 		// What the executor's teardown would have undone: the port
 		// mapping's iptables rules and the pinned network namespace.
-		removePortmapRules(t, ctr.ID())
+		removeCNIRules(t, ctr.ID())
 		if ns := labels["basin.io/netns"]; ns != "" {
 			exec.Command("umount", ns).Run()
 			os.Remove(ns)
@@ -754,29 +754,32 @@ func cleanupCellState(t *testing.T, state string) {
 	}
 }
 
-// removePortmapRules deletes the CNI portmap plugin's DNAT jump and chain
-// for a container whose network was never torn down.
-func removePortmapRules(t *testing.T, containerID string) {
-	out, err := exec.Command("iptables", "-w", "5", "-t", "nat", "-S", "CNI-HOSTPORT-DNAT").Output()
-	if err != nil {
-		return
-	}
-	for _, rule := range strings.Split(string(out), "\n") {
-		if !strings.HasPrefix(rule, "-A ") || !strings.Contains(rule, `id: \"`+containerID+`\"`) {
+// removeCNIRules deletes the nat rules CNI's portmap and bridge plugins
+// wrote for a container whose teardown never ran (a SIGKILLed cell): a
+// leftover DNAT would take a later test's traffic to a reused host port.
+func removeCNIRules(t *testing.T, containerID string) {
+	for _, chain := range []string{"CNI-HOSTPORT-DNAT", "POSTROUTING"} {
+		out, err := exec.Command("iptables", "-w", "5", "-t", "nat", "-S", chain).Output()
+		if err != nil {
 			continue
 		}
-		i := strings.Index(rule, "-j CNI-DN-")
-		if i < 0 {
-			continue
+		for _, rule := range strings.Split(string(out), "\n") {
+			if !strings.HasPrefix(rule, "-A ") || !strings.Contains(rule, `id: \"`+containerID+`\"`) {
+				continue
+			}
+			i := strings.Index(rule, "-j CNI-")
+			if i < 0 {
+				continue
+			}
+			target := strings.Fields(rule[i+3:])[0]
+			// The comment holds quotes: let a shell split the rule as iptables -S printed it.
+			del := "iptables -w 5 -t nat -D " + strings.TrimPrefix(rule, "-A ")
+			if out, err := exec.Command("sh", "-c", del).CombinedOutput(); err != nil {
+				t.Logf("cleanup: %s: %v %s", del, err, out)
+				continue
+			}
+			exec.Command("iptables", "-w", "5", "-t", "nat", "-F", target).Run()
+			exec.Command("iptables", "-w", "5", "-t", "nat", "-X", target).Run()
 		}
-		chain := strings.Fields(rule[i+3:])[0]
-		// The comment holds quotes: let a shell split the rule as iptables -S printed it.
-		del := "iptables -w 5 -t nat -D " + strings.TrimPrefix(rule, "-A ")
-		if out, err := exec.Command("sh", "-c", del).CombinedOutput(); err != nil {
-			t.Logf("cleanup: %s: %v %s", del, err, out)
-			continue
-		}
-		exec.Command("iptables", "-w", "5", "-t", "nat", "-F", chain).Run()
-		exec.Command("iptables", "-w", "5", "-t", "nat", "-X", chain).Run()
 	}
 }

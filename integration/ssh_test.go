@@ -45,14 +45,15 @@ func TestSSHThroughTheBBS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := cell.New(cell.Config{
+	cfg := cell.Config{
 		ID: "ssh-cell", Zone: "z1", Capacity: &basinv1.CellCapacity{MemoryMb: 1024, DiskMb: 4096, Containers: 10},
 		Listener: lis, Containerd: cenv.client, Etcd: env.etcd, BBSClient: env.bbs, Prefix: env.prefix,
 		LauncherPath: cenv.launcher, StateDir: state,
 		NetworkName: bridge, BridgeName: bridge, Subnet: "10.233.0.0/24", FirewallChain: "BASIN-SSHTEST0",
 		HostPortLow: 63400, HostPortHigh: 63499, StopGrace: 2 * time.Second,
 		Logger: slog.New(slog.NewTextHandler(testLog{t}, nil)),
-	})
+	}
+	c, err := cell.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -63,6 +64,11 @@ func TestSSHThroughTheBBS(t *testing.T) {
 		stopCell()
 		if err := <-runErr; err != nil {
 			t.Errorf("cell Run: %v", err)
+		}
+		// A stopped cell leaves its containers for the next one to adopt:
+		// remove them, as basin dev down does.
+		if err := cell.Purge(context.Background(), cfg); err != nil {
+			t.Errorf("purge the cell's containers: %v", err)
 		}
 		exec.Command("ip", "link", "del", bridge).Run()
 		os.RemoveAll(state)
