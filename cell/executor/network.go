@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	cni "github.com/containerd/go-cni"
 )
@@ -169,12 +170,34 @@ func (n *network) setup(ctx context.Context, id, path string, ports []PortMappin
 	return "", fmt.Errorf("cni setup of %s: no IPv4 address in the result", id)
 }
 
+// A teardown whose plugin dies (a terminal's Ctrl-C reaches the plugins in
+// the cell's process group too) is tried again: a skipped DEL would leave
+// the container's NAT rules, and a leftover DNAT takes the traffic of the
+// next instance given that host port. Teardown must finish even while the
+// cell shuts down, so it does not end with ctx; it is bounded instead.
 func (n *network) teardown(ctx context.Context, id, path string, ports []PortMapping) error {
-	if err := n.cni.Remove(ctx, id, path, cni.WithCapabilityPortMap(n.portMaps(ports))); err != nil {
-		return fmt.Errorf("cni teardown of %s: %w", id, err)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), teardownTimeout)
+	defer cancel()
+	var err error
+	for attempt := range teardownAttempts {
+		if attempt > 0 {
+			select {
+			case <-time.After(200 * time.Millisecond):
+			case <-ctx.Done():
+				return fmt.Errorf("cni teardown of %s: %w", id, err)
+			}
+		}
+		if err = n.cni.Remove(ctx, id, path, cni.WithCapabilityPortMap(n.portMaps(ports))); err == nil {
+			return nil
+		}
 	}
-	return nil
+	return fmt.Errorf("cni teardown of %s: %w", id, err)
 }
+
+const (
+	teardownAttempts = 3
+	teardownTimeout  = 20 * time.Second
+)
 
 // installFirewall rejects connections from the container subnet to the
 // protected host ports. Traffic from a container to any of the host's
