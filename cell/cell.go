@@ -372,6 +372,9 @@ func Purge(ctx context.Context, cfg Config) error {
 	if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
 		errs = append(errs, err)
 	}
+	if err := ex.RemoveLeftoverNAT(ctx); err != nil {
+		errs = append(errs, err)
+	}
 	bridge := cfg.BridgeName
 	if bridge == "" {
 		bridge = "basin0"

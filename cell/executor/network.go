@@ -242,3 +242,83 @@ func iptables(ctx context.Context, args ...string) error {
 	}
 	return nil
 }
+
+// RemoveLeftoverNAT deletes the nat rules CNI plugins wrote for this
+// executor's network that no teardown removed (a plugin killed mid-DEL, a
+// DEL that could not find its namespace): a leftover DNAT takes the traffic
+// of the next instance given that host port. Call it only when no instance
+// of the network runs, as cell.Purge does.
+func (e *Executor) RemoveLeftoverNAT(ctx context.Context) error {
+	return removeNATRulesOf(ctx, e.cfg.NetworkName)
+}
+
+// removeNATRulesOf deletes, from the chains CNI's bridge and portmap
+// plugins write to, every rule whose comment names network, with the
+// per-container chain it jumps to.
+func removeNATRulesOf(ctx context.Context, network string) error {
+	mark := `name: \"` + network + `\"`
+	var errs []error
+	for _, chain := range []string{"CNI-HOSTPORT-DNAT", "POSTROUTING"} {
+		out, err := exec.CommandContext(ctx, "iptables", "-w", "5", "-t", "nat", "-S", chain).Output()
+		if err != nil {
+			continue // no such chain: nothing of ours there
+		}
+		var rules []string
+		for _, line := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(line, "-A ") {
+				rules = append(rules, line)
+			}
+		}
+		for _, rule := range rules {
+			if !strings.Contains(rule, mark) {
+				continue
+			}
+			// Deleted by specification, not position: other cells may
+			// change the chain meanwhile.
+			args := append([]string{"-t", "nat", "-D"}, splitRule(strings.TrimPrefix(rule, "-A "))...)
+			if err := iptables(ctx, args...); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			if j := strings.Index(rule, "-j CNI-"); j >= 0 {
+				target := strings.Fields(rule[j+3:])[0]
+				if !strings.HasPrefix(target, "CNI-HOSTPORT-") {
+					_ = iptables(ctx, "-t", "nat", "-F", target)
+					_ = iptables(ctx, "-t", "nat", "-X", target)
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// splitRule splits a rule as iptables -S prints it into arguments: words
+// apart from double-quoted strings, in which \" is a quote.
+func splitRule(rule string) []string {
+	var args []string
+	var cur strings.Builder
+	inQuote, inWord := false, false
+	for i := 0; i < len(rule); i++ {
+		c := rule[i]
+		switch {
+		case inQuote && c == '\\' && i+1 < len(rule) && (rule[i+1] == '"' || rule[i+1] == '\\'):
+			i++
+			cur.WriteByte(rule[i])
+		case c == '"':
+			inQuote, inWord = !inQuote, true
+		case c == ' ' && !inQuote:
+			if inWord {
+				args = append(args, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteByte(c)
+			inWord = true
+		}
+	}
+	if inWord {
+		args = append(args, cur.String())
+	}
+	return args
+}

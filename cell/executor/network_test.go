@@ -1,50 +1,25 @@
 package executor
 
 import (
-	"errors"
+	"slices"
 	"testing"
 )
 
-func TestAllocateHostPorts(t *testing.T) {
-	// Port bp is held by another process and is skipped.
-	const bp = 61000
-	n := &network{hostIP: "127.0.0.1", portLow: bp, portHigh: bp + 3, next: bp, allocated: map[int]bool{},
-		free: func(p int) bool { return p != bp }}
-
+func TestSplitRule(t *testing.T) {
 	tests := []struct {
-		name    string
-		count   int
-		want    []uint16
-		wantErr error
+		rule string
+		want []string
 	}{
-		{"skips the busy port", 2, []uint16{uint16(bp + 1), uint16(bp + 2)}, nil},
-		{"takes the last free one", 1, []uint16{uint16(bp + 3)}, nil},
-		{"range exhausted", 1, nil, ErrNoPorts},
+		{`POSTROUTING -s 10.214.0.2/32 -m comment --comment "name: \"basin-dev-0\" id: \"70f1\"" -j CNI-27dc`,
+			[]string{"POSTROUTING", "-s", "10.214.0.2/32", "-m", "comment", "--comment", `name: "basin-dev-0" id: "70f1"`, "-j", "CNI-27dc"}},
+		{`CNI-HOSTPORT-DNAT -p tcp -m comment --comment "dnat name: \"basin-dev-1\" id: \"b01f\"" -m multiport --dports 61200 -j CNI-DN-4983`,
+			[]string{"CNI-HOSTPORT-DNAT", "-p", "tcp", "-m", "comment", "--comment", `dnat name: "basin-dev-1" id: "b01f"`, "-m", "multiport", "--dports", "61200", "-j", "CNI-DN-4983"}},
+		{`X --comment ""`, []string{"X", "--comment", ""}},
+		{`A  B`, []string{"A", "B"}},
 	}
 	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, err := n.allocate(tc.count)
-			if !errors.Is(err, tc.wantErr) {
-				t.Fatalf("allocate(%d) error = %v, want %v", tc.count, err, tc.wantErr)
-			}
-			if len(got) != len(tc.want) {
-				t.Fatalf("allocate(%d) = %v, want %v", tc.count, got, tc.want)
-			}
-			for i := range got {
-				if got[i] != tc.want[i] {
-					t.Errorf("allocate(%d) = %v, want %v", tc.count, got, tc.want)
-				}
-			}
-		})
-	}
-
-	n.release([]PortMapping{{HostPort: uint16(bp + 2)}})
-	got, err := n.allocate(1)
-	if err != nil || len(got) != 1 || got[0] != uint16(bp+2) {
-		t.Errorf("after release allocate = %v, %v; want [%d]", got, err, bp+2)
-	}
-	n.reserve([]PortMapping{{HostPort: uint16(bp + 2)}})
-	if _, err := n.allocate(1); !errors.Is(err, ErrNoPorts) {
-		t.Errorf("allocate after reserve = %v, want %v", err, ErrNoPorts)
+		if got := splitRule(tc.rule); !slices.Equal(got, tc.want) {
+			t.Errorf("splitRule(%q) = %q, want %q", tc.rule, got, tc.want)
+		}
 	}
 }
