@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/basinpaas/basin/cell/containerdproc"
 	"github.com/containerd/containerd/v2/client"
@@ -115,54 +114,6 @@ func TestImportOnce(t *testing.T) {
 	if n != 1 {
 		t.Errorf("%d snapshots after two Ensure calls, want 1", n)
 	}
-	if err := c.SnapshotService(Snapshotter).Remove(nctx, name); err != nil {
-		t.Errorf("remove %s: %v", name, err)
-	}
-}
-
-// TestEnsureBookworm imports the bookworm stack into containerd when this
-// machine has it built already (the integration tests build it; unit tests
-// never spend minutes on debootstrap).
-func TestEnsureBookworm(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("importing into containerd needs root")
-	}
-	if _, err := os.Stat(filepath.Join(BookwormDir(BookwormOptions{}), "etc", "os-release")); err != nil {
-		t.Skip("the bookworm stack is not built on this machine (sudo basin stack build bookworm, or the integration tests, build it)")
-	}
-	if err := containerdproc.Binaries(); err != nil {
-		t.Skipf("containerd binaries not installed: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	dir, err := containerdproc.ShortDir("basin-stack-test")
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := containerdproc.Start(ctx, containerdproc.Config{Dir: dir})
-	if err != nil {
-		cancel()
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cancel(); <-d.Stopped(); os.RemoveAll(dir) })
-	c, err := client.New(d.Address())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	t0 := time.Now()
-	name, err := Ensure(ctx, c, "bookworm", t.TempDir())
-	if err != nil {
-		t.Fatalf("Ensure bookworm: %v", err)
-	}
-	t.Logf("imported %s in %s", name, time.Since(t0).Round(time.Millisecond))
-	if name != SnapshotName("bookworm", BookwormDigest()) {
-		t.Errorf("snapshot %s, want %s", name, SnapshotName("bookworm", BookwormDigest()))
-	}
-	again, err := Ensure(ctx, c, "bookworm", t.TempDir())
-	if err != nil || again != name {
-		t.Fatalf("second Ensure = %q, %v; want %q", again, err, name)
-	}
-	nctx := namespaces.WithNamespace(ctx, Namespace)
 	if err := c.SnapshotService(Snapshotter).Remove(nctx, name); err != nil {
 		t.Errorf("remove %s: %v", name, err)
 	}
