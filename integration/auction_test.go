@@ -568,15 +568,7 @@ func TestCellLoss(t *testing.T) {
 		t.Fatal(err)
 	}
 	const bridge, chain, subnet = "basincell5", "BASIN-CELLTEST5", "10.226.0.0/24"
-	t.Cleanup(func() {
-		cleanupCellState(t, state)
-		exec.Command("ip", "link", "del", bridge).Run()
-		for exec.Command("iptables", "-w", "5", "-D", "INPUT", "-s", subnet, "-j", chain).Run() == nil {
-		}
-		exec.Command("iptables", "-w", "5", "-F", chain).Run()
-		exec.Command("iptables", "-w", "5", "-X", chain).Run()
-		os.RemoveAll(state)
-	})
+	t.Cleanup(func() { cleanupCellProc(t, state, bridge, subnet, chain) })
 	listen := freeLoopbackAddr(t)
 	proc := startCellProc(t, bin, []string{"--id", "rk-proc", "--listen", listen, "--bbs", env.bbsURL, "--etcd", env.etcdEP,
 		"--prefix", env.prefix, "--launcher", cenv.launcher, "--state-dir", state, "--bridge", bridge, "--network", bridge,

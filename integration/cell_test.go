@@ -573,17 +573,7 @@ func TestCellProcessRestartsAndDies(t *testing.T) {
 		t.Fatal(err)
 	}
 	const bridge, chain, subnet = "basincell1", "BASIN-CELLTEST1", "10.222.0.0/24"
-	t.Cleanup(func() {
-		// Whatever a failed run left: containers (through a containerd on
-		// the cell's state), the bridge, the firewall chain.
-		cleanupCellState(t, state)
-		exec.Command("ip", "link", "del", bridge).Run()
-		for exec.Command("iptables", "-w", "5", "-D", "INPUT", "-s", subnet, "-j", chain).Run() == nil {
-		}
-		exec.Command("iptables", "-w", "5", "-F", chain).Run()
-		exec.Command("iptables", "-w", "5", "-X", chain).Run()
-		os.RemoveAll(state)
-	})
+	t.Cleanup(func() { cleanupCellProc(t, state, bridge, subnet, chain) })
 	listen := freeLoopbackAddr(t)
 	args := []string{"--id", "it-proc-cell", "--listen", listen, "--bbs", env.bbsURL, "--etcd", env.etcdEP,
 		"--prefix", env.prefix, "--launcher", launcher, "--state-dir", state, "--bridge", bridge, "--network", bridge,
@@ -717,6 +707,19 @@ func instancePID(t *testing.T, ctx context.Context, state, guid string) uint32 {
 
 // cleanupCellState kills and deletes every container a cell process left
 // on its own containerd (only after a failure: the test removes its app).
+// cleanupCellProc removes whatever a cell process run left: containers
+// (through a containerd on the cell's state), the bridge, the firewall
+// chain, the state.
+func cleanupCellProc(t *testing.T, state, bridge, subnet, chain string) {
+	cleanupCellState(t, state)
+	exec.Command("ip", "link", "del", bridge).Run()
+	for exec.Command("iptables", "-w", "5", "-D", "INPUT", "-s", subnet, "-j", chain).Run() == nil {
+	}
+	exec.Command("iptables", "-w", "5", "-F", chain).Run()
+	exec.Command("iptables", "-w", "5", "-X", chain).Run()
+	os.RemoveAll(state)
+}
+
 func cleanupCellState(t *testing.T, state string) {
 	dir := filepath.Join(state, "containerd")
 	if _, err := os.Stat(filepath.Join(dir, "config.toml")); err != nil {

@@ -28,26 +28,40 @@ import (
 // what it leaves when the test ends.
 func startCLIPlatform(t *testing.T, netID int) *devUp {
 	t.Helper()
+	return startNetPlatform(t, netID)
+}
+
+// startNetPlatform runs dev up with two cells on network netID (plus
+// extra flags) and removes what it leaves when the test ends.
+func startNetPlatform(t *testing.T, netID int, extra ...string) *devUp {
+	t.Helper()
 	needCell(t)
-	t.Cleanup(func() {
-		for i := range 2 {
-			exec.Command("ip", "link", "del", fmt.Sprintf("basin-d%d-%d", netID, i)).Run()
-		}
-	})
-	d := startDevUp(t, 2, "--net-id", strconvItoa(netID))
-	// Registered after dev up's home, so it runs before the home is
-	// removed: stop dev up, then remove what it left with dev down (port
-	// mappings and NAT rules included), and whatever that missed.
+	t.Cleanup(func() { removeNetBridges(netID) })
+	d := startDevUp(t, 2, append([]string{"--net-id", strconvItoa(netID)}, extra...)...)
+	d.downOnCleanup(t, basinBinary(t))
+	return d
+}
+
+// removeNetBridges deletes the bridges of dev up's two cells on netID.
+func removeNetBridges(netID int) {
+	for i := range 2 {
+		exec.Command("ip", "link", "del", fmt.Sprintf("basin-d%d-%d", netID, i)).Run()
+	}
+}
+
+// downOnCleanup, registered after dev up's home so it runs before the home
+// is removed, stops dev up, then removes what it left with dev down (port
+// mappings and NAT rules included), and whatever that missed.
+func (d *devUp) downOnCleanup(t *testing.T, basin string) {
 	t.Cleanup(func() {
 		d.stop()
-		cmd := exec.Command(basinBinary(t), "dev", "down")
+		cmd := exec.Command(basin, "dev", "down")
 		cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Errorf("basin dev down: %v\n%s", err, out)
 		}
 		cleanupCellState(t, filepath.Join(d.home, "dev"))
 	})
-	return d
 }
 
 // basin runs the CLI against d and returns its combined output and whether

@@ -31,18 +31,8 @@ func TestReadmeNewcomer(t *testing.T) {
 	t0 := time.Now()
 	d.start(t, exec.Command("make", "-s", "-C", root, "up", "UP_FLAGS="+flags))
 	t.Logf("make up: platform up in %s", time.Since(t0).Round(time.Millisecond))
-	t.Cleanup(func() {
-		d.stop()
-		down := exec.Command(basin, "dev", "down")
-		down.Env = append(os.Environ(), "BASIN_HOME="+d.home)
-		if out, err := down.CombinedOutput(); err != nil {
-			t.Errorf("basin dev down: %v\n%s", err, out)
-		}
-		cleanupCellState(t, filepath.Join(d.home, "dev"))
-		for i := range 2 {
-			exec.Command("ip", "link", "del", fmt.Sprintf("basin-d%d-%d", netID, i)).Run()
-		}
-	})
+	t.Cleanup(func() { removeNetBridges(netID) })
+	d.downOnCleanup(t, basin)
 
 	push := exec.Command(basin, "push", "static", "-p", filepath.Join(root, "examples", "static"))
 	push.Env = append(os.Environ(), "BASIN_HOME="+d.home)

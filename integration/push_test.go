@@ -5,8 +5,6 @@ package integration
 import (
 	"context"
 	"encoding/json"
-	"fmt"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
@@ -28,24 +26,8 @@ import (
 // stacks on network netID, and removes what it leaves when the test ends.
 func startPushPlatform(t *testing.T, netID int) *devUp {
 	t.Helper()
-	needCell(t)
 	command(t, "basin-builder") // dev up finds it beside basin
-	t.Cleanup(func() {
-		for i := range 2 {
-			exec.Command("ip", "link", "del", fmt.Sprintf("basin-d%d-%d", netID, i)).Run()
-		}
-	})
-	d := startDevUp(t, 2, "--net-id", strconvItoa(netID), "--stacks", "tiny,bookworm")
-	t.Cleanup(func() {
-		d.stop()
-		cmd := exec.Command(basinBinary(t), "dev", "down")
-		cmd.Env = append(os.Environ(), "BASIN_HOME="+d.home)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Errorf("basin dev down: %v\n%s", err, out)
-		}
-		cleanupCellState(t, filepath.Join(d.home, "dev"))
-	})
-	return d
+	return startNetPlatform(t, netID, "--stacks", "tiny,bookworm")
 }
 
 // appView is what `basin app NAME --json` prints.
