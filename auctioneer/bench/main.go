@@ -38,7 +38,7 @@ type options struct {
 	maxBatch               int
 	timeout                time.Duration
 	txnWorkers             int
-	profile                string
+	profile, memProfile    string
 	kind                   string
 	leaseTTL               time.Duration
 	auctioneerLog          slog.Level
@@ -54,6 +54,7 @@ func main() {
 	flag.IntVar(&o.maxBatch, "max-batch", 20000, "auctioneer batch bound")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the placement phase to this file")
+	flag.StringVar(&o.memProfile, "memprofile", "", "write an allocation profile (whole run) to this file when all are RUNNING")
 	// Everything shares this process and two cores: with a 3 s lease a
 	// starved keepalive costs the leader its term (and its batch in flight).
 	flag.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "auctioneer election lease")
@@ -223,6 +224,11 @@ func run(ctx context.Context, o options) error {
 		}
 	}
 	elapsed := time.Since(placeStart)
+	if o.memProfile != "" {
+		if err := writeHeapProfile(o.memProfile); err != nil {
+			return err
+		}
+	}
 	// Confirm from etcd, not just from the events.
 	resp, err := client.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{Domain: "bench"})
 	if err != nil {
@@ -338,6 +344,15 @@ func countRunning(ctx context.Context, cli *clientv3.Client, keys bbs.Keys, wg *
 		}
 	})
 	return n, claimed
+}
+
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return pprof.Lookup("allocs").WriteTo(f, 0)
 }
 
 // placed reads the auctioneer's placements counter.
