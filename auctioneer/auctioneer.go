@@ -26,7 +26,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 )
 
 // Config configures an auctioneer replica. Zero values take the defaults.
@@ -45,6 +44,10 @@ type Config struct {
 	// CellStateTimeout bounds each cell's State call; cells that do not answer
 	// in time sit the auction out. 1 s.
 	CellStateTimeout time.Duration
+	// CellStateMaxAge is how long a cell's State answer serves later
+	// auctions of the same term, with what they placed on it taken off;
+	// 1 s. See cellCache.
+	CellStateMaxAge time.Duration
 	// PerformTimeout bounds each Perform call; 5 s.
 	PerformTimeout time.Duration
 	// MaxAttempts: auctions an item may fail before it gets a placement
@@ -76,6 +79,9 @@ func (c *Config) defaults() {
 	}
 	if c.CellStateTimeout <= 0 {
 		c.CellStateTimeout = time.Second
+	}
+	if c.CellStateMaxAge <= 0 {
+		c.CellStateMaxAge = time.Second
 	}
 	if c.PerformTimeout <= 0 {
 		c.PerformTimeout = 5 * time.Second
@@ -161,12 +167,26 @@ func (a *Auctioneer) lead(ctx context.Context, fence *basinv1.Fence) error {
 	a.metrics.leader.Set(1)
 	defer a.metrics.leader.Set(0)
 	q := newQueue(a.keys)
-	t := &term{a: a, fence: fence, q: q, schedules: make(map[string]*basinv1.DesiredLRPSchedule)}
+	t := &term{a: a, fence: fence, q: q, schedules: make(map[string]*basinv1.DesiredLRPSchedule), cells: &cellCache{
+		maxAge: a.cfg.CellStateMaxAge, now: a.cfg.Now, fetch: a.state, cells: make(map[string]*cachedCell),
+		fetched: a.fetchedState,
+	}}
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return q.watch(gctx, a.etcd, a.keys.UnclaimedPrefix()) })
 	g.Go(func() error { return q.watch(gctx, a.etcd, a.keys.PendingTaskPrefix()) })
 	g.Go(func() error { return t.loop(gctx) })
 	return g.Wait()
+}
+
+// fetchedState counts a State call; cells that fail or are slow sit the
+// auction out.
+func (a *Auctioneer) fetchedState(err error) {
+	if err != nil {
+		a.metrics.cellErrors.Inc()
+		a.log.Debug("cell state", "err", err)
+		return
+	}
+	a.metrics.cellStates.Inc()
 }
 
 // term is the state of one leadership term.
@@ -175,6 +195,7 @@ type term struct {
 	fence     *basinv1.Fence
 	q         *queue
 	schedules map[string]*basinv1.DesiredLRPSchedule
+	cells     *cellCache
 }
 
 // errFenced ends a term: the BBS refused a write because this replica no
@@ -236,7 +257,11 @@ func (t *term) auction(ctx context.Context, batch []item) error {
 		return err
 	}
 	resolved := time.Now()
-	cells := t.a.cellStates(ctx)
+	present, err := t.a.presences(ctx)
+	if err != nil {
+		t.a.log.Warn("list cells", "err", err)
+	}
+	cells := t.cells.snapshot(ctx, present)
 	stated := time.Now()
 	if ctx.Err() != nil {
 		// Leadership ended mid-auction: an empty snapshot is no reason to
@@ -244,6 +269,7 @@ func (t *term) auction(ctx context.Context, batch []item) error {
 		return nil
 	}
 	plan := placement.Place(cells.cells, work.Work)
+	t.cells.placed(plan)
 	m.auctionSeconds.Observe(time.Since(start).Seconds())
 	planned := time.Now()
 	defer func() {
@@ -288,15 +314,26 @@ func (t *term) auction(ctx context.Context, batch []item) error {
 			TaskGuid: p.Task.GUID, Stack: p.Task.Stack, Resources: work.taskResources[p.Task.GUID],
 		})
 	}
+	var mu sync.Mutex
+	var turnedDown []string
 	for cellID, req := range perCell {
 		wg.Go(func() {
 			rejected := t.perform(ctx, cells.addrs[cellID], cellID, req)
 			for key, reason := range rejected {
 				failed(key, reason)
 			}
+			if len(rejected) > 0 {
+				mu.Lock()
+				turnedDown = append(turnedDown, cellID)
+				mu.Unlock()
+			}
 		})
 	}
 	wg.Wait()
+	// What the cache holds for these cells is wrong: ask them again.
+	for _, id := range turnedDown {
+		t.cells.forget(id)
+	}
 	m.placements.Add(float64(len(plan.LRPs) + len(plan.Tasks)))
 	return fenceErr
 }
@@ -468,80 +505,6 @@ func (t *term) resolve(ctx context.Context, batch []item) (resolved, map[string]
 		}
 	}
 	return out, byKey, g.Wait()
-}
-
-// snapshot is the cells that answered State in time.
-type snapshot struct {
-	cells []placement.Cell
-	addrs map[string]string
-}
-
-// cellStates reads the cells' presence from etcd and asks each for its
-// State in parallel; cells that fail or are slow are left out.
-func (a *Auctioneer) cellStates(ctx context.Context) snapshot {
-	snap := snapshot{addrs: make(map[string]string)}
-	resp, err := a.etcd.Get(ctx, a.keys.CellPrefix(), clientv3.WithPrefix())
-	if err != nil {
-		a.log.Warn("list cells", "err", err)
-		return snap
-	}
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 256)
-	for _, kv := range resp.Kvs {
-		p := &basinv1.CellPresence{}
-		if err := proto.Unmarshal(kv.Value, p); err != nil {
-			a.log.Warn("decode cell presence", "key", string(kv.Key), "err", err)
-			continue
-		}
-		wg.Go(func() {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			st, err := a.state(ctx, p)
-			if err != nil {
-				a.metrics.cellErrors.Inc()
-				a.log.Debug("cell state", "cell", p.GetCellId(), "err", err)
-				return
-			}
-			mu.Lock()
-			defer mu.Unlock()
-			snap.cells = append(snap.cells, st)
-			snap.addrs[p.GetCellId()] = p.GetRepAddress()
-		})
-	}
-	wg.Wait()
-	return snap
-}
-
-func (a *Auctioneer) state(ctx context.Context, p *basinv1.CellPresence) (placement.Cell, error) {
-	conn, err := a.conn(p.GetRepAddress())
-	if err != nil {
-		return placement.Cell{}, err
-	}
-	sctx, cancel := context.WithTimeout(ctx, a.cfg.CellStateTimeout)
-	defer cancel()
-	st, err := basinv1.NewCellServiceClient(conn).State(sctx, &basinv1.StateRequest{})
-	if err != nil {
-		return placement.Cell{}, fmt.Errorf("state of cell %s at %s: %w", p.GetCellId(), p.GetRepAddress(), err)
-	}
-	// The cell's own answer is fresher than its presence key.
-	if sp := st.GetPresence(); sp != nil {
-		p = sp
-	}
-	c := placement.Cell{
-		ID: p.GetCellId(), Zone: p.GetZone(), Stacks: p.GetStacks(), Tags: p.GetPlacementTags(), Evacuating: p.GetEvacuating(),
-		Total: placement.Resources{
-			MemoryMB: p.GetCapacity().GetMemoryMb(), DiskMB: p.GetCapacity().GetDiskMb(), Containers: p.GetCapacity().GetContainers(),
-		},
-		Available: placement.Resources{
-			MemoryMB: st.GetAvailable().GetMemoryMb(), DiskMB: st.GetAvailable().GetDiskMb(), Containers: st.GetAvailable().GetContainers(),
-		},
-		Instances: make(map[string]int),
-	}
-	for _, l := range st.GetLrps() {
-		c.Instances[l.GetProcessGuid()]++
-	}
-	return c, nil
 }
 
 // conn returns a shared connection to a rep; gRPC dials lazily and

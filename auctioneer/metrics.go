@@ -10,6 +10,7 @@ type metrics struct {
 	placements     prometheus.Counter
 	failures       *prometheus.CounterVec
 	cellErrors     prometheus.Counter
+	cellStates     prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -37,7 +38,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		cellErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "basin_auctioneer_cell_state_errors_total", Help: "Cells left out of an auction because State failed or timed out.",
 		}),
+		cellStates: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "basin_auctioneer_cell_states_total", Help: "State answers fetched from cells (auctions in between use them, adjusted for what they placed).",
+		}),
 	}
-	reg.MustRegister(m.leader, m.queued, m.batchSize, m.auctionSeconds, m.placements, m.failures, m.cellErrors)
+	reg.MustRegister(m.leader, m.queued, m.batchSize, m.auctionSeconds, m.placements, m.failures, m.cellErrors, m.cellStates)
 	return m
 }

@@ -52,6 +52,32 @@ type Task struct {
 	RequireTags []string
 }
 
+// Needs is what the instance takes from a cell.
+func (l LRP) Needs() Resources {
+	return Resources{MemoryMB: l.MemoryMB, DiskMB: l.DiskMB, Containers: 1}
+}
+
+// Needs is what the task takes from a cell.
+func (t Task) Needs() Resources {
+	return Resources{MemoryMB: t.MemoryMB, DiskMB: t.DiskMB, Containers: 1}
+}
+
+// Allocate takes need from the cell and, for an LRP's instance (guid not
+// empty), counts it. Place does this on its own copies; callers that keep
+// cells between auctions do it to carry a plan over.
+func (c *Cell) Allocate(need Resources, guid string) {
+	c.Available.MemoryMB -= need.MemoryMB
+	c.Available.DiskMB -= need.DiskMB
+	c.Available.Containers -= need.Containers
+	if guid == "" {
+		return
+	}
+	if c.Instances == nil {
+		c.Instances = make(map[string]int)
+	}
+	c.Instances[guid]++
+}
+
 // Work is one batch.
 type Work struct {
 	LRPs  []LRP
@@ -159,7 +185,7 @@ func Place(cells []Cell, work Work) Plan {
 	for _, it := range items {
 		if it.lrp != nil {
 			l := *it.lrp
-			need := Resources{MemoryMB: l.MemoryMB, DiskMB: l.DiskMB, Containers: 1}
+			need := l.Needs()
 			i, reason := st.choose(l.Stack, l.RequireTags, need, l.ProcessGUID)
 			if i < 0 {
 				plan.FailedLRPs = append(plan.FailedLRPs, LRPFailure{LRP: l, Reason: reason})
@@ -170,7 +196,7 @@ func Place(cells []Cell, work Work) Plan {
 			continue
 		}
 		t := *it.task
-		need := Resources{MemoryMB: t.MemoryMB, DiskMB: t.DiskMB, Containers: 1}
+		need := t.Needs()
 		i, reason := st.choose(t.Stack, t.RequireTags, need, "")
 		if i < 0 {
 			plan.FailedTasks = append(plan.FailedTasks, TaskFailure{Task: t, Reason: reason})
@@ -255,14 +281,10 @@ func (st *state) candidatesFor(stack string, tags []string) []int {
 }
 
 func (st *state) allocate(i int, need Resources, guid string) {
-	c := st.cells[i]
-	c.Available.MemoryMB -= need.MemoryMB
-	c.Available.DiskMB -= need.DiskMB
-	c.Available.Containers -= need.Containers
+	st.cells[i].Allocate(need, guid)
 	if guid == "" {
 		return
 	}
-	c.Instances[guid]++
 	pc, pz := st.counts(guid)
 	pc[i]++
 	pz[st.zoneOf[i]]++
