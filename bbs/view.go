@@ -187,7 +187,10 @@ func (v *view) watch(ctx context.Context) (compacted bool, err error) {
 		if len(resp.Events) == 0 {
 			continue
 		}
-		v.apply(resp.Header.Revision, resp.Events)
+		// The last event's revision, not the header's: a watcher catching
+		// up gets the events of at most 1,000 revisions per response, each
+		// response headed with etcd's current revision.
+		v.apply(resp.Events[len(resp.Events)-1].Kv.ModRevision, resp.Events)
 	}
 	return false, ctx.Err()
 }
