@@ -351,9 +351,18 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 }
 
 // lrpSpec reads the desired LRP (noting its routes) and fetches its droplet.
+//
+// The read is as of the claim's revision or later, which lets the BBS answer
+// from its watch-fed view. watchSchedules still sees every schedule change
+// after it: it watches from the revision Run noted before the cell was
+// ready, and a claim comes after that, so whatever revision the read
+// reflects (>= the claim's) the watch delivers what follows.
 func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
+	r.mu.Lock()
+	claimRev := l.claimRev
+	r.mu.Unlock()
 	d, err := retry(ctx, func(ctx context.Context) (*basinv1.DesiredLRP, error) {
-		return r.desired.do(ctx, l.key.GetProcessGuid())
+		return r.desired.do(ctx, desiredRead{guid: l.key.GetProcessGuid(), minRev: claimRev})
 	})
 	if err != nil {
 		return executor.Spec{}, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)

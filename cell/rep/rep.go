@@ -183,7 +183,7 @@ type Rep struct {
 	// transitions and desired batch the claims, starts and desired-LRP
 	// reads of instances starting together.
 	transitions *coalescer[*basinv1.ActualLRPTransition, *basinv1.ActualLRP]
-	desired     *coalescer[string, *basinv1.DesiredLRP]
+	desired     *coalescer[desiredRead, *basinv1.DesiredLRP]
 
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context

@@ -17,6 +17,7 @@ import (
 	"testing"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -681,5 +682,53 @@ func TestRoutesFollowTheDesiredLRP(t *testing.T) {
 	}
 	if e.exec.wasStopped(a.GetInstanceKey().GetInstanceGuid()) {
 		t.Error("re-routing restarted the instance")
+	}
+}
+
+// recordingBBS passes every call to the BBS, noting the revisions claims
+// returned and the desired-LRP reads sent.
+type recordingBBS struct {
+	BBS
+	mu        sync.Mutex
+	claimRevs map[string]int64 // by "guid/index"
+	reads     []*basinv1.ListDesiredLRPsRequest
+}
+
+func (b *recordingBBS) ApplyActualLRPTransitions(ctx context.Context, in *basinv1.ApplyActualLRPTransitionsRequest, opts ...grpc.CallOption) (*basinv1.ApplyActualLRPTransitionsResponse, error) {
+	resp, err := b.BBS.ApplyActualLRPTransitions(ctx, in, opts...)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i, tr := range in.GetTransitions() {
+		if c := tr.GetClaim(); c != nil && err == nil && resp.GetResults()[i].GetCode() == 0 {
+			b.claimRevs[fmt.Sprintf("%s/%d", c.GetKey().GetProcessGuid(), c.GetKey().GetIndex())] = resp.GetResults()[i].GetActualLrp().GetRevision()
+		}
+	}
+	return resp, err
+}
+
+func (b *recordingBBS) ListDesiredLRPs(ctx context.Context, in *basinv1.ListDesiredLRPsRequest, opts ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error) {
+	b.mu.Lock()
+	b.reads = append(b.reads, proto.Clone(in).(*basinv1.ListDesiredLRPsRequest))
+	b.mu.Unlock()
+	return b.BBS.ListDesiredLRPs(ctx, in, opts...)
+}
+
+func TestDesiredReadIsAsOfTheClaim(t *testing.T) {
+	e := newEnv(t)
+	e.stop()
+	rec := &recordingBBS{BBS: e.bbs, claimRevs: map[string]int64{}}
+	e.repBBS = rec
+	e.startRep(e.rep.cfg)
+	e.desire("web", 1, 64)
+	e.perform(lrpStart("web", 0, 64))
+	e.waitState("web", 0, stateRunning)
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	claimRev := rec.claimRevs["web/0"]
+	if claimRev == 0 {
+		t.Fatalf("no claim of web/0 seen: %v", rec.claimRevs)
+	}
+	if len(rec.reads) != 1 || !slices.Equal(rec.reads[0].GetProcessGuids(), []string{"web"}) || rec.reads[0].GetMinRevision() != claimRev {
+		t.Errorf("desired reads %v, want one of web at min_revision %d (the claim's)", rec.reads, claimRev)
 	}
 }
