@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -731,4 +732,32 @@ func TestDesiredReadIsAsOfTheClaim(t *testing.T) {
 	if len(rec.reads) != 1 || !slices.Equal(rec.reads[0].GetProcessGuids(), []string{"web"}) || rec.reads[0].GetMinRevision() != claimRev {
 		t.Errorf("desired reads %v, want one of web at min_revision %d (the claim's)", rec.reads, claimRev)
 	}
+}
+
+// lockedBuffer is a log destination the rep's goroutines share.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestStartLogNamesTheInstance(t *testing.T) {
+	var logs lockedBuffer
+	e := newEnv(t, func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	e.desire("web", 1, 64)
+	e.perform(lrpStart("web", 0, 64))
+	a := e.waitState("web", 0, stateRunning)
+	want := fmt.Sprintf(`msg="instance running" cell=cell-a lrp=web/0 instance=%s took=`, a.GetInstanceKey().GetInstanceGuid())
+	e.waitFor("the running line", func() bool { return strings.Contains(logs.String(), want) })
 }

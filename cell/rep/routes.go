@@ -118,7 +118,7 @@ func (r *Rep) applySchedule(ctx context.Context, guid string, sched *basinv1.Des
 	r.mu.Unlock()
 	for _, l := range changed {
 		if err := r.reroute(ctx, l); err != nil {
-			r.log.Error("update routes", "lrp", l.name(), "err", err)
+			r.log.Error("update routes", "lrp", lrpName{l}, "err", err)
 		}
 	}
 }
