@@ -208,7 +208,6 @@ func (r *Rep) Perform(ctx context.Context, req *basinv1.PerformRequest) (*basinv
 			r.releaseTask(t)
 		}
 	}
-	r.updateGauges()
 	return resp, nil
 }
 
@@ -232,7 +231,6 @@ func (r *Rep) release(l *lrp) {
 		}
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 // startLRP claims, fetches, starts, waits for health, marks RUNNING, and only
@@ -341,7 +339,6 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	}
 	r.m.starts.Inc()
 	r.m.startSeconds.Observe(time.Since(t0).Seconds())
-	r.updateGauges()
 	r.log.Info("instance running", "lrp", lrpName{l}, "instance", l.guid, "took", time.Since(t0).Round(time.Millisecond), "ports", net.GetPorts())
 }
 

@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -760,4 +761,43 @@ func TestStartLogNamesTheInstance(t *testing.T) {
 	a := e.waitState("web", 0, stateRunning)
 	want := fmt.Sprintf(`msg="instance running" cell=cell-a lrp=web/0 instance=%s took=`, a.GetInstanceKey().GetInstanceGuid())
 	e.waitFor("the running line", func() bool { return strings.Contains(logs.String(), want) })
+}
+
+func TestGaugesAreCountedWhenScraped(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := newEnv(t, func(c *Config) { c.Metrics = NewMetrics(reg) })
+	gauges := func() map[string]float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				name := mf.GetName()
+				for _, lp := range m.GetLabel() {
+					name += "/" + lp.GetValue()
+				}
+				out[name] = m.GetGauge().GetValue()
+			}
+		}
+		return out
+	}
+	e.desire("web", 2, 64)
+	e.exec.autoHealthy = false
+	e.perform(lrpStart("web", 0, 64), lrpStart("web", 1, 64))
+	e.waitState("web", 0, stateClaimed)
+	e.waitState("web", 1, stateClaimed)
+	want := map[string]float64{"basin_rep_instances/reserved": 0, "basin_rep_instances/claimed": 2, "basin_rep_instances/running": 0,
+		"basin_rep_instances/stopping": 0, "basin_rep_allocated_memory_mb": 128}
+	e.waitFor("two claimed instances counted", func() bool {
+		got := gauges()
+		for k, v := range want {
+			if got[k] != v {
+				return false
+			}
+		}
+		return true
+	})
 }

@@ -48,7 +48,6 @@ func (r *Rep) releaseTask(t *task) {
 		delete(r.tasks, t.guid)
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 // taskByInstance finds the task running in container guid; r.mu held.
