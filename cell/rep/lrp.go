@@ -281,6 +281,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	r.mu.Unlock()
 	info, err := r.exec.Start(ctx, spec)
 	if err != nil {
+		r.drops.forgetMissing(spec.Droplet.Digest, err)
 		r.mu.Lock()
 		l.started = false
 		r.mu.Unlock()

@@ -7,10 +7,13 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -800,4 +803,43 @@ func TestGaugesAreCountedWhenScraped(t *testing.T) {
 		}
 		return true
 	})
+}
+
+func TestDropletKnownPresentUntilAStartMissesIt(t *testing.T) {
+	e := newEnv(t)
+	c := e.rep.drops
+	p, err := c.get(e.ctx, e.droplet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Removed behind the rep's back: still taken as present, without a stat...
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	steps := []struct {
+		name        string
+		startErr    error // a failed start's error passed to forgetMissing first, if any
+		wantFetches int64
+	}{
+		{"known present", nil, 1},
+		{"a start failing otherwise", errors.New("runc: exit status 1"), 1},
+		// ...until a start misses a file: then it is fetched again.
+		{"a start missing a file", fmt.Errorf("start x: open droplet: %w", fs.ErrNotExist), 2},
+		{"present again", nil, 2},
+	}
+	for _, st := range steps {
+		if st.startErr != nil {
+			c.forgetMissing(e.droplet.GetDigest(), st.startErr)
+		}
+		got, err := c.get(e.ctx, e.droplet)
+		if err != nil || got != p {
+			t.Fatalf("%s: get = %q, %v; want %q", st.name, got, err, p)
+		}
+		if n := e.rep.DropletFetches(); n != st.wantFetches {
+			t.Errorf("%s: %d fetches, want %d", st.name, n, st.wantFetches)
+		}
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Errorf("droplet not fetched back: %v", err)
+	}
 }

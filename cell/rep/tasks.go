@@ -150,6 +150,7 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	t.instance, t.marker, t.staging = spec.InstanceGUID, marker, st
 	r.mu.Unlock()
 	if _, err := r.exec.Start(ctx, spec); err != nil {
+		r.drops.forgetMissing(spec.Droplet.Digest, err)
 		r.mu.Lock()
 		t.instance, t.staging = "", nil
 		r.mu.Unlock()
