@@ -112,6 +112,9 @@ func (a *API) ListDesiredLRPs(ctx context.Context, req *basinv1.ListDesiredLRPsR
 	if err := checkOptionalGUID("domain", req.GetDomain()); err != nil {
 		return nil, err
 	}
+	if req.GetMinRevision() < 0 {
+		return nil, fieldErr("min_revision", "must not be negative, got %d", req.GetMinRevision())
+	}
 	if guids := req.GetProcessGuids(); len(guids) > 0 {
 		if len(guids) > maxBatch {
 			return nil, fieldErr("process_guids", "must list at most %d guids, got %d", maxBatch, len(guids))
@@ -121,7 +124,7 @@ func (a *API) ListDesiredLRPs(ctx context.Context, req *basinv1.ListDesiredLRPsR
 				return nil, err
 			}
 		}
-		ds, err := a.store.GetDesiredLRPs(ctx, guids)
+		ds, err := a.store.GetDesiredLRPsAt(ctx, guids, req.GetMinRevision())
 		if err != nil {
 			return nil, err
 		}

@@ -12,6 +12,7 @@ type metrics struct {
 	droppedSubs    prometheus.Counter
 	requests       *prometheus.CounterVec
 	requestSeconds *prometheus.HistogramVec
+	desiredReads   *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -46,9 +47,13 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "basin_bbs_request_seconds", Help: "gRPC request latency by method.",
 			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 16),
 		}, []string{"method"}),
+		desiredReads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "basin_bbs_desired_reads_at_revision_total",
+			Help: "Desired LRP reads with a minimum revision, by where they were answered: view, or etcd when the view did not get there in time.",
+		}, []string{"source"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.batchSize, m.batchSplits, m.txnSeconds, m.conflicts, m.eventsSent, m.subscribers, m.droppedSubs, m.requests, m.requestSeconds)
+		reg.MustRegister(m.batchSize, m.batchSplits, m.txnSeconds, m.conflicts, m.eventsSent, m.subscribers, m.droppedSubs, m.requests, m.requestSeconds, m.desiredReads)
 	}
 	return m
 }

@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/metadata"
 )
 
 // kvEntry is one key's value as of its mod revision.
@@ -41,18 +44,28 @@ type overlay struct {
 // It lists, then watches from the listed revision + 1. When the watch is
 // compacted away or breaks, it lists again and reports the difference between
 // what it had and what it found as changes, so no change is lost or repeated.
+//
+// kvs at rev is etcd's content of the prefix at that revision; a reader
+// needing a revision the view has not reached waits in waitRevision.
 type view struct {
 	cli      *clientv3.Client
 	prefix   string
 	log      *slog.Logger
 	onChange func(rev int64, changes []change)
 
-	mu      sync.RWMutex
-	kvs     map[string]kvEntry
-	rev     int64
-	recent  map[string]overlay
-	ready   chan struct{}
-	readyMu sync.Once
+	mu  sync.RWMutex
+	kvs map[string]kvEntry
+	// rev: kvs holds every change of the prefix up to this revision.
+	rev int64
+	// advanced is closed, and replaced, each time rev grows.
+	advanced chan struct{}
+	recent   map[string]overlay
+	ready    chan struct{}
+	readyMu  sync.Once
+
+	// askedAt is when a reader last asked etcd for a progress
+	// notification (unix ns), 0 when none was asked since rev last grew.
+	askedAt atomic.Int64
 
 	// relists counts full re-lists after the first (under mu).
 	relists int
@@ -67,6 +80,7 @@ func newView(cli *clientv3.Client, prefix string, log *slog.Logger, onChange fun
 		log:      log,
 		onChange: onChange,
 		kvs:      make(map[string]kvEntry),
+		advanced: make(chan struct{}),
 		recent:   make(map[string]overlay),
 		ready:    make(chan struct{}),
 	}
@@ -124,6 +138,97 @@ func (v *view) revision() int64 {
 	return v.rev
 }
 
+// advanceLocked moves rev forward and wakes the readers waiting for it; v.mu
+// held.
+func (v *view) advanceLocked(rev int64) {
+	if rev <= v.rev {
+		return
+	}
+	v.rev = rev
+	close(v.advanced)
+	v.advanced = make(chan struct{})
+	v.askedAt.Store(0)
+}
+
+// progressRetry is how long a waiting reader gives a progress request before
+// asking again: etcd ignores one that comes while the watcher catches up.
+const progressRetry = 100 * time.Millisecond
+
+// waitRevision waits, at most wait, until the view holds every change up to
+// rev, and reports whether it does. The view's revision moves with changes to
+// its prefix only, so a revision written elsewhere (a claim, for the desired
+// view) is learnt from a progress notification, which etcd sends on the watch
+// after every change up to the revision it names. Waiting readers share one
+// request: another goes out only once its answer moved rev on, or after
+// progressRetry.
+func (v *view) waitRevision(ctx context.Context, rev int64, wait time.Duration) bool {
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for {
+		v.mu.RLock()
+		cur, advanced := v.rev, v.advanced
+		v.mu.RUnlock()
+		if cur >= rev {
+			return true
+		}
+		asked, now := v.askedAt.Load(), time.Now().UnixNano()
+		if (asked == 0 || now-asked >= int64(progressRetry)) && v.askedAt.CompareAndSwap(asked, now) {
+			v.requestProgress()
+		}
+		retry := time.NewTimer(progressRetry)
+		select {
+		case <-advanced:
+		case <-retry.C:
+		case <-deadline.C:
+			retry.Stop()
+			return false
+		case <-ctx.Done():
+			retry.Stop()
+			return false
+		}
+		retry.Stop()
+	}
+}
+
+// requestProgress asks etcd for a progress notification on the view's watch
+// stream. A failure only delays the waiting readers: they ask again. Not
+// under a reader's ctx: when the stream is missing, the client makes one
+// from the ctx it is given, and that stream outlives the request.
+func (v *view) requestProgress() {
+	ctx, cancel := context.WithTimeout(v.streamCtx(context.Background()), progressRetry)
+	defer cancel()
+	if err := v.cli.RequestProgress(ctx); err != nil && ctx.Err() == nil {
+		v.log.Debug("watch progress request failed", "prefix", v.prefix, "err", err)
+	}
+}
+
+// streamCtx puts the view's watch on a gRPC watch stream of its own (the
+// client groups watches into streams by outgoing metadata). etcd answers a
+// progress request only when every watcher on the stream is in step, and
+// sends the answer to all of them: the client's other watches (a cell's, a
+// leader's, another view's under load) must neither hold it back nor be
+// woken by it.
+func (v *view) streamCtx(ctx context.Context) context.Context {
+	md := metadata.Pairs("basin-view", strconv.QuoteToASCII(v.prefix))
+	return clientv3.WithRequireLeader(metadata.NewOutgoingContext(ctx, md))
+}
+
+// snapshot returns the entries of keys (nil when absent) as the watch
+// delivered them, all as of the view's revision. The overlay of this
+// process's own writes is left out: mixed in, it would show some keys at a
+// revision the others have not reached.
+func (v *view) snapshot(keys []string) []*kvEntry {
+	out := make([]*kvEntry, len(keys))
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	for i, k := range keys {
+		if e, ok := v.kvs[k]; ok {
+			out[i] = &e
+		}
+	}
+	return out
+}
+
 func (v *view) size() int {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
@@ -174,7 +279,7 @@ func (v *view) run(ctx context.Context) error {
 // watch applies events from rev+1 until the watch ends. It reports whether it
 // ended because the revision was compacted.
 func (v *view) watch(ctx context.Context) (compacted bool, err error) {
-	wctx, cancel := context.WithCancel(clientv3.WithRequireLeader(ctx))
+	wctx, cancel := context.WithCancel(v.streamCtx(ctx))
 	defer cancel()
 	wch := v.cli.Watch(wctx, v.prefix, clientv3.WithPrefix(), clientv3.WithRev(v.revision()+1))
 	for resp := range wch {
@@ -184,10 +289,19 @@ func (v *view) watch(ctx context.Context) (compacted bool, err error) {
 		if err := resp.Err(); err != nil {
 			return false, err
 		}
+		if resp.IsProgressNotify() {
+			v.mu.Lock()
+			v.advanceLocked(resp.Header.Revision)
+			v.mu.Unlock()
+			continue
+		}
 		if len(resp.Events) == 0 {
 			continue
 		}
-		v.apply(resp.Header.Revision, resp.Events)
+		// The last event's revision, not the header's: a watcher catching
+		// up gets the events of at most 1,000 revisions per response, each
+		// response headed with etcd's current revision.
+		v.apply(resp.Events[len(resp.Events)-1].Kv.ModRevision, resp.Events)
 	}
 	return false, ctx.Err()
 }
@@ -214,9 +328,7 @@ func (v *view) apply(rev int64, events []*clientv3.Event) {
 		}
 		changes = append(changes, change{key: key, before: before, after: after})
 	}
-	if rev > v.rev {
-		v.rev = rev
-	}
+	v.advanceLocked(rev)
 	v.mu.Unlock()
 	if v.onChange != nil {
 		v.onChange(rev, changes)
@@ -255,7 +367,7 @@ func (v *view) relist(ctx context.Context) error {
 		}
 	}
 	v.kvs = fresh
-	v.rev = rev
+	v.advanceLocked(rev) // a list is at etcd's current revision: never behind
 	for k, o := range v.recent {
 		if o.modRev <= rev {
 			delete(v.recent, k)

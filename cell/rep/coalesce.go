@@ -134,11 +134,26 @@ func sendTransitions(b BBS) func(context.Context, []*basinv1.ActualLRPTransition
 	}
 }
 
-// fetchDesired reads the desired LRPs of a batch of instances in one call.
-func fetchDesired(b BBS) func(context.Context, []string) ([]*basinv1.DesiredLRP, []error) {
-	return func(ctx context.Context, guids []string) ([]*basinv1.DesiredLRP, []error) {
-		out, errs := make([]*basinv1.DesiredLRP, len(guids)), make([]error, len(guids))
-		resp, err := b.ListDesiredLRPs(ctx, &basinv1.ListDesiredLRPsRequest{ProcessGuids: slices.Compact(slices.Sorted(slices.Values(guids)))})
+// desiredRead asks for the desired LRP of guid as of at least minRev.
+type desiredRead struct {
+	guid   string
+	minRev int64
+}
+
+// fetchDesired reads the desired LRPs of a batch of instances in one call, as
+// of the latest revision any of them asks for: a later one serves the others
+// too, and the BBS answers it from its view as cheaply.
+func fetchDesired(b BBS) func(context.Context, []desiredRead) ([]*basinv1.DesiredLRP, []error) {
+	return func(ctx context.Context, reads []desiredRead) ([]*basinv1.DesiredLRP, []error) {
+		out, errs := make([]*basinv1.DesiredLRP, len(reads)), make([]error, len(reads))
+		guids := make([]string, len(reads))
+		var minRev int64
+		for i, rd := range reads {
+			guids[i] = rd.guid
+			minRev = max(minRev, rd.minRev)
+		}
+		resp, err := b.ListDesiredLRPs(ctx, &basinv1.ListDesiredLRPsRequest{
+			ProcessGuids: slices.Compact(slices.Sorted(slices.Values(guids))), MinRevision: minRev})
 		found := map[string]*basinv1.DesiredLRP{}
 		for _, d := range resp.GetDesiredLrps() {
 			found[d.GetSchedule().GetProcessGuid()] = d

@@ -4,10 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+
+	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 )
 
 func TestCoalescerBatchesWhileBusy(t *testing.T) {
@@ -112,5 +117,54 @@ func TestCoalescerCancelledCallerStillSends(t *testing.T) {
 	}
 	if err := errors.Join(results...); err != nil {
 		t.Errorf("queued calls failed: %v", err)
+	}
+}
+
+// desiredLister answers ListDesiredLRPs with an LRP per guid asked for,
+// noting the requests; the rest of BBS is not called.
+type desiredLister struct {
+	BBS
+	mu   sync.Mutex
+	reqs []*basinv1.ListDesiredLRPsRequest
+}
+
+func (b *desiredLister) ListDesiredLRPs(_ context.Context, in *basinv1.ListDesiredLRPsRequest, _ ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error) {
+	b.mu.Lock()
+	b.reqs = append(b.reqs, in)
+	b.mu.Unlock()
+	resp := &basinv1.ListDesiredLRPsResponse{}
+	for _, g := range in.GetProcessGuids() {
+		resp.DesiredLrps = append(resp.DesiredLrps, &basinv1.DesiredLRP{Schedule: &basinv1.DesiredLRPSchedule{ProcessGuid: g}})
+	}
+	return resp, nil
+}
+
+func TestFetchDesiredReadsAtTheLatestRevisionOfTheBatch(t *testing.T) {
+	tests := []struct {
+		name      string
+		reads     []desiredRead
+		wantGuids []string
+		wantRev   int64
+	}{
+		{"one", []desiredRead{{"a", 7}}, []string{"a"}, 7},
+		{"max of several", []desiredRead{{"b", 5}, {"a", 9}, {"b", 7}}, []string{"a", "b"}, 9},
+		{"none asks for a revision", []desiredRead{{"a", 0}, {"b", 0}}, []string{"a", "b"}, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := &desiredLister{}
+			out, errs := fetchDesired(b)(context.Background(), tt.reads)
+			if len(b.reqs) != 1 {
+				t.Fatalf("%d requests, want 1", len(b.reqs))
+			}
+			if got := b.reqs[0]; !slices.Equal(got.GetProcessGuids(), tt.wantGuids) || got.GetMinRevision() != tt.wantRev {
+				t.Errorf("request %v, want guids %v at min_revision %d", got, tt.wantGuids, tt.wantRev)
+			}
+			for i, rd := range tt.reads {
+				if errs[i] != nil || out[i].GetSchedule().GetProcessGuid() != rd.guid {
+					t.Errorf("read %d: %v, %v; want %s", i, out[i], errs[i], rd.guid)
+				}
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
@@ -32,6 +33,13 @@ type dropletCache struct {
 	fetches atomic.Int64
 
 	fetching fetchGroup
+
+	// present maps the digests known to be in dir to their paths, so a
+	// start needs no digest check and no stat. Nothing in the rep removes
+	// a cached droplet; one removed behind its back is forgotten when a
+	// start fails for a missing file (forgetMissing).
+	mu      sync.RWMutex
+	present map[string]string
 }
 
 // fetchGroup runs one fetch per key at a time: callers asking for a key
@@ -82,13 +90,36 @@ type Blobs interface {
 }
 
 func newDropletCache(dir string, hc *http.Client, blobs Blobs, maxBytes int64, m *Metrics) *dropletCache {
-	return &dropletCache{dir: dir, http: hc, blobs: blobs, max: maxBytes, m: m}
+	return &dropletCache{dir: dir, http: hc, blobs: blobs, max: maxBytes, m: m, present: map[string]string{}}
+}
+
+func (c *dropletCache) remember(digest, path string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.present[digest] = path
+}
+
+// forgetMissing forgets the droplet when err (a failed container start
+// from it) says a file is missing, so the next get looks on disk again.
+func (c *dropletCache) forgetMissing(digest string, err error) {
+	if !errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.present, digest)
 }
 
 // get returns the local path of the droplet, fetching it if needed. The
 // content is verified against the digest before it is kept.
 func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string, error) {
 	digest := ref.GetDigest()
+	c.mu.RLock()
+	path, ok := c.present[digest]
+	c.mu.RUnlock()
+	if ok {
+		return path, nil
+	}
 	hexSum, ok := strings.CutPrefix(digest, "sha256:")
 	if !ok || len(hexSum) != 64 {
 		return "", fmt.Errorf("%w: digest %q is not sha256:<64 hex>", ErrDroplet, digest)
@@ -96,8 +127,9 @@ func (c *dropletCache) get(ctx context.Context, ref *basinv1.DropletRef) (string
 	if _, err := hex.DecodeString(hexSum); err != nil {
 		return "", fmt.Errorf("%w: digest %q is not sha256:<64 hex>", ErrDroplet, digest)
 	}
-	path := filepath.Join(c.dir, "sha256-"+hexSum+".tgz")
+	path = filepath.Join(c.dir, "sha256-"+hexSum+".tgz")
 	if _, err := os.Stat(path); err == nil {
+		c.remember(digest, path)
 		return path, nil
 	}
 	p, err := c.fetching.do(ctx, digest, func(ctx context.Context) (string, error) { return c.fetch(ctx, ref, path) })
@@ -204,5 +236,6 @@ func (c *dropletCache) store(ref *basinv1.DropletRef, body io.Reader, path strin
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return "", fmt.Errorf("%w: droplet cache: %v", ErrDroplet, err)
 	}
+	c.remember(ref.GetDigest(), path)
 	return path, nil
 }

@@ -104,7 +104,7 @@ func (r *Rep) evacuateLRP(ctx, dctx context.Context, l *lrp) {
 				Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
 		})
 		if err != nil {
-			r.log.Warn("unclaim for evacuation", "lrp", l.name(), "err", err)
+			r.log.Warn("unclaim for evacuation", "lrp", lrpName{l}, "err", err)
 		} else if phase == phaseRunning {
 			r.waitReplacement(dctx, l)
 		}
@@ -139,13 +139,13 @@ func (r *Rep) waitReplacement(ctx context.Context, l *lrp) {
 		case err == nil:
 			a := resp.GetActualLrp()
 			if a.GetState() == basinv1.ActualLRPState_ACTUAL_LRP_STATE_RUNNING && a.GetInstanceKey().GetCellId() != r.cfg.CellID {
-				r.log.Info("replacement running; stopping the evacuated instance", "lrp", l.name(), "on", a.GetInstanceKey().GetCellId())
+				r.log.Info("replacement running; stopping the evacuated instance", "lrp", lrpName{l}, "on", a.GetInstanceKey().GetCellId())
 				return
 			}
 		}
 		select {
 		case <-ctx.Done():
-			r.log.Warn("no replacement before the evacuation timeout; stopping anyway", "lrp", l.name())
+			r.log.Warn("no replacement before the evacuation timeout; stopping anyway", "lrp", lrpName{l})
 			return
 		case <-tick.C:
 		}

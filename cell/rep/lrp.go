@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"sync"
 	"time"
@@ -60,6 +61,13 @@ func (l *lrp) isRunning() bool { return l.phase == phaseRunning }
 func (l *lrp) name() string {
 	return fmt.Sprintf("%s/%d", l.key.GetProcessGuid(), l.key.GetIndex())
 }
+
+// lrpName logs as the instance's name, formatted only when a line is
+// written: logging per instance start must cost nothing at a level that
+// hides it.
+type lrpName struct{ l *lrp }
+
+func (n lrpName) LogValue() slog.Value { return slog.StringValue(n.l.name()) }
 
 func (r *Rep) snapshotLRPs() []*lrp {
 	r.mu.Lock()
@@ -200,7 +208,6 @@ func (r *Rep) Perform(ctx context.Context, req *basinv1.PerformRequest) (*basinv
 			r.releaseTask(t)
 		}
 	}
-	r.updateGauges()
 	return resp, nil
 }
 
@@ -224,21 +231,19 @@ func (r *Rep) release(l *lrp) {
 		}
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 // startLRP claims, fetches, starts, waits for health, marks RUNNING, and only
 // then routes. A failure after the claim is reported as a crash, so the
 // converger's restart policy applies.
 func (r *Rep) startLRP(ctx context.Context, l *lrp) {
-	log := r.log.With("lrp", l.name(), "instance", l.guid)
 	t0 := time.Now()
 	claimed, err := retry(ctx, func(ctx context.Context) (*basinv1.ActualLRP, error) {
 		return r.transitions.do(ctx, &basinv1.ActualLRPTransition{Transition: &basinv1.ActualLRPTransition_Claim{
 			Claim: &basinv1.ClaimActualLRPRequest{Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()}}})
 	})
 	if err != nil {
-		log.Info("claim refused; releasing the reservation", "err", err)
+		r.log.Info("claim refused; releasing the reservation", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 		r.release(l)
 		return
 	}
@@ -255,7 +260,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 			return r.bbs.UnclaimActualLRP(ctx, &basinv1.UnclaimActualLRPRequest{
 				Key: l.key, InstanceKey: r.instanceKey(l.guid), Fence: r.currentFence()})
 		}); err != nil {
-			log.Warn("unclaim after evacuation began", "err", err)
+			r.log.Warn("unclaim after evacuation began", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 		}
 		r.release(l)
 		return
@@ -276,6 +281,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	r.mu.Unlock()
 	info, err := r.exec.Start(ctx, spec)
 	if err != nil {
+		r.drops.forgetMissing(spec.Droplet.Digest, err)
 		r.mu.Lock()
 		l.started = false
 		r.mu.Unlock()
@@ -293,7 +299,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	info, err = r.exec.WaitHealthy(ctx, l.guid)
 	if err != nil {
 		// The exit event reports the crash (or the stop, if one came).
-		log.Debug("not healthy", "err", err)
+		r.log.Debug("not healthy", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 		return
 	}
 	net := &basinv1.ActualLRPNetInfo{Address: r.cfg.AdvertiseAddress, InstanceAddress: info.ContainerIP}
@@ -313,7 +319,7 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 		// Not ours any more (retired, moved after a lost lease), or the
 		// BBS kept refusing: stop it; if it is still ours, say it crashed
 		// so it is restarted rather than left CLAIMED here.
-		log.Warn("mark running refused; stopping the instance", "err", err)
+		r.log.Warn("mark running refused; stopping the instance", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 		r.stopLRP(context.WithoutCancel(ctx), l, "start refused by the BBS")
 		if !errors.Is(err, errNotOurs) {
 			r.reportCrash(context.WithoutCancel(ctx), l, "could not be marked running: "+err.Error())
@@ -330,17 +336,16 @@ func (r *Rep) startLRP(ctx context.Context, l *lrp) {
 	l.routes = routeKVs(r, l, l.routeDefs, info)
 	r.mu.Unlock()
 	if err := r.writeRoutes(ctx, l); err != nil {
-		log.Error("write routes", "err", err)
+		r.log.Error("write routes", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 	}
 	r.m.starts.Inc()
 	r.m.startSeconds.Observe(time.Since(t0).Seconds())
-	r.updateGauges()
-	log.Info("instance running", "took", time.Since(t0).Round(time.Millisecond), "ports", net.GetPorts())
+	r.log.Info("instance running", "lrp", lrpName{l}, "instance", l.guid, "took", time.Since(t0).Round(time.Millisecond), "ports", net.GetPorts())
 }
 
 // failStart reports a start that failed after the claim as a crash.
 func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
-	r.log.Warn("start failed", "lrp", l.name(), "instance", l.guid, "err", cause)
+	r.log.Warn("start failed", "lrp", lrpName{l}, "instance", l.guid, "err", cause)
 	r.mu.Lock()
 	stopping := l.phase == phaseStopping
 	r.mu.Unlock()
@@ -351,9 +356,18 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 }
 
 // lrpSpec reads the desired LRP (noting its routes) and fetches its droplet.
+//
+// The read is as of the claim's revision or later, which lets the BBS answer
+// from its watch-fed view. watchSchedules still sees every schedule change
+// after it: it watches from the revision Run noted before the cell was
+// ready, and a claim comes after that, so whatever revision the read
+// reflects (>= the claim's) the watch delivers what follows.
 func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
+	r.mu.Lock()
+	claimRev := l.claimRev
+	r.mu.Unlock()
 	d, err := retry(ctx, func(ctx context.Context) (*basinv1.DesiredLRP, error) {
-		return r.desired.do(ctx, l.key.GetProcessGuid())
+		return r.desired.do(ctx, desiredRead{guid: l.key.GetProcessGuid(), minRev: claimRev})
 	})
 	if err != nil {
 		return executor.Spec{}, fmt.Errorf("get desired LRP %s: %w", l.key.GetProcessGuid(), err)
@@ -425,7 +439,7 @@ func routeKVs(r *Rep, l *lrp, routes []*basinv1.Route, info executor.Info) []rou
 			}
 		}
 		if port == 0 {
-			r.log.Warn("route targets a port the instance does not expose", "lrp", l.name(), "host", rt.GetHost(), "port", rt.GetPort())
+			r.log.Warn("route targets a port the instance does not expose", "lrp", lrpName{l}, "host", rt.GetHost(), "port", rt.GetPort())
 			continue
 		}
 		ep := &basinv1.RouteEndpoint{
@@ -488,7 +502,7 @@ func (r *Rep) reportCrash(ctx context.Context, l *lrp, reason string) {
 	case err == nil:
 		r.m.crashes.Inc()
 	case !errors.Is(err, errNotOurs):
-		r.log.Error("report crash", "lrp", l.name(), "instance", l.guid, "err", err)
+		r.log.Error("report crash", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 	}
 }
 
@@ -554,7 +568,7 @@ func (r *Rep) handleExit(ctx context.Context, ev executor.Event) {
 	r.mu.Unlock()
 	// Route first: the router must stop sending before anyone is told.
 	if err := r.deleteRoutes(ctx, l); err != nil {
-		r.log.Error("delete routes of exited instance", "lrp", l.name(), "err", err)
+		r.log.Error("delete routes of exited instance", "lrp", lrpName{l}, "err", err)
 	}
 	if crashed {
 		r.reportCrash(ctx, l, crashReason(ev.Exit))
@@ -591,7 +605,7 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 	started := l.started
 	cancel := l.cancel
 	r.mu.Unlock()
-	r.log.Info("stopping instance", "lrp", l.name(), "instance", l.guid, "why", why)
+	r.log.Info("stopping instance", "lrp", lrpName{l}, "instance", l.guid, "why", why)
 	// Bounded: a container whose creation failed never reports its end.
 	ctx, cancelStop := context.WithTimeout(ctx, r.cfg.StopGrace+30*time.Second)
 	defer cancelStop()
@@ -599,7 +613,7 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 	routed := len(l.routes) > 0
 	r.mu.Unlock()
 	if err := r.deleteRoutes(ctx, l); err != nil {
-		r.log.Error("delete routes", "lrp", l.name(), "err", err)
+		r.log.Error("delete routes", "lrp", lrpName{l}, "err", err)
 	}
 	if started && routed && r.cfg.RouteDrain > 0 {
 		// Routers learn of the deletion through their watch a moment
@@ -625,7 +639,7 @@ func (r *Rep) stopLRP(ctx context.Context, l *lrp, why string) {
 			// The cell is shutting down; the container stays for the next
 			// process, which will find its index key gone and destroy it.
 		default:
-			r.log.Error("stop instance", "lrp", l.name(), "instance", l.guid, "err", err)
+			r.log.Error("stop instance", "lrp", lrpName{l}, "instance", l.guid, "err", err)
 		}
 	}
 }

@@ -59,6 +59,8 @@ type env struct {
 	rep     *Rep
 	droplet *basinv1.DropletRef
 	stop    func()
+	// repBBS, when set, is what startRep gives the rep instead of bbs.
+	repBBS BBS
 }
 
 type envOpt func(*Config)
@@ -122,7 +124,11 @@ func newEnv(t *testing.T, opts ...envOpt) *env {
 // startRep runs a rep (a cell process) until stop or the test ends.
 func (e *env) startRep(cfg Config) {
 	e.t.Helper()
-	r, err := New(cfg, e.etcd, e.bbs, e.exec)
+	var b BBS = e.bbs
+	if e.repBBS != nil {
+		b = e.repBBS
+	}
+	r, err := New(cfg, e.etcd, b, e.exec)
 	if err != nil {
 		e.t.Fatal(err)
 	}

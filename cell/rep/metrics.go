@@ -1,13 +1,14 @@
 package rep
 
 import (
+	"sync"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Metrics are the rep's Prometheus metrics.
 type Metrics struct {
-	instances      *prometheus.GaugeVec
-	allocatedMB    prometheus.Gauge
+	cell           *cellCollector
 	evacuating     prometheus.Gauge
 	starts         prometheus.Counter
 	startSeconds   prometheus.Histogram
@@ -21,10 +22,12 @@ type Metrics struct {
 // registered, for tests).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
-		instances: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: "basin", Subsystem: "rep",
-			Name: "instances", Help: "Instances the cell holds, by phase."}, []string{"phase"}),
-		allocatedMB: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "basin", Subsystem: "rep",
-			Name: "allocated_memory_mb", Help: "Memory reserved by instances and tasks."}),
+		cell: &cellCollector{
+			instances: prometheus.NewDesc(prometheus.BuildFQName("basin", "rep", "instances"),
+				"Instances the cell holds, by phase.", []string{"phase"}, nil),
+			allocatedMB: prometheus.NewDesc(prometheus.BuildFQName("basin", "rep", "allocated_memory_mb"),
+				"Memory reserved by instances and tasks.", nil, nil),
+		},
 		evacuating: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: "basin", Subsystem: "rep",
 			Name: "evacuating", Help: "1 while the cell evacuates."}),
 		starts: prometheus.NewCounter(prometheus.CounterOpts{Namespace: "basin", Subsystem: "rep",
@@ -42,7 +45,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "lease_losses_total", Help: "Times the presence lease was lost and the cell registered again."}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.instances, m.allocatedMB, m.evacuating, m.starts, m.startSeconds, m.crashes,
+		reg.MustRegister(m.cell, m.evacuating, m.starts, m.startSeconds, m.crashes,
 			m.rejected, m.dropletFetches, m.leaseLosses)
 	}
 	return m
@@ -60,16 +63,56 @@ func (p lrpPhase) String() string {
 	return "stopping"
 }
 
-func (r *Rep) updateGauges() {
+// cellCollector reports the instances by phase and the memory reserved,
+// counted from the rep's state when scraped: counting on every change walked
+// every instance of the cell per start.
+type cellCollector struct {
+	instances   *prometheus.Desc
+	allocatedMB *prometheus.Desc
+
+	mu    sync.Mutex
+	state func() (byPhase map[lrpPhase]int, memMB int64) // nil until a Rep is attached
+}
+
+var _ prometheus.Collector = (*cellCollector)(nil)
+
+// attach makes the collector report state, the last Rep created with these
+// metrics.
+func (c *cellCollector) attach(state func() (map[lrpPhase]int, int64)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.state = state
+}
+
+func (c *cellCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.instances
+	ch <- c.allocatedMB
+}
+
+func (c *cellCollector) Collect(ch chan<- prometheus.Metric) {
+	c.mu.Lock()
+	state := c.state
+	c.mu.Unlock()
+	var mem int64
+	if state != nil {
+		var byPhase map[lrpPhase]int
+		byPhase, mem = state()
+		for _, p := range []lrpPhase{phaseReserved, phaseClaimed, phaseRunning, phaseStopping} {
+			ch <- prometheus.MustNewConstMetric(c.instances, prometheus.GaugeValue, float64(byPhase[p]), p.String())
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(c.allocatedMB, prometheus.GaugeValue, float64(mem))
+}
+
+// gauges counts the cell's instances by phase and the memory reserved by
+// instances and tasks.
+func (r *Rep) gauges() (map[lrpPhase]int, int64) {
 	r.mu.Lock()
-	counts := map[lrpPhase]int{}
+	defer r.mu.Unlock()
+	byPhase := map[lrpPhase]int{}
 	for _, l := range r.lrps {
-		counts[l.phase]++
+		byPhase[l.phase]++
 	}
 	mem, _, _ := r.allocatedLocked()
-	r.mu.Unlock()
-	for _, p := range []lrpPhase{phaseReserved, phaseClaimed, phaseRunning, phaseStopping} {
-		r.m.instances.WithLabelValues(p.String()).Set(float64(counts[p]))
-	}
-	r.m.allocatedMB.Set(float64(mem))
+	return byPhase, mem
 }

@@ -99,7 +99,6 @@ func (r *Rep) adopt(ctx context.Context, plan adoptPlan) {
 	for _, o := range plan.owned {
 		r.adoptOne(ctx, o)
 	}
-	r.updateGauges()
 }
 
 func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {

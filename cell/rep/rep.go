@@ -183,7 +183,7 @@ type Rep struct {
 	// transitions and desired batch the claims, starts and desired-LRP
 	// reads of instances starting together.
 	transitions *coalescer[*basinv1.ActualLRPTransition, *basinv1.ActualLRP]
-	desired     *coalescer[string, *basinv1.DesiredLRP]
+	desired     *coalescer[desiredRead, *basinv1.DesiredLRP]
 
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context
@@ -223,14 +223,16 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 	if cfg.BuildpackDir == "" {
 		cfg.BuildpackDir = filepath.Join(filepath.Dir(filepath.Clean(cfg.DropletDir)), "buildpacks")
 	}
-	return &Rep{
+	r := &Rep{
 		buildpacks: newBuildpackCache(filepath.Clean(cfg.BuildpackDir), blobsOf(b), cfg.MaxDropletBytes),
 		cfg:        cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
 		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
 		transitions: newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
 		desired:     newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
-	}, nil
+	}
+	cfg.Metrics.cell.attach(r.gauges)
+	return r, nil
 }
 
 // DropletFetches counts droplets this rep downloaded (once per digest).

@@ -7,16 +7,22 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io/fs"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -681,5 +687,159 @@ func TestRoutesFollowTheDesiredLRP(t *testing.T) {
 	}
 	if e.exec.wasStopped(a.GetInstanceKey().GetInstanceGuid()) {
 		t.Error("re-routing restarted the instance")
+	}
+}
+
+// recordingBBS passes every call to the BBS, noting the revisions claims
+// returned and the desired-LRP reads sent.
+type recordingBBS struct {
+	BBS
+	mu        sync.Mutex
+	claimRevs map[string]int64 // by "guid/index"
+	reads     []*basinv1.ListDesiredLRPsRequest
+}
+
+func (b *recordingBBS) ApplyActualLRPTransitions(ctx context.Context, in *basinv1.ApplyActualLRPTransitionsRequest, opts ...grpc.CallOption) (*basinv1.ApplyActualLRPTransitionsResponse, error) {
+	resp, err := b.BBS.ApplyActualLRPTransitions(ctx, in, opts...)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i, tr := range in.GetTransitions() {
+		if c := tr.GetClaim(); c != nil && err == nil && resp.GetResults()[i].GetCode() == 0 {
+			b.claimRevs[fmt.Sprintf("%s/%d", c.GetKey().GetProcessGuid(), c.GetKey().GetIndex())] = resp.GetResults()[i].GetActualLrp().GetRevision()
+		}
+	}
+	return resp, err
+}
+
+func (b *recordingBBS) ListDesiredLRPs(ctx context.Context, in *basinv1.ListDesiredLRPsRequest, opts ...grpc.CallOption) (*basinv1.ListDesiredLRPsResponse, error) {
+	b.mu.Lock()
+	b.reads = append(b.reads, proto.Clone(in).(*basinv1.ListDesiredLRPsRequest))
+	b.mu.Unlock()
+	return b.BBS.ListDesiredLRPs(ctx, in, opts...)
+}
+
+func TestDesiredReadIsAsOfTheClaim(t *testing.T) {
+	e := newEnv(t)
+	e.stop()
+	rec := &recordingBBS{BBS: e.bbs, claimRevs: map[string]int64{}}
+	e.repBBS = rec
+	e.startRep(e.rep.cfg)
+	e.desire("web", 1, 64)
+	e.perform(lrpStart("web", 0, 64))
+	e.waitState("web", 0, stateRunning)
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	claimRev := rec.claimRevs["web/0"]
+	if claimRev == 0 {
+		t.Fatalf("no claim of web/0 seen: %v", rec.claimRevs)
+	}
+	if len(rec.reads) != 1 || !slices.Equal(rec.reads[0].GetProcessGuids(), []string{"web"}) || rec.reads[0].GetMinRevision() != claimRev {
+		t.Errorf("desired reads %v, want one of web at min_revision %d (the claim's)", rec.reads, claimRev)
+	}
+}
+
+// lockedBuffer is a log destination the rep's goroutines share.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+func TestStartLogNamesTheInstance(t *testing.T) {
+	var logs lockedBuffer
+	e := newEnv(t, func(c *Config) { c.Logger = slog.New(slog.NewTextHandler(&logs, nil)) })
+	e.desire("web", 1, 64)
+	e.perform(lrpStart("web", 0, 64))
+	a := e.waitState("web", 0, stateRunning)
+	want := fmt.Sprintf(`msg="instance running" cell=cell-a lrp=web/0 instance=%s took=`, a.GetInstanceKey().GetInstanceGuid())
+	e.waitFor("the running line", func() bool { return strings.Contains(logs.String(), want) })
+}
+
+func TestGaugesAreCountedWhenScraped(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := newEnv(t, func(c *Config) { c.Metrics = NewMetrics(reg) })
+	gauges := func() map[string]float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]float64{}
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				name := mf.GetName()
+				for _, lp := range m.GetLabel() {
+					name += "/" + lp.GetValue()
+				}
+				out[name] = m.GetGauge().GetValue()
+			}
+		}
+		return out
+	}
+	e.desire("web", 2, 64)
+	e.exec.autoHealthy = false
+	e.perform(lrpStart("web", 0, 64), lrpStart("web", 1, 64))
+	e.waitState("web", 0, stateClaimed)
+	e.waitState("web", 1, stateClaimed)
+	want := map[string]float64{"basin_rep_instances/reserved": 0, "basin_rep_instances/claimed": 2, "basin_rep_instances/running": 0,
+		"basin_rep_instances/stopping": 0, "basin_rep_allocated_memory_mb": 128}
+	e.waitFor("two claimed instances counted", func() bool {
+		got := gauges()
+		for k, v := range want {
+			if got[k] != v {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestDropletKnownPresentUntilAStartMissesIt(t *testing.T) {
+	e := newEnv(t)
+	c := e.rep.drops
+	p, err := c.get(e.ctx, e.droplet)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Removed behind the rep's back: still taken as present, without a stat...
+	if err := os.Remove(p); err != nil {
+		t.Fatal(err)
+	}
+	steps := []struct {
+		name        string
+		startErr    error // a failed start's error passed to forgetMissing first, if any
+		wantFetches int64
+	}{
+		{"known present", nil, 1},
+		{"a start failing otherwise", errors.New("runc: exit status 1"), 1},
+		// ...until a start misses a file: then it is fetched again.
+		{"a start missing a file", fmt.Errorf("start x: open droplet: %w", fs.ErrNotExist), 2},
+		{"present again", nil, 2},
+	}
+	for _, st := range steps {
+		if st.startErr != nil {
+			c.forgetMissing(e.droplet.GetDigest(), st.startErr)
+		}
+		got, err := c.get(e.ctx, e.droplet)
+		if err != nil || got != p {
+			t.Fatalf("%s: get = %q, %v; want %q", st.name, got, err, p)
+		}
+		if n := e.rep.DropletFetches(); n != st.wantFetches {
+			t.Errorf("%s: %d fetches, want %d", st.name, n, st.wantFetches)
+		}
+	}
+	if _, err := os.Stat(p); err != nil {
+		t.Errorf("droplet not fetched back: %v", err)
 	}
 }

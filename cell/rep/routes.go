@@ -16,9 +16,10 @@ import (
 // watchSchedules keeps the routes of running instances in step with their
 // desired LRP: a route mapped or unmapped through UpdateDesiredLRP is written
 // or removed at once, without restarting anything. It watches from the
-// revision Run noted before any instance read its schedule, so no change is
-// missed; after a compaction or a broken watch it notes the revision again,
-// re-reads every instance's schedule and watches on from there.
+// revision Run noted before any instance read its schedule (lrpSpec reads at
+// a claim's revision or later, and every claim comes after it), so no change
+// is missed; after a compaction or a broken watch it notes the revision
+// again, re-reads every instance's schedule and watches on from there.
 func (r *Rep) watchSchedules(ctx context.Context, from int64) error {
 	prefix := r.cfg.Keys.DesiredSchedulePrefix()
 	for ctx.Err() == nil {
@@ -117,7 +118,7 @@ func (r *Rep) applySchedule(ctx context.Context, guid string, sched *basinv1.Des
 	r.mu.Unlock()
 	for _, l := range changed {
 		if err := r.reroute(ctx, l); err != nil {
-			r.log.Error("update routes", "lrp", l.name(), "err", err)
+			r.log.Error("update routes", "lrp", lrpName{l}, "err", err)
 		}
 	}
 }

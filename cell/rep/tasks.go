@@ -48,7 +48,6 @@ func (r *Rep) releaseTask(t *task) {
 		delete(r.tasks, t.guid)
 	}
 	r.mu.Unlock()
-	r.updateGauges()
 }
 
 // taskByInstance finds the task running in container guid; r.mu held.
@@ -151,6 +150,7 @@ func (r *Rep) runTask(ctx context.Context, t *task) {
 	t.instance, t.marker, t.staging = spec.InstanceGUID, marker, st
 	r.mu.Unlock()
 	if _, err := r.exec.Start(ctx, spec); err != nil {
+		r.drops.forgetMissing(spec.Droplet.Digest, err)
 		r.mu.Lock()
 		t.instance, t.staging = "", nil
 		r.mu.Unlock()

@@ -524,7 +524,15 @@ type ListDesiredLRPsRequest struct {
 	// Only LRPs of this domain; empty lists all.
 	Domain string `protobuf:"bytes,1,opt,name=domain,proto3" json:"domain,omitempty"`
 	// Only these LRPs (at most 1,000); unknown guids are left out.
-	ProcessGuids  []string `protobuf:"bytes,2,rep,name=process_guids,json=processGuids,proto3" json:"process_guids,omitempty"`
+	ProcessGuids []string `protobuf:"bytes,2,rep,name=process_guids,json=processGuids,proto3" json:"process_guids,omitempty"`
+	// With process_guids, the BBS may answer from its watch-fed cache instead
+	// of reading etcd: the answer reflects etcd at some revision >=
+	// min_revision. An LRP written at or before it is there (as written or as
+	// changed since); one removed by then is absent. Pass a revision etcd has
+	// reached, such as one a write returned: the BBS waits briefly for its
+	// cache to reach it, then reads etcd. 0 (the default) reads etcd; ignored
+	// without process_guids; negative is invalid.
+	MinRevision   int64 `protobuf:"varint,3,opt,name=min_revision,json=minRevision,proto3" json:"min_revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -571,6 +579,13 @@ func (x *ListDesiredLRPsRequest) GetProcessGuids() []string {
 		return x.ProcessGuids
 	}
 	return nil
+}
+
+func (x *ListDesiredLRPsRequest) GetMinRevision() int64 {
+	if x != nil {
+		return x.MinRevision
+	}
+	return 0
 }
 
 type ListDesiredLRPsResponse struct {
@@ -3002,10 +3017,11 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\"N\n" +
 	"\x15GetDesiredLRPResponse\x125\n" +
 	"\vdesired_lrp\x18\x01 \x01(\v2\x14.basin.v1.DesiredLRPR\n" +
-	"desiredLrp\"U\n" +
+	"desiredLrp\"x\n" +
 	"\x16ListDesiredLRPsRequest\x12\x16\n" +
 	"\x06domain\x18\x01 \x01(\tR\x06domain\x12#\n" +
-	"\rprocess_guids\x18\x02 \x03(\tR\fprocessGuids\"R\n" +
+	"\rprocess_guids\x18\x02 \x03(\tR\fprocessGuids\x12!\n" +
+	"\fmin_revision\x18\x03 \x01(\x03R\vminRevision\"R\n" +
 	"\x17ListDesiredLRPsResponse\x127\n" +
 	"\fdesired_lrps\x18\x01 \x03(\v2\x14.basin.v1.DesiredLRPR\vdesiredLrps\"8\n" +
 	"\x1eListDesiredLRPSchedulesRequest\x12\x16\n" +
