@@ -173,6 +173,11 @@ func (s *Store) onTaskChange(rev int64, changes []change) {
 // onDesiredChange groups the schedule and run keys of one LRP, which change
 // together in one transaction, into one event.
 func (s *Store) onDesiredChange(rev int64, changes []change) {
+	for _, c := range changes {
+		if guid, part, ok := s.keys.DesiredPart(c.key); ok && part == "schedule" && c.after != nil {
+			s.followers.publish(guid, c.after)
+		}
+	}
 	if !s.hub.active() {
 		return
 	}

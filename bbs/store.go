@@ -55,6 +55,8 @@ type Store struct {
 	tasks   *view
 	commit  *committer
 	hub     *hub
+	// followers are the WatchSchedules streams.
+	followers *followers
 }
 
 // NewStore returns a Store on cli. Call Run to keep its views and committer going.
@@ -78,6 +80,8 @@ func NewStore(cli *clientv3.Client, cfg StoreConfig) *Store {
 		metrics: m,
 		commit:  newCommitter(cli.KV, cfg.Workers, cfg.MaxTxnOps, m),
 		hub:     newHub(cfg.SubscriberBuffer, m),
+
+		followers: newFollowers(),
 	}
 	s.desired = newView(cli, s.keys.DesiredPrefix(), cfg.Logger, s.onDesiredChange)
 	s.actual = newView(cli, s.keys.ActualPrefix(), cfg.Logger, s.onActualChange)

@@ -358,10 +358,8 @@ func (r *Rep) failStart(ctx context.Context, l *lrp, cause error) {
 // lrpSpec reads the desired LRP (noting its routes) and fetches its droplet.
 //
 // The read is as of the claim's revision or later, which lets the BBS answer
-// from its watch-fed view. watchSchedules still sees every schedule change
-// after it: it watches from the revision Run noted before the cell was
-// ready, and a claim comes after that, so whatever revision the read
-// reflects (>= the claim's) the watch delivers what follows.
+// from its watch-fed view. followSchedules then follows the LRP from the
+// revision read, so the BBS sends any newer schedule.
 func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
 	r.mu.Lock()
 	claimRev := l.claimRev
@@ -420,11 +418,12 @@ func (r *Rep) lrpSpec(ctx context.Context, l *lrp) (executor.Spec, error) {
 // instance has (the schedule watch may have delivered a later one first).
 func (r *Rep) noteSchedule(l *lrp, sched *basinv1.DesiredLRPSchedule, rev int64) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	if rev > l.schedRev {
 		l.schedRev = rev
 		l.routeDefs = sched.GetRoutes()
 	}
+	r.mu.Unlock()
+	r.notedSchedule()
 }
 
 // routeKVs builds the route keys and values of a running instance.

@@ -137,6 +137,7 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 	r.mu.Lock()
 	r.lrps[l.guid] = l
 	r.mu.Unlock()
+	r.notedSchedule()
 	if running {
 		if err := r.writeRoutes(ctx, l); err != nil {
 			log.Error("re-write routes of adopted instance", "err", err)

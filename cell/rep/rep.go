@@ -65,6 +65,7 @@ type BBS interface {
 	StartTask(ctx context.Context, in *basinv1.StartTaskRequest, opts ...grpc.CallOption) (*basinv1.StartTaskResponse, error)
 	CompleteTask(ctx context.Context, in *basinv1.CompleteTaskRequest, opts ...grpc.CallOption) (*basinv1.CompleteTaskResponse, error)
 	ListTasks(ctx context.Context, in *basinv1.ListTasksRequest, opts ...grpc.CallOption) (*basinv1.ListTasksResponse, error)
+	WatchSchedules(ctx context.Context, opts ...grpc.CallOption) (basinv1.BBSService_WatchSchedulesClient, error)
 }
 
 var _ BBS = (*bbs.Client)(nil)
@@ -185,6 +186,9 @@ type Rep struct {
 	transitions *coalescer[*basinv1.ActualLRPTransition, *basinv1.ActualLRP]
 	desired     *coalescer[desiredRead, *basinv1.DesiredLRP]
 
+	// scheduleNoted tells followSchedules an instance read its schedule.
+	scheduleNoted chan struct{}
+
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context
 
@@ -228,8 +232,9 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 		cfg:        cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
 		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
-		transitions: newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
-		desired:     newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
+		scheduleNoted: make(chan struct{}, 1),
+		transitions:   newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
+		desired:       newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
 	}
 	cfg.Metrics.cell.attach(r.gauges)
 	return r, nil
@@ -262,13 +267,10 @@ func (r *Rep) Run(ctx context.Context) error {
 	// The BBS or etcd may not answer yet (components start together):
 	// retry until they do.
 	var adopt adoptPlan
-	var schedRev int64 // schedules are watched from here: before any is read
 	for backoff := 100 * time.Millisecond; ; backoff = min(backoff*2, 5*time.Second) {
 		var err error
-		if schedRev, err = r.currentRevision(runCtx); err == nil {
-			if adopt, err = r.reconcileContainers(runCtx); err == nil {
-				err = r.register(runCtx)
-			}
+		if adopt, err = r.reconcileContainers(runCtx); err == nil {
+			err = r.register(runCtx)
 		}
 		if err == nil {
 			break
@@ -284,8 +286,7 @@ func (r *Rep) Run(ctx context.Context) error {
 	close(r.ready)
 	r.log.Info("cell registered", "fence", r.currentFence().GetCreateRevision(), "adopted", len(adopt.owned))
 
-	watchSchedules := func(ctx context.Context) error { return r.watchSchedules(ctx, schedRev) }
-	loops := []func(context.Context) error{r.watchIndex, watchSchedules, r.keepAlive}
+	loops := []func(context.Context) error{r.watchIndex, r.followSchedules, r.keepAlive}
 	errc := make(chan error, len(loops))
 	for _, loop := range loops {
 		go func() { errc <- loop(runCtx) }()

@@ -21,6 +21,211 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type WatchSchedulesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// LRPs to follow, at most 1,000 per message (10,000 per stream).
+	Follow []*ScheduleInterest `protobuf:"bytes,1,rep,name=follow,proto3" json:"follow,omitempty"`
+	// LRPs to stop following, at most 1,000 per message.
+	Unfollow      []string `protobuf:"bytes,2,rep,name=unfollow,proto3" json:"unfollow,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchSchedulesRequest) Reset() {
+	*x = WatchSchedulesRequest{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchSchedulesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchSchedulesRequest) ProtoMessage() {}
+
+func (x *WatchSchedulesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchSchedulesRequest.ProtoReflect.Descriptor instead.
+func (*WatchSchedulesRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *WatchSchedulesRequest) GetFollow() []*ScheduleInterest {
+	if x != nil {
+		return x.Follow
+	}
+	return nil
+}
+
+func (x *WatchSchedulesRequest) GetUnfollow() []string {
+	if x != nil {
+		return x.Unfollow
+	}
+	return nil
+}
+
+type ScheduleInterest struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ProcessGuid string                 `protobuf:"bytes,1,opt,name=process_guid,json=processGuid,proto3" json:"process_guid,omitempty"`
+	// The revision of the schedule the caller holds (DesiredLRP.revision);
+	// 0 sends the current schedule whatever it is.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleInterest) Reset() {
+	*x = ScheduleInterest{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleInterest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleInterest) ProtoMessage() {}
+
+func (x *ScheduleInterest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleInterest.ProtoReflect.Descriptor instead.
+func (*ScheduleInterest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ScheduleInterest) GetProcessGuid() string {
+	if x != nil {
+		return x.ProcessGuid
+	}
+	return ""
+}
+
+func (x *ScheduleInterest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type WatchSchedulesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Changes       []*ScheduleChange      `protobuf:"bytes,1,rep,name=changes,proto3" json:"changes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchSchedulesResponse) Reset() {
+	*x = WatchSchedulesResponse{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchSchedulesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchSchedulesResponse) ProtoMessage() {}
+
+func (x *WatchSchedulesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchSchedulesResponse.ProtoReflect.Descriptor instead.
+func (*WatchSchedulesResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *WatchSchedulesResponse) GetChanges() []*ScheduleChange {
+	if x != nil {
+		return x.Changes
+	}
+	return nil
+}
+
+type ScheduleChange struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Schedule *DesiredLRPSchedule    `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	// The schedule's mod revision, as DesiredLRP.revision.
+	Revision      int64 `protobuf:"varint,2,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleChange) Reset() {
+	*x = ScheduleChange{}
+	mi := &file_basin_v1_bbs_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleChange) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleChange) ProtoMessage() {}
+
+func (x *ScheduleChange) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_bbs_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleChange.ProtoReflect.Descriptor instead.
+func (*ScheduleChange) Descriptor() ([]byte, []int) {
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ScheduleChange) GetSchedule() *DesiredLRPSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+func (x *ScheduleChange) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 type DesireLRPRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Schedule      *DesiredLRPSchedule    `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
@@ -31,7 +236,7 @@ type DesireLRPRequest struct {
 
 func (x *DesireLRPRequest) Reset() {
 	*x = DesireLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[0]
+	mi := &file_basin_v1_bbs_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -43,7 +248,7 @@ func (x *DesireLRPRequest) String() string {
 func (*DesireLRPRequest) ProtoMessage() {}
 
 func (x *DesireLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[0]
+	mi := &file_basin_v1_bbs_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -56,7 +261,7 @@ func (x *DesireLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireLRPRequest.ProtoReflect.Descriptor instead.
 func (*DesireLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{0}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DesireLRPRequest) GetSchedule() *DesiredLRPSchedule {
@@ -82,7 +287,7 @@ type DesireLRPResponse struct {
 
 func (x *DesireLRPResponse) Reset() {
 	*x = DesireLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[1]
+	mi := &file_basin_v1_bbs_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -94,7 +299,7 @@ func (x *DesireLRPResponse) String() string {
 func (*DesireLRPResponse) ProtoMessage() {}
 
 func (x *DesireLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[1]
+	mi := &file_basin_v1_bbs_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -107,7 +312,7 @@ func (x *DesireLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireLRPResponse.ProtoReflect.Descriptor instead.
 func (*DesireLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{1}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DesireLRPResponse) GetDesiredLrp() *DesiredLRP {
@@ -126,7 +331,7 @@ type RouteList struct {
 
 func (x *RouteList) Reset() {
 	*x = RouteList{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[2]
+	mi := &file_basin_v1_bbs_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -138,7 +343,7 @@ func (x *RouteList) String() string {
 func (*RouteList) ProtoMessage() {}
 
 func (x *RouteList) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[2]
+	mi := &file_basin_v1_bbs_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -151,7 +356,7 @@ func (x *RouteList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteList.ProtoReflect.Descriptor instead.
 func (*RouteList) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{2}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RouteList) GetRoutes() []*Route {
@@ -170,7 +375,7 @@ type EnvList struct {
 
 func (x *EnvList) Reset() {
 	*x = EnvList{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[3]
+	mi := &file_basin_v1_bbs_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -182,7 +387,7 @@ func (x *EnvList) String() string {
 func (*EnvList) ProtoMessage() {}
 
 func (x *EnvList) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[3]
+	mi := &file_basin_v1_bbs_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -195,7 +400,7 @@ func (x *EnvList) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EnvList.ProtoReflect.Descriptor instead.
 func (*EnvList) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{3}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *EnvList) GetEnv() []*EnvVar {
@@ -223,7 +428,7 @@ type UpdateDesiredLRPRequest struct {
 
 func (x *UpdateDesiredLRPRequest) Reset() {
 	*x = UpdateDesiredLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[4]
+	mi := &file_basin_v1_bbs_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -235,7 +440,7 @@ func (x *UpdateDesiredLRPRequest) String() string {
 func (*UpdateDesiredLRPRequest) ProtoMessage() {}
 
 func (x *UpdateDesiredLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[4]
+	mi := &file_basin_v1_bbs_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -248,7 +453,7 @@ func (x *UpdateDesiredLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateDesiredLRPRequest.ProtoReflect.Descriptor instead.
 func (*UpdateDesiredLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{4}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *UpdateDesiredLRPRequest) GetProcessGuid() string {
@@ -316,7 +521,7 @@ type UpdateDesiredLRPResponse struct {
 
 func (x *UpdateDesiredLRPResponse) Reset() {
 	*x = UpdateDesiredLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[5]
+	mi := &file_basin_v1_bbs_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -328,7 +533,7 @@ func (x *UpdateDesiredLRPResponse) String() string {
 func (*UpdateDesiredLRPResponse) ProtoMessage() {}
 
 func (x *UpdateDesiredLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[5]
+	mi := &file_basin_v1_bbs_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -341,7 +546,7 @@ func (x *UpdateDesiredLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateDesiredLRPResponse.ProtoReflect.Descriptor instead.
 func (*UpdateDesiredLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{5}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *UpdateDesiredLRPResponse) GetDesiredLrp() *DesiredLRP {
@@ -360,7 +565,7 @@ type RemoveDesiredLRPRequest struct {
 
 func (x *RemoveDesiredLRPRequest) Reset() {
 	*x = RemoveDesiredLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[6]
+	mi := &file_basin_v1_bbs_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -372,7 +577,7 @@ func (x *RemoveDesiredLRPRequest) String() string {
 func (*RemoveDesiredLRPRequest) ProtoMessage() {}
 
 func (x *RemoveDesiredLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[6]
+	mi := &file_basin_v1_bbs_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -385,7 +590,7 @@ func (x *RemoveDesiredLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDesiredLRPRequest.ProtoReflect.Descriptor instead.
 func (*RemoveDesiredLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{6}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RemoveDesiredLRPRequest) GetProcessGuid() string {
@@ -403,7 +608,7 @@ type RemoveDesiredLRPResponse struct {
 
 func (x *RemoveDesiredLRPResponse) Reset() {
 	*x = RemoveDesiredLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[7]
+	mi := &file_basin_v1_bbs_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -415,7 +620,7 @@ func (x *RemoveDesiredLRPResponse) String() string {
 func (*RemoveDesiredLRPResponse) ProtoMessage() {}
 
 func (x *RemoveDesiredLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[7]
+	mi := &file_basin_v1_bbs_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -428,7 +633,7 @@ func (x *RemoveDesiredLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveDesiredLRPResponse.ProtoReflect.Descriptor instead.
 func (*RemoveDesiredLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{7}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{11}
 }
 
 type GetDesiredLRPRequest struct {
@@ -440,7 +645,7 @@ type GetDesiredLRPRequest struct {
 
 func (x *GetDesiredLRPRequest) Reset() {
 	*x = GetDesiredLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[8]
+	mi := &file_basin_v1_bbs_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -452,7 +657,7 @@ func (x *GetDesiredLRPRequest) String() string {
 func (*GetDesiredLRPRequest) ProtoMessage() {}
 
 func (x *GetDesiredLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[8]
+	mi := &file_basin_v1_bbs_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -465,7 +670,7 @@ func (x *GetDesiredLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDesiredLRPRequest.ProtoReflect.Descriptor instead.
 func (*GetDesiredLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{8}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *GetDesiredLRPRequest) GetProcessGuid() string {
@@ -484,7 +689,7 @@ type GetDesiredLRPResponse struct {
 
 func (x *GetDesiredLRPResponse) Reset() {
 	*x = GetDesiredLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[9]
+	mi := &file_basin_v1_bbs_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -496,7 +701,7 @@ func (x *GetDesiredLRPResponse) String() string {
 func (*GetDesiredLRPResponse) ProtoMessage() {}
 
 func (x *GetDesiredLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[9]
+	mi := &file_basin_v1_bbs_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -509,7 +714,7 @@ func (x *GetDesiredLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetDesiredLRPResponse.ProtoReflect.Descriptor instead.
 func (*GetDesiredLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{9}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *GetDesiredLRPResponse) GetDesiredLrp() *DesiredLRP {
@@ -539,7 +744,7 @@ type ListDesiredLRPsRequest struct {
 
 func (x *ListDesiredLRPsRequest) Reset() {
 	*x = ListDesiredLRPsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[10]
+	mi := &file_basin_v1_bbs_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +756,7 @@ func (x *ListDesiredLRPsRequest) String() string {
 func (*ListDesiredLRPsRequest) ProtoMessage() {}
 
 func (x *ListDesiredLRPsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[10]
+	mi := &file_basin_v1_bbs_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +769,7 @@ func (x *ListDesiredLRPsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDesiredLRPsRequest.ProtoReflect.Descriptor instead.
 func (*ListDesiredLRPsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{10}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListDesiredLRPsRequest) GetDomain() string {
@@ -597,7 +802,7 @@ type ListDesiredLRPsResponse struct {
 
 func (x *ListDesiredLRPsResponse) Reset() {
 	*x = ListDesiredLRPsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[11]
+	mi := &file_basin_v1_bbs_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -609,7 +814,7 @@ func (x *ListDesiredLRPsResponse) String() string {
 func (*ListDesiredLRPsResponse) ProtoMessage() {}
 
 func (x *ListDesiredLRPsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[11]
+	mi := &file_basin_v1_bbs_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -622,7 +827,7 @@ func (x *ListDesiredLRPsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDesiredLRPsResponse.ProtoReflect.Descriptor instead.
 func (*ListDesiredLRPsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{11}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListDesiredLRPsResponse) GetDesiredLrps() []*DesiredLRP {
@@ -641,7 +846,7 @@ type ListDesiredLRPSchedulesRequest struct {
 
 func (x *ListDesiredLRPSchedulesRequest) Reset() {
 	*x = ListDesiredLRPSchedulesRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[12]
+	mi := &file_basin_v1_bbs_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -653,7 +858,7 @@ func (x *ListDesiredLRPSchedulesRequest) String() string {
 func (*ListDesiredLRPSchedulesRequest) ProtoMessage() {}
 
 func (x *ListDesiredLRPSchedulesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[12]
+	mi := &file_basin_v1_bbs_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -666,7 +871,7 @@ func (x *ListDesiredLRPSchedulesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDesiredLRPSchedulesRequest.ProtoReflect.Descriptor instead.
 func (*ListDesiredLRPSchedulesRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{12}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListDesiredLRPSchedulesRequest) GetDomain() string {
@@ -685,7 +890,7 @@ type ListDesiredLRPSchedulesResponse struct {
 
 func (x *ListDesiredLRPSchedulesResponse) Reset() {
 	*x = ListDesiredLRPSchedulesResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[13]
+	mi := &file_basin_v1_bbs_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -697,7 +902,7 @@ func (x *ListDesiredLRPSchedulesResponse) String() string {
 func (*ListDesiredLRPSchedulesResponse) ProtoMessage() {}
 
 func (x *ListDesiredLRPSchedulesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[13]
+	mi := &file_basin_v1_bbs_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -710,7 +915,7 @@ func (x *ListDesiredLRPSchedulesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDesiredLRPSchedulesResponse.ProtoReflect.Descriptor instead.
 func (*ListDesiredLRPSchedulesResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{13}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListDesiredLRPSchedulesResponse) GetSchedules() []*DesiredLRPSchedule {
@@ -732,7 +937,7 @@ type ListActualLRPsRequest struct {
 
 func (x *ListActualLRPsRequest) Reset() {
 	*x = ListActualLRPsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[14]
+	mi := &file_basin_v1_bbs_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -744,7 +949,7 @@ func (x *ListActualLRPsRequest) String() string {
 func (*ListActualLRPsRequest) ProtoMessage() {}
 
 func (x *ListActualLRPsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[14]
+	mi := &file_basin_v1_bbs_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -757,7 +962,7 @@ func (x *ListActualLRPsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListActualLRPsRequest.ProtoReflect.Descriptor instead.
 func (*ListActualLRPsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{14}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListActualLRPsRequest) GetProcessGuid() string {
@@ -790,7 +995,7 @@ type ListActualLRPsResponse struct {
 
 func (x *ListActualLRPsResponse) Reset() {
 	*x = ListActualLRPsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[15]
+	mi := &file_basin_v1_bbs_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -802,7 +1007,7 @@ func (x *ListActualLRPsResponse) String() string {
 func (*ListActualLRPsResponse) ProtoMessage() {}
 
 func (x *ListActualLRPsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[15]
+	mi := &file_basin_v1_bbs_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -815,7 +1020,7 @@ func (x *ListActualLRPsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListActualLRPsResponse.ProtoReflect.Descriptor instead.
 func (*ListActualLRPsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{15}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ListActualLRPsResponse) GetActualLrps() []*ActualLRP {
@@ -835,7 +1040,7 @@ type GetActualLRPRequest struct {
 
 func (x *GetActualLRPRequest) Reset() {
 	*x = GetActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[16]
+	mi := &file_basin_v1_bbs_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -847,7 +1052,7 @@ func (x *GetActualLRPRequest) String() string {
 func (*GetActualLRPRequest) ProtoMessage() {}
 
 func (x *GetActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[16]
+	mi := &file_basin_v1_bbs_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -860,7 +1065,7 @@ func (x *GetActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*GetActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{16}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *GetActualLRPRequest) GetProcessGuid() string {
@@ -886,7 +1091,7 @@ type GetActualLRPResponse struct {
 
 func (x *GetActualLRPResponse) Reset() {
 	*x = GetActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[17]
+	mi := &file_basin_v1_bbs_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -898,7 +1103,7 @@ func (x *GetActualLRPResponse) String() string {
 func (*GetActualLRPResponse) ProtoMessage() {}
 
 func (x *GetActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[17]
+	mi := &file_basin_v1_bbs_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -911,7 +1116,7 @@ func (x *GetActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*GetActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{17}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *GetActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -933,7 +1138,7 @@ type ClaimActualLRPRequest struct {
 
 func (x *ClaimActualLRPRequest) Reset() {
 	*x = ClaimActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[18]
+	mi := &file_basin_v1_bbs_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -945,7 +1150,7 @@ func (x *ClaimActualLRPRequest) String() string {
 func (*ClaimActualLRPRequest) ProtoMessage() {}
 
 func (x *ClaimActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[18]
+	mi := &file_basin_v1_bbs_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -958,7 +1163,7 @@ func (x *ClaimActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*ClaimActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{18}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ClaimActualLRPRequest) GetKey() *ActualLRPKey {
@@ -991,7 +1196,7 @@ type ClaimActualLRPResponse struct {
 
 func (x *ClaimActualLRPResponse) Reset() {
 	*x = ClaimActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[19]
+	mi := &file_basin_v1_bbs_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1003,7 +1208,7 @@ func (x *ClaimActualLRPResponse) String() string {
 func (*ClaimActualLRPResponse) ProtoMessage() {}
 
 func (x *ClaimActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[19]
+	mi := &file_basin_v1_bbs_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1016,7 +1221,7 @@ func (x *ClaimActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClaimActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*ClaimActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{19}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ClaimActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -1038,7 +1243,7 @@ type StartActualLRPRequest struct {
 
 func (x *StartActualLRPRequest) Reset() {
 	*x = StartActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[20]
+	mi := &file_basin_v1_bbs_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1050,7 +1255,7 @@ func (x *StartActualLRPRequest) String() string {
 func (*StartActualLRPRequest) ProtoMessage() {}
 
 func (x *StartActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[20]
+	mi := &file_basin_v1_bbs_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1063,7 +1268,7 @@ func (x *StartActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*StartActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{20}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StartActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1103,7 +1308,7 @@ type StartActualLRPResponse struct {
 
 func (x *StartActualLRPResponse) Reset() {
 	*x = StartActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[21]
+	mi := &file_basin_v1_bbs_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1115,7 +1320,7 @@ func (x *StartActualLRPResponse) String() string {
 func (*StartActualLRPResponse) ProtoMessage() {}
 
 func (x *StartActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[21]
+	mi := &file_basin_v1_bbs_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1128,7 +1333,7 @@ func (x *StartActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*StartActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{21}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *StartActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -1150,7 +1355,7 @@ type CrashActualLRPRequest struct {
 
 func (x *CrashActualLRPRequest) Reset() {
 	*x = CrashActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[22]
+	mi := &file_basin_v1_bbs_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1162,7 +1367,7 @@ func (x *CrashActualLRPRequest) String() string {
 func (*CrashActualLRPRequest) ProtoMessage() {}
 
 func (x *CrashActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[22]
+	mi := &file_basin_v1_bbs_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1175,7 +1380,7 @@ func (x *CrashActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CrashActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*CrashActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{22}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CrashActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1215,7 +1420,7 @@ type CrashActualLRPResponse struct {
 
 func (x *CrashActualLRPResponse) Reset() {
 	*x = CrashActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[23]
+	mi := &file_basin_v1_bbs_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1227,7 +1432,7 @@ func (x *CrashActualLRPResponse) String() string {
 func (*CrashActualLRPResponse) ProtoMessage() {}
 
 func (x *CrashActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[23]
+	mi := &file_basin_v1_bbs_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1240,7 +1445,7 @@ func (x *CrashActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CrashActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*CrashActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{23}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CrashActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -1262,7 +1467,7 @@ type FailActualLRPRequest struct {
 
 func (x *FailActualLRPRequest) Reset() {
 	*x = FailActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[24]
+	mi := &file_basin_v1_bbs_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1274,7 +1479,7 @@ func (x *FailActualLRPRequest) String() string {
 func (*FailActualLRPRequest) ProtoMessage() {}
 
 func (x *FailActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[24]
+	mi := &file_basin_v1_bbs_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1287,7 +1492,7 @@ func (x *FailActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*FailActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{24}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *FailActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1320,7 +1525,7 @@ type FailActualLRPResponse struct {
 
 func (x *FailActualLRPResponse) Reset() {
 	*x = FailActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[25]
+	mi := &file_basin_v1_bbs_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1332,7 +1537,7 @@ func (x *FailActualLRPResponse) String() string {
 func (*FailActualLRPResponse) ProtoMessage() {}
 
 func (x *FailActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[25]
+	mi := &file_basin_v1_bbs_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1345,7 +1550,7 @@ func (x *FailActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*FailActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{25}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *FailActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -1370,7 +1575,7 @@ type UnclaimActualLRPRequest struct {
 
 func (x *UnclaimActualLRPRequest) Reset() {
 	*x = UnclaimActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[26]
+	mi := &file_basin_v1_bbs_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1382,7 +1587,7 @@ func (x *UnclaimActualLRPRequest) String() string {
 func (*UnclaimActualLRPRequest) ProtoMessage() {}
 
 func (x *UnclaimActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[26]
+	mi := &file_basin_v1_bbs_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1395,7 +1600,7 @@ func (x *UnclaimActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnclaimActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*UnclaimActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{26}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *UnclaimActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1428,7 +1633,7 @@ type UnclaimActualLRPResponse struct {
 
 func (x *UnclaimActualLRPResponse) Reset() {
 	*x = UnclaimActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[27]
+	mi := &file_basin_v1_bbs_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1440,7 +1645,7 @@ func (x *UnclaimActualLRPResponse) String() string {
 func (*UnclaimActualLRPResponse) ProtoMessage() {}
 
 func (x *UnclaimActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[27]
+	mi := &file_basin_v1_bbs_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1453,7 +1658,7 @@ func (x *UnclaimActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnclaimActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*UnclaimActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{27}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *UnclaimActualLRPResponse) GetActualLrp() *ActualLRP {
@@ -1475,7 +1680,7 @@ type RetireActualLRPRequest struct {
 
 func (x *RetireActualLRPRequest) Reset() {
 	*x = RetireActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[28]
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1487,7 +1692,7 @@ func (x *RetireActualLRPRequest) String() string {
 func (*RetireActualLRPRequest) ProtoMessage() {}
 
 func (x *RetireActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[28]
+	mi := &file_basin_v1_bbs_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1500,7 +1705,7 @@ func (x *RetireActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*RetireActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{28}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *RetireActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1525,7 +1730,7 @@ type RetireActualLRPResponse struct {
 
 func (x *RetireActualLRPResponse) Reset() {
 	*x = RetireActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[29]
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1537,7 +1742,7 @@ func (x *RetireActualLRPResponse) String() string {
 func (*RetireActualLRPResponse) ProtoMessage() {}
 
 func (x *RetireActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[29]
+	mi := &file_basin_v1_bbs_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1550,7 +1755,7 @@ func (x *RetireActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RetireActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*RetireActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{29}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
 }
 
 type RemoveActualLRPRequest struct {
@@ -1565,7 +1770,7 @@ type RemoveActualLRPRequest struct {
 
 func (x *RemoveActualLRPRequest) Reset() {
 	*x = RemoveActualLRPRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[30]
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1577,7 +1782,7 @@ func (x *RemoveActualLRPRequest) String() string {
 func (*RemoveActualLRPRequest) ProtoMessage() {}
 
 func (x *RemoveActualLRPRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[30]
+	mi := &file_basin_v1_bbs_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1590,7 +1795,7 @@ func (x *RemoveActualLRPRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveActualLRPRequest.ProtoReflect.Descriptor instead.
 func (*RemoveActualLRPRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{30}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *RemoveActualLRPRequest) GetKey() *ActualLRPKey {
@@ -1622,7 +1827,7 @@ type RemoveActualLRPResponse struct {
 
 func (x *RemoveActualLRPResponse) Reset() {
 	*x = RemoveActualLRPResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[31]
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1634,7 +1839,7 @@ func (x *RemoveActualLRPResponse) String() string {
 func (*RemoveActualLRPResponse) ProtoMessage() {}
 
 func (x *RemoveActualLRPResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[31]
+	mi := &file_basin_v1_bbs_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1647,7 +1852,7 @@ func (x *RemoveActualLRPResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveActualLRPResponse.ProtoReflect.Descriptor instead.
 func (*RemoveActualLRPResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{31}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
 }
 
 type ActualLRPTransition struct {
@@ -1664,7 +1869,7 @@ type ActualLRPTransition struct {
 
 func (x *ActualLRPTransition) Reset() {
 	*x = ActualLRPTransition{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1676,7 +1881,7 @@ func (x *ActualLRPTransition) String() string {
 func (*ActualLRPTransition) ProtoMessage() {}
 
 func (x *ActualLRPTransition) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[32]
+	mi := &file_basin_v1_bbs_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1689,7 +1894,7 @@ func (x *ActualLRPTransition) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActualLRPTransition.ProtoReflect.Descriptor instead.
 func (*ActualLRPTransition) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{32}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ActualLRPTransition) GetTransition() isActualLRPTransition_Transition {
@@ -1758,7 +1963,7 @@ type ApplyActualLRPTransitionsRequest struct {
 
 func (x *ApplyActualLRPTransitionsRequest) Reset() {
 	*x = ApplyActualLRPTransitionsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1770,7 +1975,7 @@ func (x *ApplyActualLRPTransitionsRequest) String() string {
 func (*ApplyActualLRPTransitionsRequest) ProtoMessage() {}
 
 func (x *ApplyActualLRPTransitionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[33]
+	mi := &file_basin_v1_bbs_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1783,7 +1988,7 @@ func (x *ApplyActualLRPTransitionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyActualLRPTransitionsRequest.ProtoReflect.Descriptor instead.
 func (*ApplyActualLRPTransitionsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{33}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *ApplyActualLRPTransitionsRequest) GetTransitions() []*ActualLRPTransition {
@@ -1807,7 +2012,7 @@ type ActualLRPTransitionResult struct {
 
 func (x *ActualLRPTransitionResult) Reset() {
 	*x = ActualLRPTransitionResult{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +2024,7 @@ func (x *ActualLRPTransitionResult) String() string {
 func (*ActualLRPTransitionResult) ProtoMessage() {}
 
 func (x *ActualLRPTransitionResult) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[34]
+	mi := &file_basin_v1_bbs_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +2037,7 @@ func (x *ActualLRPTransitionResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActualLRPTransitionResult.ProtoReflect.Descriptor instead.
 func (*ActualLRPTransitionResult) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{34}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ActualLRPTransitionResult) GetActualLrp() *ActualLRP {
@@ -1865,7 +2070,7 @@ type ApplyActualLRPTransitionsResponse struct {
 
 func (x *ApplyActualLRPTransitionsResponse) Reset() {
 	*x = ApplyActualLRPTransitionsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1877,7 +2082,7 @@ func (x *ApplyActualLRPTransitionsResponse) String() string {
 func (*ApplyActualLRPTransitionsResponse) ProtoMessage() {}
 
 func (x *ApplyActualLRPTransitionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[35]
+	mi := &file_basin_v1_bbs_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1890,7 +2095,7 @@ func (x *ApplyActualLRPTransitionsResponse) ProtoReflect() protoreflect.Message 
 
 // Deprecated: Use ApplyActualLRPTransitionsResponse.ProtoReflect.Descriptor instead.
 func (*ApplyActualLRPTransitionsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{35}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *ApplyActualLRPTransitionsResponse) GetResults() []*ActualLRPTransitionResult {
@@ -1911,7 +2116,7 @@ type CreateMissingActualLRPsRequest struct {
 
 func (x *CreateMissingActualLRPsRequest) Reset() {
 	*x = CreateMissingActualLRPsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1923,7 +2128,7 @@ func (x *CreateMissingActualLRPsRequest) String() string {
 func (*CreateMissingActualLRPsRequest) ProtoMessage() {}
 
 func (x *CreateMissingActualLRPsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[36]
+	mi := &file_basin_v1_bbs_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1936,7 +2141,7 @@ func (x *CreateMissingActualLRPsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMissingActualLRPsRequest.ProtoReflect.Descriptor instead.
 func (*CreateMissingActualLRPsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{36}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *CreateMissingActualLRPsRequest) GetProcessGuid() string {
@@ -1963,7 +2168,7 @@ type CreateMissingActualLRPsResponse struct {
 
 func (x *CreateMissingActualLRPsResponse) Reset() {
 	*x = CreateMissingActualLRPsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1975,7 +2180,7 @@ func (x *CreateMissingActualLRPsResponse) String() string {
 func (*CreateMissingActualLRPsResponse) ProtoMessage() {}
 
 func (x *CreateMissingActualLRPsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[37]
+	mi := &file_basin_v1_bbs_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1988,7 +2193,7 @@ func (x *CreateMissingActualLRPsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateMissingActualLRPsResponse.ProtoReflect.Descriptor instead.
 func (*CreateMissingActualLRPsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{37}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *CreateMissingActualLRPsResponse) GetCreated() []int32 {
@@ -2009,7 +2214,7 @@ type DesireTaskRequest struct {
 
 func (x *DesireTaskRequest) Reset() {
 	*x = DesireTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2226,7 @@ func (x *DesireTaskRequest) String() string {
 func (*DesireTaskRequest) ProtoMessage() {}
 
 func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[38]
+	mi := &file_basin_v1_bbs_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2239,7 @@ func (x *DesireTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskRequest.ProtoReflect.Descriptor instead.
 func (*DesireTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{38}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *DesireTaskRequest) GetTaskGuid() string {
@@ -2067,7 +2272,7 @@ type DesireTaskResponse struct {
 
 func (x *DesireTaskResponse) Reset() {
 	*x = DesireTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2079,7 +2284,7 @@ func (x *DesireTaskResponse) String() string {
 func (*DesireTaskResponse) ProtoMessage() {}
 
 func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[39]
+	mi := &file_basin_v1_bbs_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2092,7 +2297,7 @@ func (x *DesireTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DesireTaskResponse.ProtoReflect.Descriptor instead.
 func (*DesireTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{39}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *DesireTaskResponse) GetTask() *Task {
@@ -2113,7 +2318,7 @@ type StartTaskRequest struct {
 
 func (x *StartTaskRequest) Reset() {
 	*x = StartTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2125,7 +2330,7 @@ func (x *StartTaskRequest) String() string {
 func (*StartTaskRequest) ProtoMessage() {}
 
 func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[40]
+	mi := &file_basin_v1_bbs_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2138,7 +2343,7 @@ func (x *StartTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskRequest.ProtoReflect.Descriptor instead.
 func (*StartTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{40}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *StartTaskRequest) GetTaskGuid() string {
@@ -2173,7 +2378,7 @@ type StartTaskResponse struct {
 
 func (x *StartTaskResponse) Reset() {
 	*x = StartTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2185,7 +2390,7 @@ func (x *StartTaskResponse) String() string {
 func (*StartTaskResponse) ProtoMessage() {}
 
 func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[41]
+	mi := &file_basin_v1_bbs_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2198,7 +2403,7 @@ func (x *StartTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StartTaskResponse.ProtoReflect.Descriptor instead.
 func (*StartTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{41}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *StartTaskResponse) GetShouldStart() bool {
@@ -2229,7 +2434,7 @@ type CompleteTaskRequest struct {
 
 func (x *CompleteTaskRequest) Reset() {
 	*x = CompleteTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2241,7 +2446,7 @@ func (x *CompleteTaskRequest) String() string {
 func (*CompleteTaskRequest) ProtoMessage() {}
 
 func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[42]
+	mi := &file_basin_v1_bbs_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2254,7 +2459,7 @@ func (x *CompleteTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskRequest.ProtoReflect.Descriptor instead.
 func (*CompleteTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{42}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *CompleteTaskRequest) GetTaskGuid() string {
@@ -2308,7 +2513,7 @@ type CompleteTaskResponse struct {
 
 func (x *CompleteTaskResponse) Reset() {
 	*x = CompleteTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2320,7 +2525,7 @@ func (x *CompleteTaskResponse) String() string {
 func (*CompleteTaskResponse) ProtoMessage() {}
 
 func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[43]
+	mi := &file_basin_v1_bbs_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2333,7 +2538,7 @@ func (x *CompleteTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteTaskResponse.ProtoReflect.Descriptor instead.
 func (*CompleteTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{43}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *CompleteTaskResponse) GetTask() *Task {
@@ -2354,7 +2559,7 @@ type FailTaskRequest struct {
 
 func (x *FailTaskRequest) Reset() {
 	*x = FailTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2366,7 +2571,7 @@ func (x *FailTaskRequest) String() string {
 func (*FailTaskRequest) ProtoMessage() {}
 
 func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[44]
+	mi := &file_basin_v1_bbs_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2379,7 +2584,7 @@ func (x *FailTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskRequest.ProtoReflect.Descriptor instead.
 func (*FailTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{44}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *FailTaskRequest) GetTaskGuid() string {
@@ -2412,7 +2617,7 @@ type FailTaskResponse struct {
 
 func (x *FailTaskResponse) Reset() {
 	*x = FailTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2424,7 +2629,7 @@ func (x *FailTaskResponse) String() string {
 func (*FailTaskResponse) ProtoMessage() {}
 
 func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[45]
+	mi := &file_basin_v1_bbs_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2437,7 +2642,7 @@ func (x *FailTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FailTaskResponse.ProtoReflect.Descriptor instead.
 func (*FailTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{45}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *FailTaskResponse) GetTask() *Task {
@@ -2456,7 +2661,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2468,7 +2673,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[46]
+	mi := &file_basin_v1_bbs_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2481,7 +2686,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{46}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *CancelTaskRequest) GetTaskGuid() string {
@@ -2500,7 +2705,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2512,7 +2717,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[47]
+	mi := &file_basin_v1_bbs_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2525,7 +2730,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{47}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *CancelTaskResponse) GetTask() *Task {
@@ -2545,7 +2750,7 @@ type ResolveTaskRequest struct {
 
 func (x *ResolveTaskRequest) Reset() {
 	*x = ResolveTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2557,7 +2762,7 @@ func (x *ResolveTaskRequest) String() string {
 func (*ResolveTaskRequest) ProtoMessage() {}
 
 func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[48]
+	mi := &file_basin_v1_bbs_proto_msgTypes[52]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2570,7 +2775,7 @@ func (x *ResolveTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskRequest.ProtoReflect.Descriptor instead.
 func (*ResolveTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{48}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{52}
 }
 
 func (x *ResolveTaskRequest) GetTaskGuid() string {
@@ -2595,7 +2800,7 @@ type ResolveTaskResponse struct {
 
 func (x *ResolveTaskResponse) Reset() {
 	*x = ResolveTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2607,7 +2812,7 @@ func (x *ResolveTaskResponse) String() string {
 func (*ResolveTaskResponse) ProtoMessage() {}
 
 func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[49]
+	mi := &file_basin_v1_bbs_proto_msgTypes[53]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2620,7 +2825,7 @@ func (x *ResolveTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResolveTaskResponse.ProtoReflect.Descriptor instead.
 func (*ResolveTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{49}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{53}
 }
 
 type GetTaskRequest struct {
@@ -2632,7 +2837,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[54]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2644,7 +2849,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[50]
+	mi := &file_basin_v1_bbs_proto_msgTypes[54]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2657,7 +2862,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{50}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{54}
 }
 
 func (x *GetTaskRequest) GetTaskGuid() string {
@@ -2676,7 +2881,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[55]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2688,7 +2893,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[51]
+	mi := &file_basin_v1_bbs_proto_msgTypes[55]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2701,7 +2906,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{51}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{55}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -2721,7 +2926,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[52]
+	mi := &file_basin_v1_bbs_proto_msgTypes[56]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2733,7 +2938,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[52]
+	mi := &file_basin_v1_bbs_proto_msgTypes[56]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2746,7 +2951,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{52}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{56}
 }
 
 func (x *ListTasksRequest) GetDomain() string {
@@ -2772,7 +2977,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[53]
+	mi := &file_basin_v1_bbs_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2784,7 +2989,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[53]
+	mi := &file_basin_v1_bbs_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2797,7 +3002,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{53}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{57}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -2815,7 +3020,7 @@ type ListCellsRequest struct {
 
 func (x *ListCellsRequest) Reset() {
 	*x = ListCellsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[54]
+	mi := &file_basin_v1_bbs_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2827,7 +3032,7 @@ func (x *ListCellsRequest) String() string {
 func (*ListCellsRequest) ProtoMessage() {}
 
 func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[54]
+	mi := &file_basin_v1_bbs_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2840,7 +3045,7 @@ func (x *ListCellsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsRequest.ProtoReflect.Descriptor instead.
 func (*ListCellsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{54}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{58}
 }
 
 type ListCellsResponse struct {
@@ -2852,7 +3057,7 @@ type ListCellsResponse struct {
 
 func (x *ListCellsResponse) Reset() {
 	*x = ListCellsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[55]
+	mi := &file_basin_v1_bbs_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2864,7 +3069,7 @@ func (x *ListCellsResponse) String() string {
 func (*ListCellsResponse) ProtoMessage() {}
 
 func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[55]
+	mi := &file_basin_v1_bbs_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2877,7 +3082,7 @@ func (x *ListCellsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListCellsResponse.ProtoReflect.Descriptor instead.
 func (*ListCellsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{55}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *ListCellsResponse) GetCells() []*CellPresence {
@@ -2897,7 +3102,7 @@ type SubscribeToEventsRequest struct {
 
 func (x *SubscribeToEventsRequest) Reset() {
 	*x = SubscribeToEventsRequest{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[56]
+	mi := &file_basin_v1_bbs_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2909,7 +3114,7 @@ func (x *SubscribeToEventsRequest) String() string {
 func (*SubscribeToEventsRequest) ProtoMessage() {}
 
 func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[56]
+	mi := &file_basin_v1_bbs_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2922,7 +3127,7 @@ func (x *SubscribeToEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsRequest.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{56}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *SubscribeToEventsRequest) GetGuid() string {
@@ -2941,7 +3146,7 @@ type SubscribeToEventsResponse struct {
 
 func (x *SubscribeToEventsResponse) Reset() {
 	*x = SubscribeToEventsResponse{}
-	mi := &file_basin_v1_bbs_proto_msgTypes[57]
+	mi := &file_basin_v1_bbs_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2953,7 +3158,7 @@ func (x *SubscribeToEventsResponse) String() string {
 func (*SubscribeToEventsResponse) ProtoMessage() {}
 
 func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_bbs_proto_msgTypes[57]
+	mi := &file_basin_v1_bbs_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2966,7 +3171,7 @@ func (x *SubscribeToEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubscribeToEventsResponse.ProtoReflect.Descriptor instead.
 func (*SubscribeToEventsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{57}
+	return file_basin_v1_bbs_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *SubscribeToEventsResponse) GetEvent() *Event {
@@ -2980,7 +3185,18 @@ var File_basin_v1_bbs_proto protoreflect.FileDescriptor
 
 const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\n" +
-	"\x12basin/v1/bbs.proto\x12\bbasin.v1\x1a\x15basin/v1/events.proto\x1a\x15basin/v1/models.proto\"w\n" +
+	"\x12basin/v1/bbs.proto\x12\bbasin.v1\x1a\x15basin/v1/events.proto\x1a\x15basin/v1/models.proto\"g\n" +
+	"\x15WatchSchedulesRequest\x122\n" +
+	"\x06follow\x18\x01 \x03(\v2\x1a.basin.v1.ScheduleInterestR\x06follow\x12\x1a\n" +
+	"\bunfollow\x18\x02 \x03(\tR\bunfollow\"Q\n" +
+	"\x10ScheduleInterest\x12!\n" +
+	"\fprocess_guid\x18\x01 \x01(\tR\vprocessGuid\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"L\n" +
+	"\x16WatchSchedulesResponse\x122\n" +
+	"\achanges\x18\x01 \x03(\v2\x18.basin.v1.ScheduleChangeR\achanges\"f\n" +
+	"\x0eScheduleChange\x128\n" +
+	"\bschedule\x18\x01 \x01(\v2\x1c.basin.v1.DesiredLRPScheduleR\bschedule\x12\x1a\n" +
+	"\brevision\x18\x02 \x01(\x03R\brevision\"w\n" +
 	"\x10DesireLRPRequest\x128\n" +
 	"\bschedule\x18\x01 \x01(\v2\x1c.basin.v1.DesiredLRPScheduleR\bschedule\x12)\n" +
 	"\x03run\x18\x02 \x01(\v2\x17.basin.v1.DesiredLRPRunR\x03run\"J\n" +
@@ -3160,7 +3376,7 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\x18SubscribeToEventsRequest\x12\x12\n" +
 	"\x04guid\x18\x01 \x01(\tR\x04guid\"B\n" +
 	"\x19SubscribeToEventsResponse\x12%\n" +
-	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\xea\x11\n" +
+	"\x05event\x18\x01 \x01(\v2\x0f.basin.v1.EventR\x05event2\xc3\x12\n" +
 	"\n" +
 	"BBSService\x12D\n" +
 	"\tDesireLRP\x12\x1a.basin.v1.DesireLRPRequest\x1a\x1b.basin.v1.DesireLRPResponse\x12Y\n" +
@@ -3191,7 +3407,8 @@ const file_basin_v1_bbs_proto_rawDesc = "" +
 	"\aGetTask\x12\x18.basin.v1.GetTaskRequest\x1a\x19.basin.v1.GetTaskResponse\x12D\n" +
 	"\tListTasks\x12\x1a.basin.v1.ListTasksRequest\x1a\x1b.basin.v1.ListTasksResponse\x12D\n" +
 	"\tListCells\x12\x1a.basin.v1.ListCellsRequest\x1a\x1b.basin.v1.ListCellsResponse\x12^\n" +
-	"\x11SubscribeToEvents\x12\".basin.v1.SubscribeToEventsRequest\x1a#.basin.v1.SubscribeToEventsResponse0\x01B3Z1github.com/basinpaas/basin/proto/basin/v1;basinv1b\x06proto3"
+	"\x11SubscribeToEvents\x12\".basin.v1.SubscribeToEventsRequest\x1a#.basin.v1.SubscribeToEventsResponse0\x01\x12W\n" +
+	"\x0eWatchSchedules\x12\x1f.basin.v1.WatchSchedulesRequest\x1a .basin.v1.WatchSchedulesResponse(\x010\x01B3Z1github.com/basinpaas/basin/proto/basin/v1;basinv1b\x06proto3"
 
 var (
 	file_basin_v1_bbs_proto_rawDescOnce sync.Once
@@ -3205,202 +3422,211 @@ func file_basin_v1_bbs_proto_rawDescGZIP() []byte {
 	return file_basin_v1_bbs_proto_rawDescData
 }
 
-var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 58)
+var file_basin_v1_bbs_proto_msgTypes = make([]protoimpl.MessageInfo, 62)
 var file_basin_v1_bbs_proto_goTypes = []any{
-	(*DesireLRPRequest)(nil),                  // 0: basin.v1.DesireLRPRequest
-	(*DesireLRPResponse)(nil),                 // 1: basin.v1.DesireLRPResponse
-	(*RouteList)(nil),                         // 2: basin.v1.RouteList
-	(*EnvList)(nil),                           // 3: basin.v1.EnvList
-	(*UpdateDesiredLRPRequest)(nil),           // 4: basin.v1.UpdateDesiredLRPRequest
-	(*UpdateDesiredLRPResponse)(nil),          // 5: basin.v1.UpdateDesiredLRPResponse
-	(*RemoveDesiredLRPRequest)(nil),           // 6: basin.v1.RemoveDesiredLRPRequest
-	(*RemoveDesiredLRPResponse)(nil),          // 7: basin.v1.RemoveDesiredLRPResponse
-	(*GetDesiredLRPRequest)(nil),              // 8: basin.v1.GetDesiredLRPRequest
-	(*GetDesiredLRPResponse)(nil),             // 9: basin.v1.GetDesiredLRPResponse
-	(*ListDesiredLRPsRequest)(nil),            // 10: basin.v1.ListDesiredLRPsRequest
-	(*ListDesiredLRPsResponse)(nil),           // 11: basin.v1.ListDesiredLRPsResponse
-	(*ListDesiredLRPSchedulesRequest)(nil),    // 12: basin.v1.ListDesiredLRPSchedulesRequest
-	(*ListDesiredLRPSchedulesResponse)(nil),   // 13: basin.v1.ListDesiredLRPSchedulesResponse
-	(*ListActualLRPsRequest)(nil),             // 14: basin.v1.ListActualLRPsRequest
-	(*ListActualLRPsResponse)(nil),            // 15: basin.v1.ListActualLRPsResponse
-	(*GetActualLRPRequest)(nil),               // 16: basin.v1.GetActualLRPRequest
-	(*GetActualLRPResponse)(nil),              // 17: basin.v1.GetActualLRPResponse
-	(*ClaimActualLRPRequest)(nil),             // 18: basin.v1.ClaimActualLRPRequest
-	(*ClaimActualLRPResponse)(nil),            // 19: basin.v1.ClaimActualLRPResponse
-	(*StartActualLRPRequest)(nil),             // 20: basin.v1.StartActualLRPRequest
-	(*StartActualLRPResponse)(nil),            // 21: basin.v1.StartActualLRPResponse
-	(*CrashActualLRPRequest)(nil),             // 22: basin.v1.CrashActualLRPRequest
-	(*CrashActualLRPResponse)(nil),            // 23: basin.v1.CrashActualLRPResponse
-	(*FailActualLRPRequest)(nil),              // 24: basin.v1.FailActualLRPRequest
-	(*FailActualLRPResponse)(nil),             // 25: basin.v1.FailActualLRPResponse
-	(*UnclaimActualLRPRequest)(nil),           // 26: basin.v1.UnclaimActualLRPRequest
-	(*UnclaimActualLRPResponse)(nil),          // 27: basin.v1.UnclaimActualLRPResponse
-	(*RetireActualLRPRequest)(nil),            // 28: basin.v1.RetireActualLRPRequest
-	(*RetireActualLRPResponse)(nil),           // 29: basin.v1.RetireActualLRPResponse
-	(*RemoveActualLRPRequest)(nil),            // 30: basin.v1.RemoveActualLRPRequest
-	(*RemoveActualLRPResponse)(nil),           // 31: basin.v1.RemoveActualLRPResponse
-	(*ActualLRPTransition)(nil),               // 32: basin.v1.ActualLRPTransition
-	(*ApplyActualLRPTransitionsRequest)(nil),  // 33: basin.v1.ApplyActualLRPTransitionsRequest
-	(*ActualLRPTransitionResult)(nil),         // 34: basin.v1.ActualLRPTransitionResult
-	(*ApplyActualLRPTransitionsResponse)(nil), // 35: basin.v1.ApplyActualLRPTransitionsResponse
-	(*CreateMissingActualLRPsRequest)(nil),    // 36: basin.v1.CreateMissingActualLRPsRequest
-	(*CreateMissingActualLRPsResponse)(nil),   // 37: basin.v1.CreateMissingActualLRPsResponse
-	(*DesireTaskRequest)(nil),                 // 38: basin.v1.DesireTaskRequest
-	(*DesireTaskResponse)(nil),                // 39: basin.v1.DesireTaskResponse
-	(*StartTaskRequest)(nil),                  // 40: basin.v1.StartTaskRequest
-	(*StartTaskResponse)(nil),                 // 41: basin.v1.StartTaskResponse
-	(*CompleteTaskRequest)(nil),               // 42: basin.v1.CompleteTaskRequest
-	(*CompleteTaskResponse)(nil),              // 43: basin.v1.CompleteTaskResponse
-	(*FailTaskRequest)(nil),                   // 44: basin.v1.FailTaskRequest
-	(*FailTaskResponse)(nil),                  // 45: basin.v1.FailTaskResponse
-	(*CancelTaskRequest)(nil),                 // 46: basin.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),                // 47: basin.v1.CancelTaskResponse
-	(*ResolveTaskRequest)(nil),                // 48: basin.v1.ResolveTaskRequest
-	(*ResolveTaskResponse)(nil),               // 49: basin.v1.ResolveTaskResponse
-	(*GetTaskRequest)(nil),                    // 50: basin.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),                   // 51: basin.v1.GetTaskResponse
-	(*ListTasksRequest)(nil),                  // 52: basin.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),                 // 53: basin.v1.ListTasksResponse
-	(*ListCellsRequest)(nil),                  // 54: basin.v1.ListCellsRequest
-	(*ListCellsResponse)(nil),                 // 55: basin.v1.ListCellsResponse
-	(*SubscribeToEventsRequest)(nil),          // 56: basin.v1.SubscribeToEventsRequest
-	(*SubscribeToEventsResponse)(nil),         // 57: basin.v1.SubscribeToEventsResponse
-	(*DesiredLRPSchedule)(nil),                // 58: basin.v1.DesiredLRPSchedule
-	(*DesiredLRPRun)(nil),                     // 59: basin.v1.DesiredLRPRun
-	(*DesiredLRP)(nil),                        // 60: basin.v1.DesiredLRP
-	(*Route)(nil),                             // 61: basin.v1.Route
-	(*EnvVar)(nil),                            // 62: basin.v1.EnvVar
-	(*DropletRef)(nil),                        // 63: basin.v1.DropletRef
-	(*ActualLRP)(nil),                         // 64: basin.v1.ActualLRP
-	(*ActualLRPKey)(nil),                      // 65: basin.v1.ActualLRPKey
-	(*ActualLRPInstanceKey)(nil),              // 66: basin.v1.ActualLRPInstanceKey
-	(*Fence)(nil),                             // 67: basin.v1.Fence
-	(*ActualLRPNetInfo)(nil),                  // 68: basin.v1.ActualLRPNetInfo
-	(*TaskDefinition)(nil),                    // 69: basin.v1.TaskDefinition
-	(*Task)(nil),                              // 70: basin.v1.Task
-	(*CellPresence)(nil),                      // 71: basin.v1.CellPresence
-	(*Event)(nil),                             // 72: basin.v1.Event
+	(*WatchSchedulesRequest)(nil),             // 0: basin.v1.WatchSchedulesRequest
+	(*ScheduleInterest)(nil),                  // 1: basin.v1.ScheduleInterest
+	(*WatchSchedulesResponse)(nil),            // 2: basin.v1.WatchSchedulesResponse
+	(*ScheduleChange)(nil),                    // 3: basin.v1.ScheduleChange
+	(*DesireLRPRequest)(nil),                  // 4: basin.v1.DesireLRPRequest
+	(*DesireLRPResponse)(nil),                 // 5: basin.v1.DesireLRPResponse
+	(*RouteList)(nil),                         // 6: basin.v1.RouteList
+	(*EnvList)(nil),                           // 7: basin.v1.EnvList
+	(*UpdateDesiredLRPRequest)(nil),           // 8: basin.v1.UpdateDesiredLRPRequest
+	(*UpdateDesiredLRPResponse)(nil),          // 9: basin.v1.UpdateDesiredLRPResponse
+	(*RemoveDesiredLRPRequest)(nil),           // 10: basin.v1.RemoveDesiredLRPRequest
+	(*RemoveDesiredLRPResponse)(nil),          // 11: basin.v1.RemoveDesiredLRPResponse
+	(*GetDesiredLRPRequest)(nil),              // 12: basin.v1.GetDesiredLRPRequest
+	(*GetDesiredLRPResponse)(nil),             // 13: basin.v1.GetDesiredLRPResponse
+	(*ListDesiredLRPsRequest)(nil),            // 14: basin.v1.ListDesiredLRPsRequest
+	(*ListDesiredLRPsResponse)(nil),           // 15: basin.v1.ListDesiredLRPsResponse
+	(*ListDesiredLRPSchedulesRequest)(nil),    // 16: basin.v1.ListDesiredLRPSchedulesRequest
+	(*ListDesiredLRPSchedulesResponse)(nil),   // 17: basin.v1.ListDesiredLRPSchedulesResponse
+	(*ListActualLRPsRequest)(nil),             // 18: basin.v1.ListActualLRPsRequest
+	(*ListActualLRPsResponse)(nil),            // 19: basin.v1.ListActualLRPsResponse
+	(*GetActualLRPRequest)(nil),               // 20: basin.v1.GetActualLRPRequest
+	(*GetActualLRPResponse)(nil),              // 21: basin.v1.GetActualLRPResponse
+	(*ClaimActualLRPRequest)(nil),             // 22: basin.v1.ClaimActualLRPRequest
+	(*ClaimActualLRPResponse)(nil),            // 23: basin.v1.ClaimActualLRPResponse
+	(*StartActualLRPRequest)(nil),             // 24: basin.v1.StartActualLRPRequest
+	(*StartActualLRPResponse)(nil),            // 25: basin.v1.StartActualLRPResponse
+	(*CrashActualLRPRequest)(nil),             // 26: basin.v1.CrashActualLRPRequest
+	(*CrashActualLRPResponse)(nil),            // 27: basin.v1.CrashActualLRPResponse
+	(*FailActualLRPRequest)(nil),              // 28: basin.v1.FailActualLRPRequest
+	(*FailActualLRPResponse)(nil),             // 29: basin.v1.FailActualLRPResponse
+	(*UnclaimActualLRPRequest)(nil),           // 30: basin.v1.UnclaimActualLRPRequest
+	(*UnclaimActualLRPResponse)(nil),          // 31: basin.v1.UnclaimActualLRPResponse
+	(*RetireActualLRPRequest)(nil),            // 32: basin.v1.RetireActualLRPRequest
+	(*RetireActualLRPResponse)(nil),           // 33: basin.v1.RetireActualLRPResponse
+	(*RemoveActualLRPRequest)(nil),            // 34: basin.v1.RemoveActualLRPRequest
+	(*RemoveActualLRPResponse)(nil),           // 35: basin.v1.RemoveActualLRPResponse
+	(*ActualLRPTransition)(nil),               // 36: basin.v1.ActualLRPTransition
+	(*ApplyActualLRPTransitionsRequest)(nil),  // 37: basin.v1.ApplyActualLRPTransitionsRequest
+	(*ActualLRPTransitionResult)(nil),         // 38: basin.v1.ActualLRPTransitionResult
+	(*ApplyActualLRPTransitionsResponse)(nil), // 39: basin.v1.ApplyActualLRPTransitionsResponse
+	(*CreateMissingActualLRPsRequest)(nil),    // 40: basin.v1.CreateMissingActualLRPsRequest
+	(*CreateMissingActualLRPsResponse)(nil),   // 41: basin.v1.CreateMissingActualLRPsResponse
+	(*DesireTaskRequest)(nil),                 // 42: basin.v1.DesireTaskRequest
+	(*DesireTaskResponse)(nil),                // 43: basin.v1.DesireTaskResponse
+	(*StartTaskRequest)(nil),                  // 44: basin.v1.StartTaskRequest
+	(*StartTaskResponse)(nil),                 // 45: basin.v1.StartTaskResponse
+	(*CompleteTaskRequest)(nil),               // 46: basin.v1.CompleteTaskRequest
+	(*CompleteTaskResponse)(nil),              // 47: basin.v1.CompleteTaskResponse
+	(*FailTaskRequest)(nil),                   // 48: basin.v1.FailTaskRequest
+	(*FailTaskResponse)(nil),                  // 49: basin.v1.FailTaskResponse
+	(*CancelTaskRequest)(nil),                 // 50: basin.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),                // 51: basin.v1.CancelTaskResponse
+	(*ResolveTaskRequest)(nil),                // 52: basin.v1.ResolveTaskRequest
+	(*ResolveTaskResponse)(nil),               // 53: basin.v1.ResolveTaskResponse
+	(*GetTaskRequest)(nil),                    // 54: basin.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),                   // 55: basin.v1.GetTaskResponse
+	(*ListTasksRequest)(nil),                  // 56: basin.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),                 // 57: basin.v1.ListTasksResponse
+	(*ListCellsRequest)(nil),                  // 58: basin.v1.ListCellsRequest
+	(*ListCellsResponse)(nil),                 // 59: basin.v1.ListCellsResponse
+	(*SubscribeToEventsRequest)(nil),          // 60: basin.v1.SubscribeToEventsRequest
+	(*SubscribeToEventsResponse)(nil),         // 61: basin.v1.SubscribeToEventsResponse
+	(*DesiredLRPSchedule)(nil),                // 62: basin.v1.DesiredLRPSchedule
+	(*DesiredLRPRun)(nil),                     // 63: basin.v1.DesiredLRPRun
+	(*DesiredLRP)(nil),                        // 64: basin.v1.DesiredLRP
+	(*Route)(nil),                             // 65: basin.v1.Route
+	(*EnvVar)(nil),                            // 66: basin.v1.EnvVar
+	(*DropletRef)(nil),                        // 67: basin.v1.DropletRef
+	(*ActualLRP)(nil),                         // 68: basin.v1.ActualLRP
+	(*ActualLRPKey)(nil),                      // 69: basin.v1.ActualLRPKey
+	(*ActualLRPInstanceKey)(nil),              // 70: basin.v1.ActualLRPInstanceKey
+	(*Fence)(nil),                             // 71: basin.v1.Fence
+	(*ActualLRPNetInfo)(nil),                  // 72: basin.v1.ActualLRPNetInfo
+	(*TaskDefinition)(nil),                    // 73: basin.v1.TaskDefinition
+	(*Task)(nil),                              // 74: basin.v1.Task
+	(*CellPresence)(nil),                      // 75: basin.v1.CellPresence
+	(*Event)(nil),                             // 76: basin.v1.Event
 }
 var file_basin_v1_bbs_proto_depIdxs = []int32{
-	58, // 0: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
-	59, // 1: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
-	60, // 2: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	61, // 3: basin.v1.RouteList.routes:type_name -> basin.v1.Route
-	62, // 4: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
-	2,  // 5: basin.v1.UpdateDesiredLRPRequest.routes:type_name -> basin.v1.RouteList
-	3,  // 6: basin.v1.UpdateDesiredLRPRequest.env:type_name -> basin.v1.EnvList
-	63, // 7: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
-	60, // 8: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	60, // 9: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
-	60, // 10: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
-	58, // 11: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
-	64, // 12: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
-	64, // 13: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 14: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	66, // 15: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	67, // 16: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	64, // 17: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 18: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	66, // 19: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	68, // 20: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
-	67, // 21: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
-	64, // 22: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 23: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	66, // 24: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	67, // 25: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
-	64, // 26: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 27: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	67, // 28: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
-	64, // 29: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 30: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	66, // 31: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	67, // 32: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
-	64, // 33: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
-	65, // 34: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	67, // 35: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
-	65, // 36: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
-	66, // 37: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
-	67, // 38: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
-	18, // 39: basin.v1.ActualLRPTransition.claim:type_name -> basin.v1.ClaimActualLRPRequest
-	20, // 40: basin.v1.ActualLRPTransition.start:type_name -> basin.v1.StartActualLRPRequest
-	22, // 41: basin.v1.ActualLRPTransition.crash:type_name -> basin.v1.CrashActualLRPRequest
-	32, // 42: basin.v1.ApplyActualLRPTransitionsRequest.transitions:type_name -> basin.v1.ActualLRPTransition
-	64, // 43: basin.v1.ActualLRPTransitionResult.actual_lrp:type_name -> basin.v1.ActualLRP
-	34, // 44: basin.v1.ApplyActualLRPTransitionsResponse.results:type_name -> basin.v1.ActualLRPTransitionResult
-	67, // 45: basin.v1.CreateMissingActualLRPsRequest.fence:type_name -> basin.v1.Fence
-	69, // 46: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
-	70, // 47: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
-	67, // 48: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
-	70, // 49: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
-	67, // 50: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
-	70, // 51: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
-	67, // 52: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
-	70, // 53: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
-	70, // 54: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
-	67, // 55: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
-	70, // 56: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
-	70, // 57: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
-	71, // 58: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
-	72, // 59: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
-	0,  // 60: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
-	4,  // 61: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
-	6,  // 62: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
-	8,  // 63: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
-	10, // 64: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
-	12, // 65: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
-	14, // 66: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
-	16, // 67: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
-	18, // 68: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
-	20, // 69: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
-	22, // 70: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
-	24, // 71: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
-	26, // 72: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
-	28, // 73: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
-	30, // 74: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
-	33, // 75: basin.v1.BBSService.ApplyActualLRPTransitions:input_type -> basin.v1.ApplyActualLRPTransitionsRequest
-	36, // 76: basin.v1.BBSService.CreateMissingActualLRPs:input_type -> basin.v1.CreateMissingActualLRPsRequest
-	38, // 77: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
-	40, // 78: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
-	42, // 79: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
-	44, // 80: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
-	46, // 81: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
-	48, // 82: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
-	50, // 83: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
-	52, // 84: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
-	54, // 85: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
-	56, // 86: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
-	1,  // 87: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
-	5,  // 88: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
-	7,  // 89: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
-	9,  // 90: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
-	11, // 91: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
-	13, // 92: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
-	15, // 93: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
-	17, // 94: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
-	19, // 95: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
-	21, // 96: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
-	23, // 97: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
-	25, // 98: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
-	27, // 99: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
-	29, // 100: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
-	31, // 101: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
-	35, // 102: basin.v1.BBSService.ApplyActualLRPTransitions:output_type -> basin.v1.ApplyActualLRPTransitionsResponse
-	37, // 103: basin.v1.BBSService.CreateMissingActualLRPs:output_type -> basin.v1.CreateMissingActualLRPsResponse
-	39, // 104: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
-	41, // 105: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
-	43, // 106: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
-	45, // 107: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
-	47, // 108: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
-	49, // 109: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
-	51, // 110: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
-	53, // 111: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
-	55, // 112: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
-	57, // 113: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
-	87, // [87:114] is the sub-list for method output_type
-	60, // [60:87] is the sub-list for method input_type
-	60, // [60:60] is the sub-list for extension type_name
-	60, // [60:60] is the sub-list for extension extendee
-	0,  // [0:60] is the sub-list for field type_name
+	1,  // 0: basin.v1.WatchSchedulesRequest.follow:type_name -> basin.v1.ScheduleInterest
+	3,  // 1: basin.v1.WatchSchedulesResponse.changes:type_name -> basin.v1.ScheduleChange
+	62, // 2: basin.v1.ScheduleChange.schedule:type_name -> basin.v1.DesiredLRPSchedule
+	62, // 3: basin.v1.DesireLRPRequest.schedule:type_name -> basin.v1.DesiredLRPSchedule
+	63, // 4: basin.v1.DesireLRPRequest.run:type_name -> basin.v1.DesiredLRPRun
+	64, // 5: basin.v1.DesireLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	65, // 6: basin.v1.RouteList.routes:type_name -> basin.v1.Route
+	66, // 7: basin.v1.EnvList.env:type_name -> basin.v1.EnvVar
+	6,  // 8: basin.v1.UpdateDesiredLRPRequest.routes:type_name -> basin.v1.RouteList
+	7,  // 9: basin.v1.UpdateDesiredLRPRequest.env:type_name -> basin.v1.EnvList
+	67, // 10: basin.v1.UpdateDesiredLRPRequest.droplet:type_name -> basin.v1.DropletRef
+	64, // 11: basin.v1.UpdateDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	64, // 12: basin.v1.GetDesiredLRPResponse.desired_lrp:type_name -> basin.v1.DesiredLRP
+	64, // 13: basin.v1.ListDesiredLRPsResponse.desired_lrps:type_name -> basin.v1.DesiredLRP
+	62, // 14: basin.v1.ListDesiredLRPSchedulesResponse.schedules:type_name -> basin.v1.DesiredLRPSchedule
+	68, // 15: basin.v1.ListActualLRPsResponse.actual_lrps:type_name -> basin.v1.ActualLRP
+	68, // 16: basin.v1.GetActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 17: basin.v1.ClaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	70, // 18: basin.v1.ClaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	71, // 19: basin.v1.ClaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	68, // 20: basin.v1.ClaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 21: basin.v1.StartActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	70, // 22: basin.v1.StartActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	72, // 23: basin.v1.StartActualLRPRequest.net_info:type_name -> basin.v1.ActualLRPNetInfo
+	71, // 24: basin.v1.StartActualLRPRequest.fence:type_name -> basin.v1.Fence
+	68, // 25: basin.v1.StartActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 26: basin.v1.CrashActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	70, // 27: basin.v1.CrashActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	71, // 28: basin.v1.CrashActualLRPRequest.fence:type_name -> basin.v1.Fence
+	68, // 29: basin.v1.CrashActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 30: basin.v1.FailActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	71, // 31: basin.v1.FailActualLRPRequest.fence:type_name -> basin.v1.Fence
+	68, // 32: basin.v1.FailActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 33: basin.v1.UnclaimActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	70, // 34: basin.v1.UnclaimActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	71, // 35: basin.v1.UnclaimActualLRPRequest.fence:type_name -> basin.v1.Fence
+	68, // 36: basin.v1.UnclaimActualLRPResponse.actual_lrp:type_name -> basin.v1.ActualLRP
+	69, // 37: basin.v1.RetireActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	71, // 38: basin.v1.RetireActualLRPRequest.fence:type_name -> basin.v1.Fence
+	69, // 39: basin.v1.RemoveActualLRPRequest.key:type_name -> basin.v1.ActualLRPKey
+	70, // 40: basin.v1.RemoveActualLRPRequest.instance_key:type_name -> basin.v1.ActualLRPInstanceKey
+	71, // 41: basin.v1.RemoveActualLRPRequest.fence:type_name -> basin.v1.Fence
+	22, // 42: basin.v1.ActualLRPTransition.claim:type_name -> basin.v1.ClaimActualLRPRequest
+	24, // 43: basin.v1.ActualLRPTransition.start:type_name -> basin.v1.StartActualLRPRequest
+	26, // 44: basin.v1.ActualLRPTransition.crash:type_name -> basin.v1.CrashActualLRPRequest
+	36, // 45: basin.v1.ApplyActualLRPTransitionsRequest.transitions:type_name -> basin.v1.ActualLRPTransition
+	68, // 46: basin.v1.ActualLRPTransitionResult.actual_lrp:type_name -> basin.v1.ActualLRP
+	38, // 47: basin.v1.ApplyActualLRPTransitionsResponse.results:type_name -> basin.v1.ActualLRPTransitionResult
+	71, // 48: basin.v1.CreateMissingActualLRPsRequest.fence:type_name -> basin.v1.Fence
+	73, // 49: basin.v1.DesireTaskRequest.definition:type_name -> basin.v1.TaskDefinition
+	74, // 50: basin.v1.DesireTaskResponse.task:type_name -> basin.v1.Task
+	71, // 51: basin.v1.StartTaskRequest.fence:type_name -> basin.v1.Fence
+	74, // 52: basin.v1.StartTaskResponse.task:type_name -> basin.v1.Task
+	71, // 53: basin.v1.CompleteTaskRequest.fence:type_name -> basin.v1.Fence
+	74, // 54: basin.v1.CompleteTaskResponse.task:type_name -> basin.v1.Task
+	71, // 55: basin.v1.FailTaskRequest.fence:type_name -> basin.v1.Fence
+	74, // 56: basin.v1.FailTaskResponse.task:type_name -> basin.v1.Task
+	74, // 57: basin.v1.CancelTaskResponse.task:type_name -> basin.v1.Task
+	71, // 58: basin.v1.ResolveTaskRequest.fence:type_name -> basin.v1.Fence
+	74, // 59: basin.v1.GetTaskResponse.task:type_name -> basin.v1.Task
+	74, // 60: basin.v1.ListTasksResponse.tasks:type_name -> basin.v1.Task
+	75, // 61: basin.v1.ListCellsResponse.cells:type_name -> basin.v1.CellPresence
+	76, // 62: basin.v1.SubscribeToEventsResponse.event:type_name -> basin.v1.Event
+	4,  // 63: basin.v1.BBSService.DesireLRP:input_type -> basin.v1.DesireLRPRequest
+	8,  // 64: basin.v1.BBSService.UpdateDesiredLRP:input_type -> basin.v1.UpdateDesiredLRPRequest
+	10, // 65: basin.v1.BBSService.RemoveDesiredLRP:input_type -> basin.v1.RemoveDesiredLRPRequest
+	12, // 66: basin.v1.BBSService.GetDesiredLRP:input_type -> basin.v1.GetDesiredLRPRequest
+	14, // 67: basin.v1.BBSService.ListDesiredLRPs:input_type -> basin.v1.ListDesiredLRPsRequest
+	16, // 68: basin.v1.BBSService.ListDesiredLRPSchedules:input_type -> basin.v1.ListDesiredLRPSchedulesRequest
+	18, // 69: basin.v1.BBSService.ListActualLRPs:input_type -> basin.v1.ListActualLRPsRequest
+	20, // 70: basin.v1.BBSService.GetActualLRP:input_type -> basin.v1.GetActualLRPRequest
+	22, // 71: basin.v1.BBSService.ClaimActualLRP:input_type -> basin.v1.ClaimActualLRPRequest
+	24, // 72: basin.v1.BBSService.StartActualLRP:input_type -> basin.v1.StartActualLRPRequest
+	26, // 73: basin.v1.BBSService.CrashActualLRP:input_type -> basin.v1.CrashActualLRPRequest
+	28, // 74: basin.v1.BBSService.FailActualLRP:input_type -> basin.v1.FailActualLRPRequest
+	30, // 75: basin.v1.BBSService.UnclaimActualLRP:input_type -> basin.v1.UnclaimActualLRPRequest
+	32, // 76: basin.v1.BBSService.RetireActualLRP:input_type -> basin.v1.RetireActualLRPRequest
+	34, // 77: basin.v1.BBSService.RemoveActualLRP:input_type -> basin.v1.RemoveActualLRPRequest
+	37, // 78: basin.v1.BBSService.ApplyActualLRPTransitions:input_type -> basin.v1.ApplyActualLRPTransitionsRequest
+	40, // 79: basin.v1.BBSService.CreateMissingActualLRPs:input_type -> basin.v1.CreateMissingActualLRPsRequest
+	42, // 80: basin.v1.BBSService.DesireTask:input_type -> basin.v1.DesireTaskRequest
+	44, // 81: basin.v1.BBSService.StartTask:input_type -> basin.v1.StartTaskRequest
+	46, // 82: basin.v1.BBSService.CompleteTask:input_type -> basin.v1.CompleteTaskRequest
+	48, // 83: basin.v1.BBSService.FailTask:input_type -> basin.v1.FailTaskRequest
+	50, // 84: basin.v1.BBSService.CancelTask:input_type -> basin.v1.CancelTaskRequest
+	52, // 85: basin.v1.BBSService.ResolveTask:input_type -> basin.v1.ResolveTaskRequest
+	54, // 86: basin.v1.BBSService.GetTask:input_type -> basin.v1.GetTaskRequest
+	56, // 87: basin.v1.BBSService.ListTasks:input_type -> basin.v1.ListTasksRequest
+	58, // 88: basin.v1.BBSService.ListCells:input_type -> basin.v1.ListCellsRequest
+	60, // 89: basin.v1.BBSService.SubscribeToEvents:input_type -> basin.v1.SubscribeToEventsRequest
+	0,  // 90: basin.v1.BBSService.WatchSchedules:input_type -> basin.v1.WatchSchedulesRequest
+	5,  // 91: basin.v1.BBSService.DesireLRP:output_type -> basin.v1.DesireLRPResponse
+	9,  // 92: basin.v1.BBSService.UpdateDesiredLRP:output_type -> basin.v1.UpdateDesiredLRPResponse
+	11, // 93: basin.v1.BBSService.RemoveDesiredLRP:output_type -> basin.v1.RemoveDesiredLRPResponse
+	13, // 94: basin.v1.BBSService.GetDesiredLRP:output_type -> basin.v1.GetDesiredLRPResponse
+	15, // 95: basin.v1.BBSService.ListDesiredLRPs:output_type -> basin.v1.ListDesiredLRPsResponse
+	17, // 96: basin.v1.BBSService.ListDesiredLRPSchedules:output_type -> basin.v1.ListDesiredLRPSchedulesResponse
+	19, // 97: basin.v1.BBSService.ListActualLRPs:output_type -> basin.v1.ListActualLRPsResponse
+	21, // 98: basin.v1.BBSService.GetActualLRP:output_type -> basin.v1.GetActualLRPResponse
+	23, // 99: basin.v1.BBSService.ClaimActualLRP:output_type -> basin.v1.ClaimActualLRPResponse
+	25, // 100: basin.v1.BBSService.StartActualLRP:output_type -> basin.v1.StartActualLRPResponse
+	27, // 101: basin.v1.BBSService.CrashActualLRP:output_type -> basin.v1.CrashActualLRPResponse
+	29, // 102: basin.v1.BBSService.FailActualLRP:output_type -> basin.v1.FailActualLRPResponse
+	31, // 103: basin.v1.BBSService.UnclaimActualLRP:output_type -> basin.v1.UnclaimActualLRPResponse
+	33, // 104: basin.v1.BBSService.RetireActualLRP:output_type -> basin.v1.RetireActualLRPResponse
+	35, // 105: basin.v1.BBSService.RemoveActualLRP:output_type -> basin.v1.RemoveActualLRPResponse
+	39, // 106: basin.v1.BBSService.ApplyActualLRPTransitions:output_type -> basin.v1.ApplyActualLRPTransitionsResponse
+	41, // 107: basin.v1.BBSService.CreateMissingActualLRPs:output_type -> basin.v1.CreateMissingActualLRPsResponse
+	43, // 108: basin.v1.BBSService.DesireTask:output_type -> basin.v1.DesireTaskResponse
+	45, // 109: basin.v1.BBSService.StartTask:output_type -> basin.v1.StartTaskResponse
+	47, // 110: basin.v1.BBSService.CompleteTask:output_type -> basin.v1.CompleteTaskResponse
+	49, // 111: basin.v1.BBSService.FailTask:output_type -> basin.v1.FailTaskResponse
+	51, // 112: basin.v1.BBSService.CancelTask:output_type -> basin.v1.CancelTaskResponse
+	53, // 113: basin.v1.BBSService.ResolveTask:output_type -> basin.v1.ResolveTaskResponse
+	55, // 114: basin.v1.BBSService.GetTask:output_type -> basin.v1.GetTaskResponse
+	57, // 115: basin.v1.BBSService.ListTasks:output_type -> basin.v1.ListTasksResponse
+	59, // 116: basin.v1.BBSService.ListCells:output_type -> basin.v1.ListCellsResponse
+	61, // 117: basin.v1.BBSService.SubscribeToEvents:output_type -> basin.v1.SubscribeToEventsResponse
+	2,  // 118: basin.v1.BBSService.WatchSchedules:output_type -> basin.v1.WatchSchedulesResponse
+	91, // [91:119] is the sub-list for method output_type
+	63, // [63:91] is the sub-list for method input_type
+	63, // [63:63] is the sub-list for extension type_name
+	63, // [63:63] is the sub-list for extension extendee
+	0,  // [0:63] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_bbs_proto_init() }
@@ -3410,8 +3636,8 @@ func file_basin_v1_bbs_proto_init() {
 	}
 	file_basin_v1_events_proto_init()
 	file_basin_v1_models_proto_init()
-	file_basin_v1_bbs_proto_msgTypes[4].OneofWrappers = []any{}
-	file_basin_v1_bbs_proto_msgTypes[32].OneofWrappers = []any{
+	file_basin_v1_bbs_proto_msgTypes[8].OneofWrappers = []any{}
+	file_basin_v1_bbs_proto_msgTypes[36].OneofWrappers = []any{
 		(*ActualLRPTransition_Claim)(nil),
 		(*ActualLRPTransition_Start)(nil),
 		(*ActualLRPTransition_Crash)(nil),
@@ -3422,7 +3648,7 @@ func file_basin_v1_bbs_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_bbs_proto_rawDesc), len(file_basin_v1_bbs_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   58,
+			NumMessages:   62,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

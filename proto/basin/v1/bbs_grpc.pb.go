@@ -46,6 +46,7 @@ const (
 	BBSService_ListTasks_FullMethodName                 = "/basin.v1.BBSService/ListTasks"
 	BBSService_ListCells_FullMethodName                 = "/basin.v1.BBSService/ListCells"
 	BBSService_SubscribeToEvents_FullMethodName         = "/basin.v1.BBSService/SubscribeToEvents"
+	BBSService_WatchSchedules_FullMethodName            = "/basin.v1.BBSService/WatchSchedules"
 )
 
 // BBSServiceClient is the client API for BBSService service.
@@ -99,6 +100,15 @@ type BBSServiceClient interface {
 	// moment of subscription, in etcd revision order. A subscriber that cannot
 	// keep up is ended with RESOURCE_EXHAUSTED and should re-list.
 	SubscribeToEvents(ctx context.Context, in *SubscribeToEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SubscribeToEventsResponse], error)
+	// WatchSchedules streams the schedule changes of the LRPs the caller
+	// names, as a cell follows the LRPs it runs (to re-route their instances)
+	// without receiving every other LRP's changes. Each LRP is named with the
+	// revision of the schedule the caller holds: a newer one is sent at once,
+	// and every later change as it happens. A removed LRP sends nothing (its
+	// instances are retired through their index keys). When the stream ends
+	// (a BBS restart; RESOURCE_EXHAUSTED when the caller falls behind) the
+	// caller opens another and names its LRPs again, with their revisions.
+	WatchSchedules(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchSchedulesRequest, WatchSchedulesResponse], error)
 }
 
 type bBSServiceClient struct {
@@ -388,6 +398,19 @@ func (c *bBSServiceClient) SubscribeToEvents(ctx context.Context, in *SubscribeT
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BBSService_SubscribeToEventsClient = grpc.ServerStreamingClient[SubscribeToEventsResponse]
 
+func (c *bBSServiceClient) WatchSchedules(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchSchedulesRequest, WatchSchedulesResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &BBSService_ServiceDesc.Streams[1], BBSService_WatchSchedules_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchSchedulesRequest, WatchSchedulesResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type BBSService_WatchSchedulesClient = grpc.BidiStreamingClient[WatchSchedulesRequest, WatchSchedulesResponse]
+
 // BBSServiceServer is the server API for BBSService service.
 // All implementations must embed UnimplementedBBSServiceServer
 // for forward compatibility.
@@ -439,6 +462,15 @@ type BBSServiceServer interface {
 	// moment of subscription, in etcd revision order. A subscriber that cannot
 	// keep up is ended with RESOURCE_EXHAUSTED and should re-list.
 	SubscribeToEvents(*SubscribeToEventsRequest, grpc.ServerStreamingServer[SubscribeToEventsResponse]) error
+	// WatchSchedules streams the schedule changes of the LRPs the caller
+	// names, as a cell follows the LRPs it runs (to re-route their instances)
+	// without receiving every other LRP's changes. Each LRP is named with the
+	// revision of the schedule the caller holds: a newer one is sent at once,
+	// and every later change as it happens. A removed LRP sends nothing (its
+	// instances are retired through their index keys). When the stream ends
+	// (a BBS restart; RESOURCE_EXHAUSTED when the caller falls behind) the
+	// caller opens another and names its LRPs again, with their revisions.
+	WatchSchedules(grpc.BidiStreamingServer[WatchSchedulesRequest, WatchSchedulesResponse]) error
 	mustEmbedUnimplementedBBSServiceServer()
 }
 
@@ -529,6 +561,9 @@ func (UnimplementedBBSServiceServer) ListCells(context.Context, *ListCellsReques
 }
 func (UnimplementedBBSServiceServer) SubscribeToEvents(*SubscribeToEventsRequest, grpc.ServerStreamingServer[SubscribeToEventsResponse]) error {
 	return status.Error(codes.Unimplemented, "method SubscribeToEvents not implemented")
+}
+func (UnimplementedBBSServiceServer) WatchSchedules(grpc.BidiStreamingServer[WatchSchedulesRequest, WatchSchedulesResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchSchedules not implemented")
 }
 func (UnimplementedBBSServiceServer) mustEmbedUnimplementedBBSServiceServer() {}
 func (UnimplementedBBSServiceServer) testEmbeddedByValue()                    {}
@@ -1030,6 +1065,13 @@ func _BBSService_SubscribeToEvents_Handler(srv interface{}, stream grpc.ServerSt
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type BBSService_SubscribeToEventsServer = grpc.ServerStreamingServer[SubscribeToEventsResponse]
 
+func _BBSService_WatchSchedules_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(BBSServiceServer).WatchSchedules(&grpc.GenericServerStream[WatchSchedulesRequest, WatchSchedulesResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type BBSService_WatchSchedulesServer = grpc.BidiStreamingServer[WatchSchedulesRequest, WatchSchedulesResponse]
+
 // BBSService_ServiceDesc is the grpc.ServiceDesc for BBSService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -1147,6 +1189,12 @@ var BBSService_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "SubscribeToEvents",
 			Handler:       _BBSService_SubscribeToEvents_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "WatchSchedules",
+			Handler:       _BBSService_WatchSchedules_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "basin/v1/bbs.proto",
