@@ -77,6 +77,17 @@ func (k Keys) Task(guid string) string { return k.TaskPrefix() + guid }
 func (k Keys) CellPrefix() string        { return k.Prefix + "cells/" }
 func (k Keys) Cell(cellID string) string { return k.CellPrefix() + cellID }
 
+// isCell reports whether key is Cell(cellID) without building that string:
+// every cell call checks its fence this way.
+func (k Keys) isCell(key, cellID string) bool {
+	rest, ok := strings.CutPrefix(key, k.Prefix)
+	if !ok {
+		return false
+	}
+	rest, ok = strings.CutPrefix(rest, "cells/")
+	return ok && rest == cellID
+}
+
 func (k Keys) RoutePrefix() string { return k.Prefix + "routes/" }
 
 // Route is routes/<host>/<process_guid>/<index>. A context path is folded into

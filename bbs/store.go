@@ -241,8 +241,8 @@ func (s *Store) checkCellFence(field string, cellID string, f *basinv1.Fence) er
 	if err := checkFence(field, f, true); err != nil {
 		return err
 	}
-	if want := s.keys.Cell(cellID); f.GetKey() != want {
-		return fieldErr(field+".key", "must be the cell's presence key %q, got %q", want, f.GetKey())
+	if !s.keys.isCell(f.GetKey(), cellID) {
+		return fieldErr(field+".key", "must be the cell's presence key %q, got %q", s.keys.Cell(cellID), f.GetKey())
 	}
 	return nil
 }
