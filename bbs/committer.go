@@ -23,7 +23,18 @@ type txnItem struct {
 	ops    []clientv3.Op
 	elses  []clientv3.Op
 	writes []string // keys ops put or delete: two items touching one key never share a transaction
-	res    chan txnResult
+
+	// done receives the item once its result is set. A batch of items
+	// shares one channel, rather than one each, and tells them apart by
+	// seq, which the committer leaves alone.
+	done   chan *txnItem
+	seq    int
+	result txnResult
+}
+
+func (it *txnItem) finish(r txnResult) {
+	it.result = r
+	it.done <- it
 }
 
 type txnResult struct {
@@ -71,20 +82,32 @@ func (c *committer) run(ctx context.Context) error {
 // do submits it and waits for its outcome. When ctx ends first the write may
 // still happen, as with any request whose reply is lost.
 func (c *committer) do(ctx context.Context, it *txnItem) txnResult {
-	if len(it.cmps) > c.maxOps || len(it.ops) > c.maxOps || len(it.elses) > c.maxOps {
-		return txnResult{err: fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), c.maxOps)}
+	if err := c.submit(ctx, it); err != nil {
+		return txnResult{err: err}
 	}
-	it.res = make(chan txnResult, 1)
+	select {
+	case <-it.done:
+		return it.result
+	case <-ctx.Done():
+		return txnResult{err: ctx.Err()}
+	}
+}
+
+// submit queues it without waiting for its outcome, which arrives on
+// it.done: a batch queues all its items before waiting for any. it.done must
+// have room for every item that shares it; nil gets a channel of its own.
+func (c *committer) submit(ctx context.Context, it *txnItem) error {
+	if len(it.cmps) > c.maxOps || len(it.ops) > c.maxOps || len(it.elses) > c.maxOps {
+		return fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), c.maxOps)
+	}
+	if it.done == nil {
+		it.done = make(chan *txnItem, 1)
+	}
 	select {
 	case c.queue <- it:
+		return nil
 	case <-ctx.Done():
-		return txnResult{err: ctx.Err()}
-	}
-	select {
-	case r := <-it.res:
-		return r
-	case <-ctx.Done():
-		return txnResult{err: ctx.Err()}
+		return ctx.Err()
 	}
 }
 
@@ -166,7 +189,7 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	c.metrics.batchSize.Observe(float64(len(batch)))
 	if len(batch) == 1 {
-		batch[0].res <- c.single(ctx, batch[0])
+		batch[0].finish(c.single(ctx, batch[0]))
 		return
 	}
 	var cmps []clientv3.Cmp
@@ -199,13 +222,13 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	c.metrics.txnSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		for _, it := range batch {
-			it.res <- txnResult{err: fmt.Errorf("etcd txn: %w", err)}
+			it.finish(txnResult{err: fmt.Errorf("etcd txn: %w", err)})
 		}
 		return
 	}
 	if resp.Succeeded {
 		for _, it := range batch {
-			it.res <- txnResult{succeeded: true, rev: resp.Header.Revision}
+			it.finish(txnResult{succeeded: true, rev: resp.Header.Revision})
 		}
 		return
 	}
@@ -229,7 +252,7 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	}
 	var wg sync.WaitGroup
 	for _, it := range alone {
-		wg.Go(func() { it.res <- c.single(ctx, it) })
+		wg.Go(func() { it.finish(c.single(ctx, it)) })
 	}
 	if len(again) > 0 {
 		c.commit(ctx, again)

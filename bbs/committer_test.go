@@ -57,7 +57,7 @@ func TestCommitterSharesFenceCompares(t *testing.T) {
 			cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0), fence},
 			ops:    []clientv3.Op{clientv3.OpPut(k, "v")},
 			writes: []string{k},
-			res:    make(chan txnResult, 1),
+			done:   make(chan *txnItem, 1),
 		}
 		c.queue <- items[i] // queued before the worker starts: one gather sees all
 	}
@@ -66,7 +66,7 @@ func TestCommitterSharesFenceCompares(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); c.run(ctx) }()
 	for i, it := range items {
-		if r := <-it.res; r.err != nil || !r.succeeded {
+		if r := (<-it.done).result; r.err != nil || !r.succeeded {
 			t.Fatalf("item %d: %+v", i, r)
 		}
 	}
@@ -107,14 +107,14 @@ func TestCommitterSplitsOnlyTheConflict(t *testing.T) {
 			ops:    []clientv3.Op{clientv3.OpPut(keys[i], "v1")},
 			elses:  []clientv3.Op{clientv3.OpGet(keys[i])},
 			writes: []string{keys[i]},
-			res:    make(chan txnResult, 1),
+			done:   make(chan *txnItem, 1),
 		}
 		c.queue <- items[i]
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); c.run(ctx) }()
 	for i, it := range items {
-		r := <-it.res
+		r := (<-it.done).result
 		if r.err != nil {
 			t.Fatalf("item %d: %v", i, r.err)
 		}
