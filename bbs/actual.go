@@ -113,6 +113,34 @@ func (s *Store) actualTransition(ctx context.Context, guid string, index int32, 
 	return recordTransition(ctx, s, s.keys.Actual(guid, index), fence, decodeActual, setActualRev, fn)
 }
 
+// actualChange is one instance transition of a batch: its step comes from
+// claimStep, startStep or crashStep, as the single calls' do.
+type actualChange struct {
+	key   *basinv1.ActualLRPKey
+	fence *basinv1.Fence
+	step  stepFunc[*basinv1.ActualLRP]
+}
+
+// applyActualChanges runs each change as its single call would (same guard,
+// fence, retries and errors) but together (mutateAll): a cell's batch of
+// claims and starts costs no goroutine per instance. Results are in order;
+// out[i] is nil when errs[i] is set.
+func (s *Store) applyActualChanges(ctx context.Context, cs []actualChange) (out []*basinv1.ActualLRP, errs []error) {
+	ms := make([]mutation, len(cs))
+	for i, c := range cs {
+		key := s.keys.Actual(c.key.GetProcessGuid(), c.key.GetIndex())
+		s.begin(&ms[i], key, c.fence, recordStep(key, decodeActual, setActualRev, c.step))
+	}
+	errs = s.mutateAll(ctx, ms)
+	out = make([]*basinv1.ActualLRP, len(cs))
+	for i := range ms {
+		if errs[i] == nil {
+			out[i] = recordOf(&ms[i], setActualRev)
+		}
+	}
+	return out, errs
+}
+
 // ClaimActualLRP moves an UNCLAIMED instance to CLAIMED on the calling cell,
 // taking it off the auction queue. Claiming again with the same instance key
 // is a no-op, so a cell may retry.

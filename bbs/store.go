@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
@@ -169,7 +170,8 @@ type transition func(cur record, p *plan) error
 const maxAttempts = 4
 
 // mutation is one guarded write of the record at key, in progress: what is
-// known of the record and the transaction that writes it.
+// known of the record and the transaction that writes it. mutate drives one
+// to its end; mutateAll decides many on the view and commits them together.
 type mutation struct {
 	key   string
 	fence *basinv1.Fence
@@ -179,6 +181,7 @@ type mutation struct {
 	cur      record
 	fresh    bool // cur was read from etcd, not guessed from the view
 	attempts int
+	queued   bool // in the committer for mutateAll, which awaits it
 	p        plan
 	item     txnItem
 	cmps     [2]clientv3.Cmp
@@ -280,6 +283,64 @@ func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, st
 	s.begin(&m, key, fence, step)
 	err := s.finish(ctx, &m)
 	return m.cur, err
+}
+
+// mutateAll runs many mutations, each begun, as mutate would run each: the
+// same guard, retries and view notes, with errs[i] and ms[i].cur what mutate
+// would return. What differs is how they wait: every write decided on the
+// view is queued on the committer before any is awaited, so a batch costs no
+// goroutine per item. Only a mutation the view cannot settle (refused on a
+// value that may lag, or beaten by another write) goes on alone in a
+// goroutine, from where it stands.
+func (s *Store) mutateAll(ctx context.Context, ms []mutation) []error {
+	errs := make([]error, len(ms))
+	var slow sync.WaitGroup
+	goOn := func(i int) { slow.Go(func() { errs[i] = s.finish(ctx, &ms[i]) }) }
+	done := make(chan *txnItem, len(ms))
+	queued := 0
+	for i := range ms {
+		m := &ms[i]
+		m.attempts = 1
+		fin, err := m.decide()
+		switch {
+		case err != nil:
+			// finish decides it again, reading etcd, as mutate does.
+			m.attempts = 0
+			goOn(i)
+		case fin: // noop on the view's value, as in mutate
+		default:
+			m.item.done, m.item.seq = done, i
+			if err := s.commit.submit(ctx, &m.item); err != nil {
+				_, errs[i] = s.settle(m, txnResult{err: err})
+				continue
+			}
+			m.queued = true
+			queued++
+		}
+	}
+wait:
+	for ; queued > 0; queued-- {
+		select {
+		case it := <-done:
+			m := &ms[it.seq]
+			m.queued = false
+			if fin, err := s.settle(m, it.result); fin {
+				errs[it.seq] = err
+			} else {
+				goOn(it.seq)
+			}
+		case <-ctx.Done():
+			// As in do: the writes may still happen, unreported.
+			for i := range ms {
+				if ms[i].queued {
+					_, errs[i] = s.settle(&ms[i], txnResult{err: ctx.Err()})
+				}
+			}
+			break wait
+		}
+	}
+	slow.Wait()
+	return errs
 }
 
 func (s *Store) viewFor(key string) *view {
