@@ -3,7 +3,6 @@ package bbs
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
@@ -133,14 +132,12 @@ func (c *committer) work(ctx context.Context) {
 // Items that do not fit are carried to the next batch.
 func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 	written := make(map[string]struct{})
-	fences := make(map[string]struct{})
+	fences := fenceSet{}
 	var ncmp, nops int
 	add := func(it *txnItem) bool {
 		newCmps := 0
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); !ok {
-				newCmps++
-			} else if _, seen := fences[f]; !seen {
+			if !fences.has(cmp) {
 				newCmps++
 			}
 		}
@@ -158,9 +155,7 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 			written[k] = struct{}{}
 		}
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); ok {
-				fences[f] = struct{}{}
-			}
+			fences.add(cmp)
 		}
 		ncmp += newCmps
 		nops += len(it.ops)
@@ -192,24 +187,29 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 		batch[0].finish(c.single(ctx, batch[0]))
 		return
 	}
-	var cmps []clientv3.Cmp
-	var ops, elses []clientv3.Op
-	fences := make(map[string]struct{})
-	compared := make(map[string]struct{})
+	ncmp, nops := 0, 0
+	for _, it := range batch {
+		ncmp += len(it.cmps)
+		nops += len(it.ops)
+	}
+	cmps := make([]clientv3.Cmp, 0, ncmp)
+	ops := make([]clientv3.Op, 0, nops)
+	elses := make([]clientv3.Op, 0, ncmp)
+	fences := fenceSet{}
+	compared := make(map[string]struct{}, ncmp)
 	for _, it := range batch {
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); ok {
-				if _, dup := fences[f]; dup {
-					continue
-				}
-				fences[f] = struct{}{}
+			if fences.has(cmp) {
+				continue
 			}
+			fences.add(cmp)
 			cmps = append(cmps, cmp)
 			// On failure the else branch reads every compared key, so the
 			// items whose compares still hold need not run alone.
 			if _, dup := compared[string(cmp.Key)]; !dup {
-				compared[string(cmp.Key)] = struct{}{}
-				elses = append(elses, clientv3.OpGet(string(cmp.Key), clientv3.WithKeysOnly()))
+				k := string(cmp.Key)
+				compared[k] = struct{}{}
+				elses = append(elses, clientv3.OpGet(k, clientv3.WithKeysOnly()))
 			}
 		}
 		ops = append(ops, it.ops...)
@@ -301,13 +301,37 @@ func (c *committer) single(ctx context.Context, it *txnItem) txnResult {
 	return txnResult{elses: resp}
 }
 
-// fenceOf identifies a fence compare (a key's create revision): the writes
-// of one cell or leader all carry the same one, and a merged transaction
-// needs it once.
-func fenceOf(cmp clientv3.Cmp) (string, bool) {
-	rev, ok := cmp.TargetUnion.(*etcdserverpb.Compare_CreateRevision)
+// fenceOf recognises a fence compare (a key's create revision equals rev):
+// the writes of one cell or leader all carry the same one, and a merged
+// transaction needs it once.
+func fenceOf(cmp clientv3.Cmp) (rev int64, ok bool) {
+	r, ok := cmp.TargetUnion.(*etcdserverpb.Compare_CreateRevision)
 	if !ok || cmp.Target != etcdserverpb.Compare_CREATE || cmp.Result != etcdserverpb.Compare_EQUAL || len(cmp.RangeEnd) > 0 {
-		return "", false
+		return 0, false
 	}
-	return string(cmp.Key) + "\x00" + strconv.FormatInt(rev.CreateRevision, 10), true
+	return r.CreateRevision, true
+}
+
+// fenceSet is the fence compares a transaction holds, by key: each item of a
+// cell's batch carries its fence, so finding it must not allocate (a lookup
+// by string(bytes) does not). A key compared at a second revision (a fence
+// re-created mid-batch) is not recorded, so that compare is never merged away.
+type fenceSet map[string]int64
+
+// has reports whether cmp is a fence compare the set already holds.
+func (f fenceSet) has(cmp clientv3.Cmp) bool {
+	rev, ok := fenceOf(cmp)
+	if !ok {
+		return false
+	}
+	held, found := f[string(cmp.Key)]
+	return found && held == rev
+}
+
+func (f fenceSet) add(cmp clientv3.Cmp) {
+	if rev, ok := fenceOf(cmp); ok {
+		if _, found := f[string(cmp.Key)]; !found {
+			f[string(cmp.Key)] = rev
+		}
+	}
 }

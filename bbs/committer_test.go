@@ -134,3 +134,38 @@ func TestCommitterSplitsOnlyTheConflict(t *testing.T) {
 		t.Errorf("%d transactions (compare counts %v), want 3", len(kv.cmps), kv.cmps)
 	}
 }
+
+// A merged transaction holds each fence compare once; a fence key compared
+// at another revision, or any other compare, is never merged away.
+func TestFenceSet(t *testing.T) {
+	fence := func(key string, rev int64) clientv3.Cmp {
+		return clientv3.Compare(clientv3.CreateRevision(key), "=", rev)
+	}
+	tests := []struct {
+		name  string
+		added []clientv3.Cmp
+		cmp   clientv3.Cmp
+		held  bool
+	}{
+		{"empty", nil, fence("/cells/a", 5), false},
+		{"same fence", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/a", 5), true},
+		{"same key, another revision", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/a", 6), false},
+		{"the second revision is not recorded", []clientv3.Cmp{fence("/cells/a", 5), fence("/cells/a", 6)}, fence("/cells/a", 6), false},
+		{"another key", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/b", 5), false},
+		{"a mod revision guard is no fence", []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision("/x"), "=", 5)},
+			clientv3.Compare(clientv3.ModRevision("/x"), "=", 5), false},
+		{"a greater-than compare is no fence", []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision("/x"), ">", 0)},
+			clientv3.Compare(clientv3.CreateRevision("/x"), ">", 0), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := fenceSet{}
+			for _, c := range tc.added {
+				f.add(c)
+			}
+			if got := f.has(tc.cmp); got != tc.held {
+				t.Errorf("has = %v, want %v", got, tc.held)
+			}
+		})
+	}
+}
