@@ -66,8 +66,8 @@ func recordStep[T proto.Message](key string, decode func(string, record) (T, err
 		if err != nil {
 			return err
 		}
-		// The record's put leads, as its index keys follow it; it is
-		// filled in once fn has changed the record.
+		// The record's put goes first, ahead of its index keys as before;
+		// it is filled in once fn has changed the record.
 		p.ops = append(p.ops, clientv3.Op{})
 		p.writes = append(p.writes, key)
 		noop, err := fn(r, &p.edits)
