@@ -53,113 +53,165 @@ func describe(a *basinv1.ActualLRP) string {
 	return stateName(a.GetState())
 }
 
-// stepFunc changes a decoded record and names the index-key ops to write with
-// it; noop=true writes nothing.
-type stepFunc[T proto.Message] func(rec T) (extra []clientv3.Op, writes []string, noop bool, err error)
+// stepFunc changes a decoded record and adds the index-key writes that go
+// with it to e; noop=true writes nothing.
+type stepFunc[T proto.Message] func(rec T, e *edits) (noop bool, err error)
 
-// recordTransition decodes the record at key, lets fn change it, and writes it
-// back with the ops fn asks for, in one guarded transaction. setRev sets the
+// recordStep is the transition that decodes the record at key, lets fn
+// change it, and puts it back with the writes fn adds. setRev sets the
 // record's Revision field, which is filled from etcd and never stored.
-func recordTransition[T proto.Message](ctx context.Context, s *Store, key string, fence *basinv1.Fence,
-	decode func(string, record) (T, error), setRev func(T, int64), fn stepFunc[T]) (T, error) {
-	var out, zero T
-	rec, err := s.mutate(ctx, key, fence, func(cur record) (plan, error) {
+func recordStep[T proto.Message](key string, decode func(string, record) (T, error), setRev func(T, int64), fn stepFunc[T]) transition {
+	return func(cur record, p *plan) error {
 		r, err := decode(key, cur)
 		if err != nil {
-			return plan{}, err
+			return err
 		}
-		extra, writes, noop, err := fn(r)
+		// The record's put goes first, ahead of its index keys as before;
+		// it is filled in once fn has changed the record.
+		p.ops = append(p.ops, clientv3.Op{})
+		p.writes = append(p.writes, key)
+		noop, err := fn(r, &p.edits)
 		if err != nil {
-			return plan{}, err
+			return err
 		}
-		out = r
+		p.rec = r
 		if noop {
-			return plan{noop: true}, nil
+			p.noop = true
+			return nil
 		}
 		setRev(r, 0)
-		val := marshal(r)
-		return plan{
-			ops:    append([]clientv3.Op{clientv3.OpPut(key, string(val))}, extra...),
-			writes: append([]string{key}, writes...),
-			val:    val,
-		}, nil
-	})
-	if err != nil {
+		p.val = marshal(r)
+		p.ops[0] = clientv3.OpPut(key, string(p.val))
+		return nil
+	}
+}
+
+// recordTransition changes the record at key with fn in one guarded
+// transaction (recordStep, mutate) and returns it as written.
+func recordTransition[T proto.Message](ctx context.Context, s *Store, key string, fence *basinv1.Fence,
+	decode func(string, record) (T, error), setRev func(T, int64), fn stepFunc[T]) (T, error) {
+	var m mutation
+	s.begin(&m, key, fence, recordStep(key, decode, setRev, fn))
+	if err := s.finish(ctx, &m); err != nil {
+		var zero T
 		return zero, err
 	}
-	setRev(out, rec.modRev)
-	return out, nil
+	return recordOf(&m, setRev), nil
 }
+
+// recordOf is the record m's step decided on, at the revision m left it.
+func recordOf[T proto.Message](m *mutation, setRev func(T, int64)) T {
+	out := m.p.rec.(T)
+	setRev(out, m.cur.modRev)
+	return out
+}
+
+func setActualRev(a *basinv1.ActualLRP, rev int64) { a.Revision = rev }
 
 // actualTransition is recordTransition for the instance guid/index.
 func (s *Store) actualTransition(ctx context.Context, guid string, index int32, fence *basinv1.Fence, fn stepFunc[*basinv1.ActualLRP]) (*basinv1.ActualLRP, error) {
-	return recordTransition(ctx, s, s.keys.Actual(guid, index), fence, decodeActual,
-		func(a *basinv1.ActualLRP, rev int64) { a.Revision = rev }, fn)
+	return recordTransition(ctx, s, s.keys.Actual(guid, index), fence, decodeActual, setActualRev, fn)
+}
+
+// actualChange is one instance transition of a batch: its step comes from
+// claimStep, startStep or crashStep, as the single calls' do.
+type actualChange struct {
+	key   *basinv1.ActualLRPKey
+	fence *basinv1.Fence
+	step  stepFunc[*basinv1.ActualLRP]
+}
+
+// applyActualChanges runs each change as its single call would (same guard,
+// fence, retries and errors) but together (mutateAll): a cell's batch of
+// claims and starts costs no goroutine per instance. Results are in order;
+// out[i] is nil when errs[i] is set.
+func (s *Store) applyActualChanges(ctx context.Context, cs []actualChange) (out []*basinv1.ActualLRP, errs []error) {
+	ms := make([]mutation, len(cs))
+	for i, c := range cs {
+		key := s.keys.Actual(c.key.GetProcessGuid(), c.key.GetIndex())
+		s.begin(&ms[i], key, c.fence, recordStep(key, decodeActual, setActualRev, c.step))
+	}
+	errs = s.mutateAll(ctx, ms)
+	out = make([]*basinv1.ActualLRP, len(cs))
+	for i := range ms {
+		if errs[i] == nil {
+			out[i] = recordOf(&ms[i], setActualRev)
+		}
+	}
+	return out, errs
 }
 
 // ClaimActualLRP moves an UNCLAIMED instance to CLAIMED on the calling cell,
 // taking it off the auction queue. Claiming again with the same instance key
 // is a no-op, so a cell may retry.
 func (s *Store) ClaimActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, fence *basinv1.Fence) (*basinv1.ActualLRP, error) {
+	return s.actualTransition(ctx, key.GetProcessGuid(), key.GetIndex(), fence, s.claimStep(key, ik))
+}
+
+func (s *Store) claimStep(key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey) stepFunc[*basinv1.ActualLRP] {
 	guid, idx := key.GetProcessGuid(), key.GetIndex()
-	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP) ([]clientv3.Op, []string, bool, error) {
+	return func(a *basinv1.ActualLRP, e *edits) (bool, error) {
 		switch {
 		case a.GetState() == stateUnclaimed:
 		case (a.GetState() == stateClaimed || a.GetState() == stateRunning) && sameInstance(a, ik):
-			return nil, nil, true, nil
+			return true, nil
 		default:
-			return nil, nil, false, fmt.Errorf("claim %s/%d for cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
+			return false, fmt.Errorf("claim %s/%d for cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
 		}
 		a.State = stateClaimed
 		a.InstanceKey = proto.Clone(ik).(*basinv1.ActualLRPInstanceKey)
 		a.NetInfo = nil
 		a.SinceUnixNano = s.now().UnixNano()
 		a.PlacementError = ""
-		cellKey := s.keys.CellIndex(ik.GetCellId(), guid, idx)
-		queueKey := s.keys.Unclaimed(guid, idx)
-		return []clientv3.Op{clientv3.OpDelete(queueKey), clientv3.OpPut(cellKey, "")}, []string{queueKey, cellKey}, false, nil
-	})
+		e.del(s.keys.Unclaimed(guid, idx))
+		e.put(s.keys.CellIndex(ik.GetCellId(), guid, idx), "")
+		return false, nil
+	}
 }
 
 // StartActualLRP marks an instance RUNNING with its network address. Only the
 // cell that claimed it may start it; a cell may also start an UNCLAIMED
 // instance directly, claiming it in the same transaction.
 func (s *Store) StartActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, net *basinv1.ActualLRPNetInfo, fence *basinv1.Fence) (*basinv1.ActualLRP, error) {
+	return s.actualTransition(ctx, key.GetProcessGuid(), key.GetIndex(), fence, s.startStep(key, ik, net))
+}
+
+func (s *Store) startStep(key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, net *basinv1.ActualLRPNetInfo) stepFunc[*basinv1.ActualLRP] {
 	guid, idx := key.GetProcessGuid(), key.GetIndex()
-	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP) ([]clientv3.Op, []string, bool, error) {
-		var extra []clientv3.Op
-		var writes []string
+	return func(a *basinv1.ActualLRP, e *edits) (bool, error) {
 		switch {
 		case a.GetState() == stateRunning && sameInstance(a, ik):
 			if proto.Equal(a.GetNetInfo(), net) {
-				return nil, nil, true, nil
+				return true, nil
 			}
 		case a.GetState() == stateClaimed && sameInstance(a, ik):
 			a.SinceUnixNano = s.now().UnixNano()
 		case a.GetState() == stateUnclaimed:
 			a.SinceUnixNano = s.now().UnixNano()
 			a.PlacementError = ""
-			cellKey := s.keys.CellIndex(ik.GetCellId(), guid, idx)
-			queueKey := s.keys.Unclaimed(guid, idx)
-			extra = []clientv3.Op{clientv3.OpDelete(queueKey), clientv3.OpPut(cellKey, "")}
-			writes = []string{queueKey, cellKey}
+			e.del(s.keys.Unclaimed(guid, idx))
+			e.put(s.keys.CellIndex(ik.GetCellId(), guid, idx), "")
 		default:
-			return nil, nil, false, fmt.Errorf("start %s/%d on cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
+			return false, fmt.Errorf("start %s/%d on cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
 		}
 		a.State = stateRunning
 		a.InstanceKey = proto.Clone(ik).(*basinv1.ActualLRPInstanceKey)
 		a.NetInfo = proto.Clone(net).(*basinv1.ActualLRPNetInfo)
-		return extra, writes, false, nil
-	})
+		return false, nil
+	}
 }
 
 // CrashActualLRP records that the calling cell's instance exited. The crash
 // count restarts when the instance had been running for CrashResetAfter.
 func (s *Store) CrashActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, reason string, fence *basinv1.Fence) (*basinv1.ActualLRP, error) {
+	return s.actualTransition(ctx, key.GetProcessGuid(), key.GetIndex(), fence, s.crashStep(key, ik, reason))
+}
+
+func (s *Store) crashStep(key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, reason string) stepFunc[*basinv1.ActualLRP] {
 	guid, idx := key.GetProcessGuid(), key.GetIndex()
-	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP) ([]clientv3.Op, []string, bool, error) {
+	return func(a *basinv1.ActualLRP, e *edits) (bool, error) {
 		if (a.GetState() != stateClaimed && a.GetState() != stateRunning) || !sameInstance(a, ik) {
-			return nil, nil, false, fmt.Errorf("crash %s/%d on cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
+			return false, fmt.Errorf("crash %s/%d on cell %s: %w: it is %s", guid, idx, ik.GetCellId(), ErrTransition, describe(a))
 		}
 		now := s.now()
 		if a.GetState() == stateRunning && now.UnixNano()-a.GetSinceUnixNano() >= s.reset.Nanoseconds() {
@@ -171,22 +223,22 @@ func (s *Store) CrashActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, i
 		a.SinceUnixNano = now.UnixNano()
 		a.InstanceKey = nil
 		a.NetInfo = nil
-		cellKey := s.keys.CellIndex(ik.GetCellId(), guid, idx)
-		return []clientv3.Op{clientv3.OpDelete(cellKey)}, []string{cellKey}, false, nil
-	})
+		e.del(s.keys.CellIndex(ik.GetCellId(), guid, idx))
+		return false, nil
+	}
 }
 
 // FailActualLRP records why no cell could take an UNCLAIMED instance and takes
 // it off the auction queue; the converger puts it back later.
 func (s *Store) FailActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, placementError string, fence *basinv1.Fence) (*basinv1.ActualLRP, error) {
 	guid, idx := key.GetProcessGuid(), key.GetIndex()
-	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP) ([]clientv3.Op, []string, bool, error) {
+	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP, e *edits) (bool, error) {
 		if a.GetState() != stateUnclaimed {
-			return nil, nil, false, fmt.Errorf("fail placement of %s/%d: %w: it is %s", guid, idx, ErrTransition, describe(a))
+			return false, fmt.Errorf("fail placement of %s/%d: %w: it is %s", guid, idx, ErrTransition, describe(a))
 		}
 		a.PlacementError = placementError
-		queueKey := s.keys.Unclaimed(guid, idx)
-		return []clientv3.Op{clientv3.OpDelete(queueKey)}, []string{queueKey}, false, nil
+		e.del(s.keys.Unclaimed(guid, idx))
+		return false, nil
 	})
 }
 
@@ -196,49 +248,40 @@ func (s *Store) FailActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, pl
 // incarnation.
 func (s *Store) UnclaimActualLRP(ctx context.Context, key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPInstanceKey, fence *basinv1.Fence) (*basinv1.ActualLRP, error) {
 	guid, idx := key.GetProcessGuid(), key.GetIndex()
-	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP) ([]clientv3.Op, []string, bool, error) {
+	return s.actualTransition(ctx, guid, idx, fence, func(a *basinv1.ActualLRP, e *edits) (bool, error) {
 		if ik != nil && !sameInstance(a, ik) {
-			return nil, nil, false, fmt.Errorf("unclaim %s/%d: %w: it is %s, not instance %s", guid, idx, ErrTransition, describe(a), ik.GetInstanceGuid())
+			return false, fmt.Errorf("unclaim %s/%d: %w: it is %s, not instance %s", guid, idx, ErrTransition, describe(a), ik.GetInstanceGuid())
 		}
-		queueKey := s.keys.Unclaimed(guid, idx)
-		ops := []clientv3.Op{clientv3.OpPut(queueKey, "")}
-		writes := []string{queueKey}
+		e.put(s.keys.Unclaimed(guid, idx), "")
 		if cell := a.GetInstanceKey().GetCellId(); cell != "" {
-			cellKey := s.keys.CellIndex(cell, guid, idx)
-			ops = append(ops, clientv3.OpDelete(cellKey))
-			writes = append(writes, cellKey)
+			e.del(s.keys.CellIndex(cell, guid, idx))
 		}
 		a.State = stateUnclaimed
 		a.InstanceKey = nil
 		a.NetInfo = nil
 		a.SinceUnixNano = s.now().UnixNano()
-		return ops, writes, false, nil
+		return false, nil
 	})
 }
 
 // removeActual deletes an instance slot with its index keys.
 func (s *Store) removeActual(ctx context.Context, guid string, idx int32, ik *basinv1.ActualLRPInstanceKey, fence *basinv1.Fence, what string) error {
 	key := s.keys.Actual(guid, idx)
-	_, err := s.mutate(ctx, key, fence, func(cur record) (plan, error) {
+	_, err := s.mutate(ctx, key, fence, func(cur record, p *plan) error {
 		a, err := decodeActual(key, cur)
 		if err != nil {
-			return plan{}, err
+			return err
 		}
 		if ik != nil && !sameInstance(a, ik) {
-			return plan{}, fmt.Errorf("%s %s/%d: %w: it is %s, not instance %s", what, guid, idx, ErrTransition, describe(a), ik.GetInstanceGuid())
+			return fmt.Errorf("%s %s/%d: %w: it is %s, not instance %s", what, guid, idx, ErrTransition, describe(a), ik.GetInstanceGuid())
 		}
-		queueKey := s.keys.Unclaimed(guid, idx)
-		p := plan{
-			ops:     []clientv3.Op{clientv3.OpDelete(key), clientv3.OpDelete(queueKey)},
-			writes:  []string{key, queueKey},
-			deleted: true,
-		}
+		p.del(key)
+		p.del(s.keys.Unclaimed(guid, idx))
 		if cell := a.GetInstanceKey().GetCellId(); cell != "" {
-			cellKey := s.keys.CellIndex(cell, guid, idx)
-			p.ops = append(p.ops, clientv3.OpDelete(cellKey))
-			p.writes = append(p.writes, cellKey)
+			p.del(s.keys.CellIndex(cell, guid, idx))
 		}
-		return p, nil
+		p.deleted = true
+		return nil
 	})
 	return err
 }

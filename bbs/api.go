@@ -3,7 +3,6 @@ package bbs
 import (
 	"context"
 	"slices"
-	"sync"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	"google.golang.org/grpc/metadata"
@@ -186,8 +185,39 @@ func (a *API) checkCellRequest(key *basinv1.ActualLRPKey, ik *basinv1.ActualLRPI
 	return a.store.checkCellFence("fence", ik.GetCellId(), fence)
 }
 
-func (a *API) ClaimActualLRP(ctx context.Context, req *basinv1.ClaimActualLRPRequest) (*basinv1.ClaimActualLRPResponse, error) {
+// checkClaim, checkStart and checkCrash validate a cell's transition for its
+// single call and for ApplyActualLRPTransitions alike.
+func (a *API) checkClaim(req *basinv1.ClaimActualLRPRequest) error {
+	return a.checkCellRequest(req.GetKey(), req.GetInstanceKey(), req.GetFence())
+}
+
+func (a *API) checkStart(req *basinv1.StartActualLRPRequest) error {
 	if err := a.checkCellRequest(req.GetKey(), req.GetInstanceKey(), req.GetFence()); err != nil {
+		return err
+	}
+	if req.GetNetInfo() == nil {
+		return fieldErr("net_info", "is required")
+	}
+	for i, p := range req.GetNetInfo().GetPorts() {
+		if p.GetContainerPort() > 65535 || p.GetHostPort() > 65535 {
+			return fieldErr(indexed("net_info.ports", i), "ports must be at most 65535")
+		}
+	}
+	return nil
+}
+
+func (a *API) checkCrash(req *basinv1.CrashActualLRPRequest) error {
+	if err := a.checkCellRequest(req.GetKey(), req.GetInstanceKey(), req.GetFence()); err != nil {
+		return err
+	}
+	if len(req.GetReason()) > a.limits.MaxResultBytes {
+		return fieldErr("reason", "must be at most %d bytes, got %d", a.limits.MaxResultBytes, len(req.GetReason()))
+	}
+	return nil
+}
+
+func (a *API) ClaimActualLRP(ctx context.Context, req *basinv1.ClaimActualLRPRequest) (*basinv1.ClaimActualLRPResponse, error) {
+	if err := a.checkClaim(req); err != nil {
 		return nil, err
 	}
 	al, err := a.store.ClaimActualLRP(ctx, req.GetKey(), req.GetInstanceKey(), req.GetFence())
@@ -198,16 +228,8 @@ func (a *API) ClaimActualLRP(ctx context.Context, req *basinv1.ClaimActualLRPReq
 }
 
 func (a *API) StartActualLRP(ctx context.Context, req *basinv1.StartActualLRPRequest) (*basinv1.StartActualLRPResponse, error) {
-	if err := a.checkCellRequest(req.GetKey(), req.GetInstanceKey(), req.GetFence()); err != nil {
+	if err := a.checkStart(req); err != nil {
 		return nil, err
-	}
-	if req.GetNetInfo() == nil {
-		return nil, fieldErr("net_info", "is required")
-	}
-	for i, p := range req.GetNetInfo().GetPorts() {
-		if p.GetContainerPort() > 65535 || p.GetHostPort() > 65535 {
-			return nil, fieldErr(indexed("net_info.ports", i), "ports must be at most 65535")
-		}
 	}
 	al, err := a.store.StartActualLRP(ctx, req.GetKey(), req.GetInstanceKey(), req.GetNetInfo(), req.GetFence())
 	if err != nil {
@@ -219,59 +241,70 @@ func (a *API) StartActualLRP(ctx context.Context, req *basinv1.StartActualLRPReq
 // maxBatch bounds the items of one batched request.
 const maxBatch = 1000
 
-// ApplyActualLRPTransitions runs each transition through its single call's
-// handler, concurrently, so validation, fencing and the guarded transaction
-// are exactly the same; the store's committer merges them into few etcd
-// transactions. One gRPC call instead of many is what makes a cell's batch
-// cheap: the per-call cost of gRPC, not etcd, dominates at high rates.
+// ApplyActualLRPTransitions validates each transition as its single call
+// does and runs the valid ones together in the store, each with its single
+// call's fencing and guarded transaction; the committer merges them into few
+// etcd transactions. One gRPC call instead of many is what makes a cell's
+// batch cheap: the per-call cost of gRPC, not etcd, dominates at high rates.
+// Results are in request order, each with the code its single call returns.
 func (a *API) ApplyActualLRPTransitions(ctx context.Context, req *basinv1.ApplyActualLRPTransitionsRequest) (*basinv1.ApplyActualLRPTransitionsResponse, error) {
 	ts := req.GetTransitions()
 	if len(ts) > maxBatch {
 		return nil, fieldErr("transitions", "must hold at most %d transitions, got %d", maxBatch, len(ts))
 	}
 	results := make([]*basinv1.ActualLRPTransitionResult, len(ts))
-	var wg sync.WaitGroup
+	changes := make([]actualChange, 0, len(ts))
+	at := make([]int, 0, len(ts)) // the request index of each change
 	for i, t := range ts {
-		wg.Go(func() {
-			var al *basinv1.ActualLRP
-			var err error
-			switch op := t.GetTransition().(type) {
-			case *basinv1.ActualLRPTransition_Claim:
-				var r *basinv1.ClaimActualLRPResponse
-				if r, err = a.ClaimActualLRP(ctx, op.Claim); err == nil {
-					al = r.GetActualLrp()
-				}
-			case *basinv1.ActualLRPTransition_Start:
-				var r *basinv1.StartActualLRPResponse
-				if r, err = a.StartActualLRP(ctx, op.Start); err == nil {
-					al = r.GetActualLrp()
-				}
-			case *basinv1.ActualLRPTransition_Crash:
-				var r *basinv1.CrashActualLRPResponse
-				if r, err = a.CrashActualLRP(ctx, op.Crash); err == nil {
-					al = r.GetActualLrp()
-				}
-			default:
-				err = fieldErr(indexed("transitions", i), "must set claim, start or crash")
+		var c actualChange
+		var err error
+		switch op := t.GetTransition().(type) {
+		case *basinv1.ActualLRPTransition_Claim:
+			r := op.Claim
+			if err = a.checkClaim(r); err == nil {
+				c = actualChange{key: r.GetKey(), fence: r.GetFence(), step: a.store.claimStep(r.GetKey(), r.GetInstanceKey())}
 			}
-			res := &basinv1.ActualLRPTransitionResult{ActualLrp: al}
-			if err != nil {
-				st, _ := status.FromError(toStatus(err))
-				res.Code, res.Message = int32(st.Code()), st.Message()
+		case *basinv1.ActualLRPTransition_Start:
+			r := op.Start
+			if err = a.checkStart(r); err == nil {
+				c = actualChange{key: r.GetKey(), fence: r.GetFence(), step: a.store.startStep(r.GetKey(), r.GetInstanceKey(), r.GetNetInfo())}
 			}
-			results[i] = res
-		})
+		case *basinv1.ActualLRPTransition_Crash:
+			r := op.Crash
+			if err = a.checkCrash(r); err == nil {
+				c = actualChange{key: r.GetKey(), fence: r.GetFence(), step: a.store.crashStep(r.GetKey(), r.GetInstanceKey(), r.GetReason())}
+			}
+		default:
+			err = fieldErr(indexed("transitions", i), "must set claim, start or crash")
+		}
+		if err != nil {
+			results[i] = transitionResult(nil, err)
+			continue
+		}
+		changes = append(changes, c)
+		at = append(at, i)
 	}
-	wg.Wait()
+	out, errs := a.store.applyActualChanges(ctx, changes)
+	for j, i := range at {
+		results[i] = transitionResult(out[j], errs[j])
+	}
 	return &basinv1.ApplyActualLRPTransitionsResponse{Results: results}, nil
 }
 
-func (a *API) CrashActualLRP(ctx context.Context, req *basinv1.CrashActualLRPRequest) (*basinv1.CrashActualLRPResponse, error) {
-	if err := a.checkCellRequest(req.GetKey(), req.GetInstanceKey(), req.GetFence()); err != nil {
-		return nil, err
+// transitionResult carries an item's error as the status code and message
+// its single call would return.
+func transitionResult(al *basinv1.ActualLRP, err error) *basinv1.ActualLRPTransitionResult {
+	res := &basinv1.ActualLRPTransitionResult{ActualLrp: al}
+	if err != nil {
+		st, _ := status.FromError(toStatus(err))
+		res.Code, res.Message = int32(st.Code()), st.Message()
 	}
-	if len(req.GetReason()) > a.limits.MaxResultBytes {
-		return nil, fieldErr("reason", "must be at most %d bytes, got %d", a.limits.MaxResultBytes, len(req.GetReason()))
+	return res
+}
+
+func (a *API) CrashActualLRP(ctx context.Context, req *basinv1.CrashActualLRPRequest) (*basinv1.CrashActualLRPResponse, error) {
+	if err := a.checkCrash(req); err != nil {
+		return nil, err
 	}
 	al, err := a.store.CrashActualLRP(ctx, req.GetKey(), req.GetInstanceKey(), req.GetReason(), req.GetFence())
 	if err != nil {

@@ -3,7 +3,6 @@ package bbs
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"sync"
 	"time"
 
@@ -23,7 +22,18 @@ type txnItem struct {
 	ops    []clientv3.Op
 	elses  []clientv3.Op
 	writes []string // keys ops put or delete: two items touching one key never share a transaction
-	res    chan txnResult
+
+	// done receives the item once its result is set. A batch of items
+	// shares one channel, rather than one each, and tells them apart by
+	// seq, which the committer leaves alone.
+	done   chan *txnItem
+	seq    int
+	result txnResult
+}
+
+func (it *txnItem) finish(r txnResult) {
+	it.result = r
+	it.done <- it
 }
 
 type txnResult struct {
@@ -71,20 +81,32 @@ func (c *committer) run(ctx context.Context) error {
 // do submits it and waits for its outcome. When ctx ends first the write may
 // still happen, as with any request whose reply is lost.
 func (c *committer) do(ctx context.Context, it *txnItem) txnResult {
-	if len(it.cmps) > c.maxOps || len(it.ops) > c.maxOps || len(it.elses) > c.maxOps {
-		return txnResult{err: fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), c.maxOps)}
+	if err := c.submit(ctx, it); err != nil {
+		return txnResult{err: err}
 	}
-	it.res = make(chan txnResult, 1)
+	select {
+	case <-it.done:
+		return it.result
+	case <-ctx.Done():
+		return txnResult{err: ctx.Err()}
+	}
+}
+
+// submit queues it without waiting for its outcome, which arrives on
+// it.done: a batch queues all its items before waiting for any. it.done must
+// have room for every item that shares it; nil gets a channel of its own.
+func (c *committer) submit(ctx context.Context, it *txnItem) error {
+	if len(it.cmps) > c.maxOps || len(it.ops) > c.maxOps || len(it.elses) > c.maxOps {
+		return fmt.Errorf("transaction of %d compares, %d ops exceeds etcd's limit of %d", len(it.cmps), len(it.ops), c.maxOps)
+	}
+	if it.done == nil {
+		it.done = make(chan *txnItem, 1)
+	}
 	select {
 	case c.queue <- it:
+		return nil
 	case <-ctx.Done():
-		return txnResult{err: ctx.Err()}
-	}
-	select {
-	case r := <-it.res:
-		return r
-	case <-ctx.Done():
-		return txnResult{err: ctx.Err()}
+		return ctx.Err()
 	}
 }
 
@@ -110,14 +132,12 @@ func (c *committer) work(ctx context.Context) {
 // Items that do not fit are carried to the next batch.
 func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 	written := make(map[string]struct{})
-	fences := make(map[string]struct{})
+	fences := fenceSet{}
 	var ncmp, nops int
 	add := func(it *txnItem) bool {
 		newCmps := 0
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); !ok {
-				newCmps++
-			} else if _, seen := fences[f]; !seen {
+			if !fences.has(cmp) {
 				newCmps++
 			}
 		}
@@ -135,9 +155,7 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 			written[k] = struct{}{}
 		}
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); ok {
-				fences[f] = struct{}{}
-			}
+			fences.add(cmp)
 		}
 		ncmp += newCmps
 		nops += len(it.ops)
@@ -166,27 +184,32 @@ func (c *committer) gather(carry []*txnItem) (batch, rest []*txnItem) {
 func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	c.metrics.batchSize.Observe(float64(len(batch)))
 	if len(batch) == 1 {
-		batch[0].res <- c.single(ctx, batch[0])
+		batch[0].finish(c.single(ctx, batch[0]))
 		return
 	}
-	var cmps []clientv3.Cmp
-	var ops, elses []clientv3.Op
-	fences := make(map[string]struct{})
-	compared := make(map[string]struct{})
+	ncmp, nops := 0, 0
+	for _, it := range batch {
+		ncmp += len(it.cmps)
+		nops += len(it.ops)
+	}
+	cmps := make([]clientv3.Cmp, 0, ncmp)
+	ops := make([]clientv3.Op, 0, nops)
+	elses := make([]clientv3.Op, 0, ncmp)
+	fences := fenceSet{}
+	compared := make(map[string]struct{}, ncmp)
 	for _, it := range batch {
 		for _, cmp := range it.cmps {
-			if f, ok := fenceOf(cmp); ok {
-				if _, dup := fences[f]; dup {
-					continue
-				}
-				fences[f] = struct{}{}
+			if fences.has(cmp) {
+				continue
 			}
+			fences.add(cmp)
 			cmps = append(cmps, cmp)
 			// On failure the else branch reads every compared key, so the
 			// items whose compares still hold need not run alone.
 			if _, dup := compared[string(cmp.Key)]; !dup {
-				compared[string(cmp.Key)] = struct{}{}
-				elses = append(elses, clientv3.OpGet(string(cmp.Key), clientv3.WithKeysOnly()))
+				k := string(cmp.Key)
+				compared[k] = struct{}{}
+				elses = append(elses, clientv3.OpGet(k, clientv3.WithKeysOnly()))
 			}
 		}
 		ops = append(ops, it.ops...)
@@ -199,13 +222,13 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	c.metrics.txnSeconds.Observe(time.Since(start).Seconds())
 	if err != nil {
 		for _, it := range batch {
-			it.res <- txnResult{err: fmt.Errorf("etcd txn: %w", err)}
+			it.finish(txnResult{err: fmt.Errorf("etcd txn: %w", err)})
 		}
 		return
 	}
 	if resp.Succeeded {
 		for _, it := range batch {
-			it.res <- txnResult{succeeded: true, rev: resp.Header.Revision}
+			it.finish(txnResult{succeeded: true, rev: resp.Header.Revision})
 		}
 		return
 	}
@@ -229,7 +252,7 @@ func (c *committer) commit(ctx context.Context, batch []*txnItem) {
 	}
 	var wg sync.WaitGroup
 	for _, it := range alone {
-		wg.Go(func() { it.res <- c.single(ctx, it) })
+		wg.Go(func() { it.finish(c.single(ctx, it)) })
 	}
 	if len(again) > 0 {
 		c.commit(ctx, again)
@@ -278,13 +301,37 @@ func (c *committer) single(ctx context.Context, it *txnItem) txnResult {
 	return txnResult{elses: resp}
 }
 
-// fenceOf identifies a fence compare (a key's create revision): the writes
-// of one cell or leader all carry the same one, and a merged transaction
-// needs it once.
-func fenceOf(cmp clientv3.Cmp) (string, bool) {
-	rev, ok := cmp.TargetUnion.(*etcdserverpb.Compare_CreateRevision)
+// fenceOf recognises a fence compare (a key's create revision equals rev):
+// the writes of one cell or leader all carry the same one, and a merged
+// transaction needs it once.
+func fenceOf(cmp clientv3.Cmp) (rev int64, ok bool) {
+	r, ok := cmp.TargetUnion.(*etcdserverpb.Compare_CreateRevision)
 	if !ok || cmp.Target != etcdserverpb.Compare_CREATE || cmp.Result != etcdserverpb.Compare_EQUAL || len(cmp.RangeEnd) > 0 {
-		return "", false
+		return 0, false
 	}
-	return string(cmp.Key) + "\x00" + strconv.FormatInt(rev.CreateRevision, 10), true
+	return r.CreateRevision, true
+}
+
+// fenceSet is the fence compares a transaction holds, by key: each item of a
+// cell's batch carries its fence, so finding it must not allocate (a lookup
+// by string(bytes) does not). A key compared at a second revision (a fence
+// re-created mid-batch) is not recorded, so that compare is never merged away.
+type fenceSet map[string]int64
+
+// has reports whether cmp is a fence compare the set already holds.
+func (f fenceSet) has(cmp clientv3.Cmp) bool {
+	rev, ok := fenceOf(cmp)
+	if !ok {
+		return false
+	}
+	held, found := f[string(cmp.Key)]
+	return found && held == rev
+}
+
+func (f fenceSet) add(cmp clientv3.Cmp) {
+	if rev, ok := fenceOf(cmp); ok {
+		if _, found := f[string(cmp.Key)]; !found {
+			f[string(cmp.Key)] = rev
+		}
+	}
 }

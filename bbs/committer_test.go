@@ -57,7 +57,7 @@ func TestCommitterSharesFenceCompares(t *testing.T) {
 			cmps:   []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0), fence},
 			ops:    []clientv3.Op{clientv3.OpPut(k, "v")},
 			writes: []string{k},
-			res:    make(chan txnResult, 1),
+			done:   make(chan *txnItem, 1),
 		}
 		c.queue <- items[i] // queued before the worker starts: one gather sees all
 	}
@@ -66,7 +66,7 @@ func TestCommitterSharesFenceCompares(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); c.run(ctx) }()
 	for i, it := range items {
-		if r := <-it.res; r.err != nil || !r.succeeded {
+		if r := (<-it.done).result; r.err != nil || !r.succeeded {
 			t.Fatalf("item %d: %+v", i, r)
 		}
 	}
@@ -107,14 +107,14 @@ func TestCommitterSplitsOnlyTheConflict(t *testing.T) {
 			ops:    []clientv3.Op{clientv3.OpPut(keys[i], "v1")},
 			elses:  []clientv3.Op{clientv3.OpGet(keys[i])},
 			writes: []string{keys[i]},
-			res:    make(chan txnResult, 1),
+			done:   make(chan *txnItem, 1),
 		}
 		c.queue <- items[i]
 	}
 	done := make(chan struct{})
 	go func() { defer close(done); c.run(ctx) }()
 	for i, it := range items {
-		r := <-it.res
+		r := (<-it.done).result
 		if r.err != nil {
 			t.Fatalf("item %d: %v", i, r.err)
 		}
@@ -132,5 +132,40 @@ func TestCommitterSplitsOnlyTheConflict(t *testing.T) {
 	// The merged attempt, the conflict alone, the other five merged again.
 	if len(kv.cmps) != 3 {
 		t.Errorf("%d transactions (compare counts %v), want 3", len(kv.cmps), kv.cmps)
+	}
+}
+
+// A merged transaction holds each fence compare once; a fence key compared
+// at another revision, or any other compare, is never merged away.
+func TestFenceSet(t *testing.T) {
+	fence := func(key string, rev int64) clientv3.Cmp {
+		return clientv3.Compare(clientv3.CreateRevision(key), "=", rev)
+	}
+	tests := []struct {
+		name  string
+		added []clientv3.Cmp
+		cmp   clientv3.Cmp
+		held  bool
+	}{
+		{"empty", nil, fence("/cells/a", 5), false},
+		{"same fence", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/a", 5), true},
+		{"same key, another revision", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/a", 6), false},
+		{"the second revision is not recorded", []clientv3.Cmp{fence("/cells/a", 5), fence("/cells/a", 6)}, fence("/cells/a", 6), false},
+		{"another key", []clientv3.Cmp{fence("/cells/a", 5)}, fence("/cells/b", 5), false},
+		{"a mod revision guard is no fence", []clientv3.Cmp{clientv3.Compare(clientv3.ModRevision("/x"), "=", 5)},
+			clientv3.Compare(clientv3.ModRevision("/x"), "=", 5), false},
+		{"a greater-than compare is no fence", []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision("/x"), ">", 0)},
+			clientv3.Compare(clientv3.CreateRevision("/x"), ">", 0), false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f := fenceSet{}
+			for _, c := range tc.added {
+				f.add(c)
+			}
+			if got := f.has(tc.cmp); got != tc.held {
+				t.Errorf("has = %v, want %v", got, tc.held)
+			}
+		})
 	}
 }

@@ -6,20 +6,9 @@ import (
 	"testing"
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
-
-func counterValue(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
-}
 
 func TestListDesiredLRPsAtRevision(t *testing.T) {
 	srv, cli := startServer(t, Config{})

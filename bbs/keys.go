@@ -51,20 +51,23 @@ func (k Keys) ActualPrefix() string { return k.Prefix + "actual/" }
 func (k Keys) ActualLRPPrefix(guid string) string {
 	return k.Prefix + "actual/" + guid + "/"
 }
+
+// Actual, CellIndex and Unclaimed are built on every instance transition, so
+// each is one concatenation (one allocation), not a prefix plus the rest.
 func (k Keys) Actual(guid string, index int32) string {
-	return k.ActualLRPPrefix(guid) + strconv.Itoa(int(index))
+	return k.Prefix + "actual/" + guid + "/" + strconv.Itoa(int(index))
 }
 
 // CellIndexPrefix lists one cell's instances.
 func (k Keys) CellIndexPrefix(cellID string) string { return k.Prefix + "index/cell/" + cellID + "/" }
 func (k Keys) CellIndex(cellID, guid string, index int32) string {
-	return k.CellIndexPrefix(cellID) + guid + "/" + strconv.Itoa(int(index))
+	return k.Prefix + "index/cell/" + cellID + "/" + guid + "/" + strconv.Itoa(int(index))
 }
 
 // UnclaimedPrefix is the auctioneer's queue of instances to place.
 func (k Keys) UnclaimedPrefix() string { return k.Prefix + "index/unclaimed/" }
 func (k Keys) Unclaimed(guid string, index int32) string {
-	return k.UnclaimedPrefix() + guid + "/" + strconv.Itoa(int(index))
+	return k.Prefix + "index/unclaimed/" + guid + "/" + strconv.Itoa(int(index))
 }
 
 // PendingTaskPrefix is the auctioneer's queue of tasks to place.
@@ -76,6 +79,17 @@ func (k Keys) Task(guid string) string { return k.TaskPrefix() + guid }
 
 func (k Keys) CellPrefix() string        { return k.Prefix + "cells/" }
 func (k Keys) Cell(cellID string) string { return k.CellPrefix() + cellID }
+
+// isCell reports whether key is Cell(cellID) without building that string:
+// every cell call checks its fence this way.
+func (k Keys) isCell(key, cellID string) bool {
+	rest, ok := strings.CutPrefix(key, k.Prefix)
+	if !ok {
+		return false
+	}
+	rest, ok = strings.CutPrefix(rest, "cells/")
+	return ok && rest == cellID
+}
 
 func (k Keys) RoutePrefix() string { return k.Prefix + "routes/" }
 

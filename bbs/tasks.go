@@ -69,68 +69,66 @@ func (s *Store) DesireTask(ctx context.Context, guid, domain string, def *basinv
 func (s *Store) taskTransition(ctx context.Context, guid string, fence *basinv1.Fence, fn stepFunc[*basinv1.Task]) (*basinv1.Task, error) {
 	return recordTransition(ctx, s, s.keys.Task(guid), fence, decodeTask,
 		func(t *basinv1.Task, rev int64) { t.Revision = rev },
-		func(t *basinv1.Task) ([]clientv3.Op, []string, bool, error) {
-			extra, writes, noop, err := fn(t)
+		func(t *basinv1.Task, e *edits) (bool, error) {
+			noop, err := fn(t, e)
 			if err == nil && !noop {
 				t.UpdatedAtUnixNano = s.now().UnixNano()
 			}
-			return extra, writes, noop, err
+			return noop, err
 		})
 }
 
 // StartTask moves a PENDING task to RUNNING on a cell. shouldStart is false
 // when this cell had already started it (a retry).
 func (s *Store) StartTask(ctx context.Context, guid, cellID string, fence *basinv1.Fence) (t *basinv1.Task, shouldStart bool, err error) {
-	t, err = s.taskTransition(ctx, guid, fence, func(t *basinv1.Task) ([]clientv3.Op, []string, bool, error) {
+	t, err = s.taskTransition(ctx, guid, fence, func(t *basinv1.Task, e *edits) (bool, error) {
 		switch {
 		case t.GetState() == taskPending:
 		case t.GetState() == taskRunning && t.GetCellId() == cellID:
-			return nil, nil, true, nil
+			return true, nil
 		default:
-			return nil, nil, false, fmt.Errorf("start task %s on cell %s: %w: it is %s on cell %q", guid, cellID, ErrTransition, taskStateName(t.GetState()), t.GetCellId())
+			return false, fmt.Errorf("start task %s on cell %s: %w: it is %s on cell %q", guid, cellID, ErrTransition, taskStateName(t.GetState()), t.GetCellId())
 		}
 		shouldStart = true
 		t.State = taskRunning
 		t.CellId = cellID
-		q := s.keys.PendingTask(guid)
-		return []clientv3.Op{clientv3.OpDelete(q)}, []string{q}, false, nil
+		e.del(s.keys.PendingTask(guid))
+		return false, nil
 	})
 	return t, shouldStart, err
 }
 
 // CompleteTask records the outcome of a task the cell ran.
 func (s *Store) CompleteTask(ctx context.Context, guid, cellID string, failed bool, reason, result string, fence *basinv1.Fence) (*basinv1.Task, error) {
-	return s.taskTransition(ctx, guid, fence, func(t *basinv1.Task) ([]clientv3.Op, []string, bool, error) {
+	return s.taskTransition(ctx, guid, fence, func(t *basinv1.Task, e *edits) (bool, error) {
 		if t.GetState() != taskRunning || t.GetCellId() != cellID {
-			return nil, nil, false, fmt.Errorf("complete task %s on cell %s: %w: it is %s on cell %q", guid, cellID, ErrTransition, taskStateName(t.GetState()), t.GetCellId())
+			return false, fmt.Errorf("complete task %s on cell %s: %w: it is %s on cell %q", guid, cellID, ErrTransition, taskStateName(t.GetState()), t.GetCellId())
 		}
 		t.State = taskCompleted
 		t.Failed = failed
 		t.FailureReason = reason
 		t.Result = result
-		if op, key, ok := s.saveBuildCache(t); ok {
-			return []clientv3.Op{op}, []string{key}, false, nil
-		}
-		return nil, nil, false, nil
+		s.saveBuildCache(t, e)
+		return false, nil
 	})
 }
 
 // saveBuildCache is the write that keeps a successful staging's build cache
 // for the app's next staging, on whichever cell it runs: it goes in the
-// same transaction as the task's completion.
-func (s *Store) saveBuildCache(t *basinv1.Task) (clientv3.Op, string, bool) {
+// same transaction as the task's completion, added to e.
+func (s *Store) saveBuildCache(t *basinv1.Task, e *edits) {
 	st := t.GetDefinition().GetStaging()
 	if st == nil || t.GetFailed() || t.GetResult() == "" {
-		return clientv3.Op{}, "", false
+		return
 	}
 	var res basinv1.StagingResult
 	if err := protojson.Unmarshal([]byte(t.GetResult()), &res); err != nil || !digestRE.MatchString(res.GetBuildCacheDigest()) {
-		return clientv3.Op{}, "", false
+		return
 	}
 	key := s.keys.BuildCache(st.GetAppGuid())
 	val := marshal(&basinv1.BuildCache{AppGuid: st.GetAppGuid(), Digest: res.GetBuildCacheDigest(), TaskGuid: t.GetTaskGuid(),
 		UpdatedAtUnixNano: s.now().UnixNano()})
-	return clientv3.OpPut(key, string(val)), key, true
+	e.put(key, string(val))
 }
 
 // FailTask completes a PENDING or RUNNING task as failed: the auctioneer when
@@ -146,30 +144,32 @@ func (s *Store) CancelTask(ctx context.Context, guid string) (*basinv1.Task, err
 }
 
 func (s *Store) endTask(ctx context.Context, guid, reason string, fence *basinv1.Fence, what string) (*basinv1.Task, error) {
-	return s.taskTransition(ctx, guid, fence, func(t *basinv1.Task) ([]clientv3.Op, []string, bool, error) {
+	return s.taskTransition(ctx, guid, fence, func(t *basinv1.Task, e *edits) (bool, error) {
 		if t.GetState() != taskPending && t.GetState() != taskRunning {
-			return nil, nil, false, fmt.Errorf("%s task %s: %w: it is %s", what, guid, ErrTransition, taskStateName(t.GetState()))
+			return false, fmt.Errorf("%s task %s: %w: it is %s", what, guid, ErrTransition, taskStateName(t.GetState()))
 		}
 		t.State = taskCompleted
 		t.Failed = true
 		t.FailureReason = reason
-		q := s.keys.PendingTask(guid)
-		return []clientv3.Op{clientv3.OpDelete(q)}, []string{q}, false, nil
+		e.del(s.keys.PendingTask(guid))
+		return false, nil
 	})
 }
 
 // ResolveTask deletes a COMPLETED task once its creator has read the outcome.
 func (s *Store) ResolveTask(ctx context.Context, guid string, fence *basinv1.Fence) error {
 	key := s.keys.Task(guid)
-	_, err := s.mutate(ctx, key, fence, func(cur record) (plan, error) {
+	_, err := s.mutate(ctx, key, fence, func(cur record, p *plan) error {
 		t, err := decodeTask(key, cur)
 		if err != nil {
-			return plan{}, err
+			return err
 		}
 		if t.GetState() != taskCompleted {
-			return plan{}, fmt.Errorf("resolve task %s: %w: it is %s, not COMPLETED", guid, ErrTransition, taskStateName(t.GetState()))
+			return fmt.Errorf("resolve task %s: %w: it is %s, not COMPLETED", guid, ErrTransition, taskStateName(t.GetState()))
 		}
-		return plan{ops: []clientv3.Op{clientv3.OpDelete(key)}, writes: []string{key}, deleted: true}, nil
+		p.del(key)
+		p.deleted = true
+		return nil
 	})
 	return err
 }

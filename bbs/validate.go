@@ -339,12 +339,15 @@ func checkHealthCheck(field string, h *basinv1.HealthCheck) error {
 	return nil
 }
 
+// checkActualKey and checkInstanceKey run on every cell call: they build a
+// field's name only when reporting it, since the concatenation showed in
+// profiles.
 func (l Limits) checkActualKey(field string, k *basinv1.ActualLRPKey) error {
 	if k == nil {
 		return fieldErr(field, "is required")
 	}
-	if err := checkGUID(field+".process_guid", k.GetProcessGuid()); err != nil {
-		return err
+	if !isGUID(k.GetProcessGuid()) {
+		return checkGUID(field+".process_guid", k.GetProcessGuid())
 	}
 	if k.GetIndex() < 0 || k.GetIndex() >= l.MaxInstances {
 		return fieldErr(field+".index", "must be between 0 and %d, got %d", l.MaxInstances-1, k.GetIndex())
@@ -356,10 +359,13 @@ func checkInstanceKey(field string, k *basinv1.ActualLRPInstanceKey) error {
 	if k == nil {
 		return fieldErr(field, "is required")
 	}
-	if err := checkGUID(field+".instance_guid", k.GetInstanceGuid()); err != nil {
-		return err
+	if !isGUID(k.GetInstanceGuid()) {
+		return checkGUID(field+".instance_guid", k.GetInstanceGuid())
 	}
-	return checkGUID(field+".cell_id", k.GetCellId())
+	if !isGUID(k.GetCellId()) {
+		return checkGUID(field+".cell_id", k.GetCellId())
+	}
+	return nil
 }
 
 // checkFence checks a fence's form; required says whether one must be given.
