@@ -843,3 +843,82 @@ func TestDropletKnownPresentUntilAStartMissesIt(t *testing.T) {
 		t.Errorf("droplet not fetched back: %v", err)
 	}
 }
+
+// flakyStreams breaks the rep's schedule streams on demand and refuses new
+// ones while down.
+type flakyStreams struct {
+	BBS
+	mu      sync.Mutex
+	down    bool
+	cancels []context.CancelFunc
+	opened  int
+}
+
+func (f *flakyStreams) WatchSchedules(ctx context.Context, opts ...grpc.CallOption) (basinv1.BBSService_WatchSchedulesClient, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.down {
+		return nil, status.Error(codes.Unavailable, "test: BBS down")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	f.cancels = append(f.cancels, cancel)
+	f.opened++
+	return f.BBS.WatchSchedules(ctx, opts...)
+}
+
+// breakAll ends every open stream and refuses new ones until up.
+func (f *flakyStreams) breakAll() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.down = true
+	for _, c := range f.cancels {
+		c()
+	}
+	f.cancels = nil
+}
+
+func (f *flakyStreams) up() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.down = false
+}
+
+func TestRoutesFollowAcrossABrokenScheduleStream(t *testing.T) {
+	flaky := &flakyStreams{}
+	e := newEnv(t)
+	e.stop() // a rep on the flaky BBS instead
+	flaky.BBS = e.bbs
+	e.repBBS = flaky
+	e.startRep(Config{
+		CellID: "cell-b", Zone: "z1", Capacity: &basinv1.CellCapacity{MemoryMb: 1024, DiskMb: 4096, Containers: 10},
+		RepAddress: "127.0.0.1:1", Keys: e.keys, LeaseTTL: 2 * time.Second, StopGrace: time.Second,
+		DropletDir: t.TempDir() + "/cache",
+	})
+	e.desire("moved", 1, 64)
+	e.perform(lrpStart("moved", 0, 64))
+	e.waitState("moved", 0, stateRunning)
+	e.waitFor("first route", func() bool { ep, _ := e.route("moved.example.com", "moved", 0); return ep != nil })
+
+	// The change is made while the cell has no stream: it must get it when
+	// it follows again, from the revision it holds.
+	flaky.breakAll()
+	if _, err := e.bbs.UpdateDesiredLRP(e.ctx, &basinv1.UpdateDesiredLRPRequest{ProcessGuid: "moved",
+		Routes: &basinv1.RouteList{Routes: []*basinv1.Route{{Host: "new.example.com"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // the rep retries against the down BBS meanwhile
+	if ep, _ := e.route("new.example.com", "moved", 0); ep != nil {
+		t.Fatal("routed with no schedule stream open")
+	}
+	flaky.up()
+	e.waitFor("route after following again", func() bool {
+		ep, _ := e.route("new.example.com", "moved", 0)
+		old, _ := e.route("moved.example.com", "moved", 0)
+		return ep != nil && old == nil
+	})
+	flaky.mu.Lock()
+	defer flaky.mu.Unlock()
+	if flaky.opened < 2 {
+		t.Errorf("%d schedule streams opened, want a second after the break", flaky.opened)
+	}
+}
