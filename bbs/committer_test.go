@@ -169,3 +169,44 @@ func TestFenceSet(t *testing.T) {
 		})
 	}
 }
+
+// A user's write waiting with a cell fleet's batched transitions goes first.
+func TestCommitterPutsInteractiveWritesFirst(t *testing.T) {
+	prefix := testPrefix()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := newCommitter(testClient.KV, 1, 1, newMetrics(nil)) // one write per transaction
+	done := make(chan *txnItem, 4)
+	item := func(name string, bulk bool) *txnItem {
+		k := prefix + "z/" + name
+		return &txnItem{
+			cmps: []clientv3.Cmp{clientv3.Compare(clientv3.CreateRevision(k), "=", 0)},
+			ops:  []clientv3.Op{clientv3.OpPut(k, "v")}, writes: []string{k},
+			bulk: bulk, done: done,
+		}
+	}
+	// Queued before the worker starts, the bulk ones first.
+	for i := range 3 {
+		if err := c.submit(ctx, item(fmt.Sprint("cell-", i), true)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.submit(ctx, item("user", false)); err != nil {
+		t.Fatal(err)
+	}
+	stopped := make(chan struct{})
+	go func() { defer close(stopped); c.run(ctx) }()
+	var order []string
+	for range 4 {
+		it := <-done
+		if !it.result.succeeded {
+			t.Fatalf("%s: %+v", it.writes[0], it.result)
+		}
+		order = append(order, it.writes[0][len(prefix+"z/"):])
+	}
+	cancel()
+	<-stopped
+	if order[0] != "user" {
+		t.Errorf("committed in order %v, want the user's write first", order)
+	}
+}

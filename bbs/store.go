@@ -295,7 +295,8 @@ func (s *Store) mutate(ctx context.Context, key string, fence *basinv1.Fence, st
 // view is queued on the committer before any is awaited, so a batch costs no
 // goroutine per item. Only a mutation the view cannot settle (refused on a
 // value that may lag, or beaten by another write) goes on alone in a
-// goroutine, from where it stands.
+// goroutine, from where it stands. They are bulk writes (see txnItem.bulk):
+// a cell's batch never holds up a user's write.
 func (s *Store) mutateAll(ctx context.Context, ms []mutation) []error {
 	errs := make([]error, len(ms))
 	var slow sync.WaitGroup
@@ -313,7 +314,7 @@ func (s *Store) mutateAll(ctx context.Context, ms []mutation) []error {
 			goOn(i)
 		case fin: // noop on the view's value, as in mutate
 		default:
-			m.item.done, m.item.seq = done, i
+			m.item.done, m.item.seq, m.item.bulk = done, i, true
 			if err := s.commit.submit(ctx, &m.item); err != nil {
 				_, errs[i] = s.settle(m, txnResult{err: err})
 				continue

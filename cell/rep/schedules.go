@@ -114,10 +114,22 @@ func (r *Rep) sendFollows(ctx context.Context, stream basinv1.BBSService_WatchSc
 		case <-ctx.Done():
 			return nil
 		case <-r.scheduleNoted:
+			// Instances starting together note their schedules together:
+			// gather them into one follow rather than a walk of the
+			// cell's instances each.
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(followGather):
+			}
 		case <-sweep.C:
 		}
 	}
 }
+
+// followGather is how long a noted schedule waits for others before it is
+// followed; a change meanwhile is not lost (see followSchedules).
+const followGather = 100 * time.Millisecond
 
 // heldSchedules is, per LRP this cell runs, the oldest schedule revision
 // its instances hold; instances whose schedule is not read yet do not count.
