@@ -422,8 +422,9 @@ func (r *Rep) noteSchedule(l *lrp, sched *basinv1.DesiredLRPSchedule, rev int64)
 		l.schedRev = rev
 		l.routeDefs = sched.GetRoutes()
 	}
+	rev = l.schedRev
 	r.mu.Unlock()
-	r.notedSchedule()
+	r.notedSchedule(l.key.GetProcessGuid(), rev)
 }
 
 // routeKVs builds the route keys and values of a running instance.

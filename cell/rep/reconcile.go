@@ -137,7 +137,7 @@ func (r *Rep) adoptOne(ctx context.Context, o ownedInstance) {
 	r.mu.Lock()
 	r.lrps[l.guid] = l
 	r.mu.Unlock()
-	r.notedSchedule()
+	r.notedSchedule(l.key.GetProcessGuid(), l.schedRev)
 	if running {
 		if err := r.writeRoutes(ctx, l); err != nil {
 			log.Error("re-write routes of adopted instance", "err", err)

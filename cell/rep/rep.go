@@ -186,8 +186,10 @@ type Rep struct {
 	transitions *coalescer[*basinv1.ActualLRPTransition, *basinv1.ActualLRP]
 	desired     *coalescer[desiredRead, *basinv1.DesiredLRP]
 
-	// scheduleNoted tells followSchedules an instance read its schedule.
+	// scheduleNoted tells followSchedules an instance read its schedule,
+	// noted (under mu) with the oldest revision read since it last looked.
 	scheduleNoted chan struct{}
+	noted         map[string]int64
 
 	wg     sync.WaitGroup // goroutines started through goAttach
 	runCtx context.Context
@@ -232,9 +234,9 @@ func New(cfg Config, etcd *clientv3.Client, b BBS, exec Executor) (*Rep, error) 
 		cfg:        cfg, etcd: etcd, bbs: b, exec: exec, log: log, m: cfg.Metrics,
 		drops: newDropletCache(filepath.Clean(cfg.DropletDir), cfg.HTTPClient, blobsOf(b), cfg.MaxDropletBytes, cfg.Metrics),
 		ready: make(chan struct{}), lrps: map[string]*lrp{}, tasks: map[string]*task{},
-		scheduleNoted: make(chan struct{}, 1),
-		transitions:   newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
-		desired:       newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
+		scheduleNoted: make(chan struct{}, 1), noted: make(map[string]int64),
+		transitions: newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, sendTransitions(b)),
+		desired:     newCoalescer(maxCoalesced, coalescedInflight, coalescedTimeout, fetchDesired(b)),
 	}
 	cfg.Metrics.cell.attach(r.gauges)
 	return r, nil

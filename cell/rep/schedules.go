@@ -76,16 +76,17 @@ func (r *Rep) followOnce(ctx context.Context) error {
 // maxFollowsPerMessage is the BBS's bound on one WatchSchedules message.
 const maxFollowsPerMessage = 1000
 
-// sendFollows follows each LRP this cell runs once, and unfollows those it
-// no longer runs, whenever a schedule is noted and at least every
-// followSweep.
+// sendFollows follows each LRP this cell runs once: everything it holds
+// when the stream opens, then what instances note as they read their
+// schedules, and at every followSweep everything again, unfollowing the
+// LRPs it no longer runs.
 func (r *Rep) sendFollows(ctx context.Context, stream basinv1.BBSService_WatchSchedulesClient) error {
 	const followSweep = 5 * time.Second
 	sweep := time.NewTicker(followSweep)
 	defer sweep.Stop()
 	following := make(map[string]bool)
+	want, all := r.heldSchedules(), true
 	for {
-		want := r.heldSchedules()
 		var follow []*basinv1.ScheduleInterest
 		var unfollow []string
 		for guid, rev := range want {
@@ -95,7 +96,7 @@ func (r *Rep) sendFollows(ctx context.Context, stream basinv1.BBSService_WatchSc
 			}
 		}
 		for guid := range following {
-			if _, ok := want[guid]; !ok {
+			if _, ok := want[guid]; all && !ok {
 				delete(following, guid)
 				unfollow = append(unfollow, guid)
 			}
@@ -115,27 +116,25 @@ func (r *Rep) sendFollows(ctx context.Context, stream basinv1.BBSService_WatchSc
 			return nil
 		case <-r.scheduleNoted:
 			// Instances starting together note their schedules together:
-			// gather them into one follow rather than a walk of the
-			// cell's instances each.
+			// gather them into one message.
 			select {
 			case <-ctx.Done():
 				return nil
 			case <-time.After(followGather):
 			}
+			want, all = r.takeNoted(), false
 		case <-sweep.C:
+			want, all = r.heldSchedules(), true
 		}
 	}
 }
-
-// followGather is how long a noted schedule waits for others before it is
-// followed; a change meanwhile is not lost (see followSchedules).
-const followGather = 100 * time.Millisecond
 
 // heldSchedules is, per LRP this cell runs, the oldest schedule revision
 // its instances hold; instances whose schedule is not read yet do not count.
 func (r *Rep) heldSchedules() map[string]int64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	clear(r.noted) // all of them are in what this returns
 	out := make(map[string]int64)
 	for _, l := range r.lrps {
 		if l.schedRev == 0 {
@@ -149,10 +148,29 @@ func (r *Rep) heldSchedules() map[string]int64 {
 	return out
 }
 
-// notedSchedule wakes sendFollows: an instance read its schedule.
-func (r *Rep) notedSchedule() {
+// notedSchedule tells sendFollows an instance of guid read its schedule at
+// rev.
+func (r *Rep) notedSchedule(guid string, rev int64) {
+	r.mu.Lock()
+	if old, ok := r.noted[guid]; !ok || rev < old {
+		r.noted[guid] = rev
+	}
+	r.mu.Unlock()
 	select {
 	case r.scheduleNoted <- struct{}{}:
 	default:
 	}
 }
+
+// takeNoted returns the schedules noted since the last look.
+func (r *Rep) takeNoted() map[string]int64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := r.noted
+	r.noted = make(map[string]int64)
+	return out
+}
+
+// followGather is how long a noted schedule waits for others before it is
+// followed; a change meanwhile is not lost (see followSchedules).
+const followGather = 100 * time.Millisecond
