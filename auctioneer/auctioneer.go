@@ -39,6 +39,15 @@ type Config struct {
 	// BatchWindow is how long the leader gathers work after the first item
 	// arrives; 50 ms.
 	BatchWindow time.Duration
+	// BusyWindow bounds the pause under sustained load: when work kept
+	// arriving during the last auction, the next waits twice as long as
+	// that one took (at most BusyWindow, and no longer once MaxBatch items
+	// are due), with what gathered meanwhile. An auction costs a Perform
+	// per cell it places on whatever its size, so back-to-back small
+	// auctions would spend the fleet's time on those; pacing by the
+	// auction's own duration keeps that to a third of the time, and adds
+	// nothing when auctions are quick. 1 s.
+	BusyWindow time.Duration
 	// MaxBatch bounds one auction; 5000.
 	MaxBatch int
 	// CellStateTimeout bounds each cell's State call; cells that do not answer
@@ -73,6 +82,9 @@ func (c *Config) defaults() {
 	}
 	if c.BatchWindow <= 0 {
 		c.BatchWindow = 50 * time.Millisecond
+	}
+	if c.BusyWindow <= 0 {
+		c.BusyWindow = time.Second
 	}
 	if c.MaxBatch <= 0 {
 		c.MaxBatch = 5000
@@ -204,9 +216,17 @@ var errFenced = errors.New("auctioneer is no longer leader")
 
 func (t *term) loop(ctx context.Context) error {
 	cfg := t.a.cfg
+	var lastEnd time.Time
+	var lastTook time.Duration
 	for {
 		n, next := t.q.due(cfg.Now())
 		t.a.metrics.queued.Set(float64(t.q.len()))
+		if wait := min(2*lastTook, cfg.BusyWindow) - cfg.Now().Sub(lastEnd); n > 0 && n < cfg.MaxBatch && wait > 0 {
+			// Work arrived while the last auction ran: let more gather.
+			if !t.gather(ctx, wait) {
+				return nil
+			}
+		}
 		if n == 0 {
 			var timer <-chan time.Time
 			var tm *time.Timer
@@ -241,8 +261,29 @@ func (t *term) loop(ctx context.Context) error {
 		if len(batch) == 0 {
 			continue
 		}
+		start := cfg.Now()
 		if err := t.auction(ctx, batch); err != nil {
 			return err
+		}
+		lastEnd = cfg.Now()
+		lastTook = lastEnd.Sub(start)
+	}
+}
+
+// gather waits up to d, or until a full batch is due; false when ctx ended.
+func (t *term) gather(ctx context.Context, d time.Duration) bool {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-timer.C:
+			return true
+		case <-t.q.wake:
+			if n, _ := t.q.due(t.a.cfg.Now()); n >= t.a.cfg.MaxBatch {
+				return true
+			}
 		}
 	}
 }

@@ -1,12 +1,15 @@
 // Command bench measures placement end to end: make bench-auction.
 //
 // In one process: an embedded etcd, the real BBS, the real auctioneer and
-// simulated cells (CellService servers with presence leases that claim and
-// start what they accept through the BBS, as a rep does, minus containers).
-// It desires the LRPs, then starts the auctioneer on the full queue and
-// times until every instance is RUNNING in etcd (placements/s); it also
-// prints the time from the first desire, and measures raw etcd batched puts
-// in the same run for comparison.
+// 1,000 real reps on a null executor (presence, State, Perform, claim,
+// desired-LRP read, droplet fetch, RUNNING through the BBS, minus
+// containers). Each mode starts all of it afresh, desires the LRPs and
+// times from the first desire until every instance is RUNNING in etcd:
+// "live" with the auctioneer already leading, placing while the LRPs are
+// desired (as in production); "queued" with the auctioneer started on the
+// full queue once everything is desired (placements_per_s, the figure
+// earlier runs reported). Raw etcd batched puts are measured in the same
+// run for comparison.
 package main
 
 import (
@@ -17,6 +20,7 @@ import (
 	"net"
 	"os"
 	"runtime/pprof"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +40,7 @@ type options struct {
 	cells, lrps, instances int
 	zones                  int
 	maxBatch               int
+	batchWindow, busyWin   time.Duration
 	timeout                time.Duration
 	txnWorkers             int
 	profile, memProfile    string
@@ -53,6 +58,8 @@ func main() {
 	flag.IntVar(&o.instances, "instances", 100, "instances per LRP")
 	flag.IntVar(&o.zones, "zones", 4, "zones the cells are spread over (equal sizes keep per-cell spread within 1)")
 	flag.IntVar(&o.maxBatch, "max-batch", 20000, "auctioneer batch bound")
+	flag.DurationVar(&o.batchWindow, "batch-window", 0, "auctioneer batch window (0: its default)")
+	flag.DurationVar(&o.busyWin, "busy-window", 0, "auctioneer busy window (0: its default)")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the placement phase to this file")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write an allocation profile (whole run) to this file when all are RUNNING")
@@ -60,38 +67,61 @@ func main() {
 	// starved keepalive costs the leader its term (and its batch in flight).
 	flag.DurationVar(&o.leaseTTL, "lease-ttl", 10*time.Second, "auctioneer election lease")
 	flag.TextVar(&o.auctioneerLog, "auctioneer-log", slog.LevelWarn, "auctioneer log level (debug shows each auction's phases)")
-	flag.BoolVar(&o.overlap, "overlap", false, "run the auctioneer while the LRPs are desired, as in production; false: desire everything first, then start it")
+	modes := flag.String("modes", "live,queued", "queued: desire everything, then start the auctioneer on the full queue; live: the auctioneer leads while the LRPs are desired, as in production; both run in turn")
 	flag.IntVar(&o.txnWorkers, "txn-concurrency", 0, "the BBS's merged etcd transactions in flight (0: its default)")
 	flag.Parse()
-	if err := run(context.Background(), o); err != nil {
-		fmt.Fprintln(os.Stderr, "bench-auction:", err)
-		os.Exit(1)
+	var results []string
+	ms := strings.Split(*modes, ",")
+	for _, m := range ms {
+		if m != "queued" && m != "live" {
+			fmt.Fprintf(os.Stderr, "bench-auction: -modes %q: want queued, live or both\n", *modes)
+			os.Exit(2)
+		}
+	}
+	if len(ms) > 1 && (o.profile != "" || o.memProfile != "") {
+		fmt.Fprintln(os.Stderr, "bench-auction: profiles need one mode (-modes queued or -modes live)")
+		os.Exit(2)
+	}
+	for _, m := range ms {
+		fmt.Printf("== %s\n", m)
+		o.overlap = m == "live"
+		rs, err := run(context.Background(), o)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bench-auction (%s): %v\n", m, err)
+			os.Exit(1)
+		}
+		results = append(results, rs...)
+	}
+	fmt.Println()
+	for _, r := range results {
+		fmt.Println("RESULT " + r)
 	}
 }
 
-func run(ctx context.Context, o options) error {
+// run measures one mode and returns its RESULT lines (name and value).
+func run(ctx context.Context, o options) ([]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, o.timeout)
 	defer cancel()
 	dir, err := os.MkdirTemp("", "bench-auction-")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer os.RemoveAll(dir)
 	e, err := embeddedetcd.Start(ctx, embeddedetcd.Config{Dir: dir})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer e.Close()
 	cli, err := e.Client()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer cli.Close()
 	total := o.lrps * o.instances
 
 	raw, err := rawBatchedPuts(ctx, cli, total)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	fmt.Printf("raw etcd: %d keys in transactions of 128 puts, 8 in flight: %.0f keys/s\n", total, raw)
 
@@ -99,11 +129,11 @@ func run(ctx context.Context, o options) error {
 	keys := bbs.NewKeys("/bench/")
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	srv, err := bbs.NewServer(cli, bbs.Config{Listener: lis, Store: bbs.StoreConfig{Prefix: keys.Prefix, Workers: o.txnWorkers, MaxTxnOps: embeddedetcd.MaxTxnOps}, Logger: logger})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	sctx, scancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -112,11 +142,11 @@ func run(ctx context.Context, o options) error {
 	wg.Go(func() { srv.Run(sctx) })
 	client, err := bbs.Dial(bbs.ClientConfig{Address: srv.Addr()})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer client.Close()
 	if err := client.WaitReady(ctx); err != nil {
-		return err
+		return nil, err
 	}
 
 	var reg *simcell.Registry
@@ -133,7 +163,7 @@ func run(ctx context.Context, o options) error {
 		defer waitReps()
 		defer scancel()
 		if err != nil {
-			return fmt.Errorf("start reps: %w", err)
+			return nil, fmt.Errorf("start reps: %w", err)
 		}
 	case "sim":
 		reg = simcell.NewRegistry()
@@ -160,31 +190,31 @@ func run(ctx context.Context, o options) error {
 			}
 		}()
 		if err != nil {
-			return fmt.Errorf("start cells: %w", err)
+			return nil, fmt.Errorf("start cells: %w", err)
 		}
 	default:
-		return fmt.Errorf("-cells-kind %q: want rep or sim", o.kind)
+		return nil, fmt.Errorf("-cells-kind %q: want rep or sim", o.kind)
 	}
 	fmt.Printf("%d %s cells registered\n", o.cells, o.kind)
 	droplet, err := benchDroplet(dir)
 	if err != nil {
-		return err
+		return nil, err
 	}
 
 	if o.profile != "" {
 		f, err := os.Create(o.profile)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		defer f.Close()
 		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
+			return nil, err
 		}
 		defer pprof.StopCPUProfile()
 	}
 	// The counter watches from now, so it sees every instance's RUNNING.
 	running, claimed := countRunning(sctx, cli, keys, &wg)
-	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", LeaseTTL: o.leaseTTL, MaxBatch: o.maxBatch, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client,
+	a := auctioneer.New(auctioneer.Config{Prefix: keys.Prefix, ID: "bench", LeaseTTL: o.leaseTTL, MaxBatch: o.maxBatch, BatchWindow: o.batchWindow, BusyWindow: o.busyWin, CellStateTimeout: 5 * time.Second, PerformTimeout: 30 * time.Second, ClaimTimeout: time.Minute}, cli, client,
 		slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: o.auctioneerLog})))
 	startAuctioneer := func() { wg.Go(func() { a.Run(sctx) }) }
 	if o.overlap {
@@ -192,7 +222,7 @@ func run(ctx context.Context, o options) error {
 		// and places instances while the rest are still being desired.
 		startAuctioneer()
 		if err := waitLeader(ctx, a); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	start := time.Now()
@@ -211,7 +241,7 @@ func run(ctx context.Context, o options) error {
 		})
 	}
 	if err := g.Wait(); err != nil {
-		return fmt.Errorf("desire: %w", err)
+		return nil, fmt.Errorf("desire: %w", err)
 	}
 	desireTook := time.Since(start)
 	fmt.Printf("desired %d instances (the BBS creating them UNCLAIMED) in %s\n", total, desireTook.Round(time.Millisecond))
@@ -232,7 +262,7 @@ func run(ctx context.Context, o options) error {
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("only %d of %d RUNNING: %w", running.Load(), total, ctx.Err())
+			return nil, fmt.Errorf("only %d of %d RUNNING: %w", running.Load(), total, ctx.Err())
 		case <-tick.C:
 			fmt.Printf("  %5.1fs: %6.0f placed, %6d claimed, %6d RUNNING\n", time.Since(placeStart).Seconds(), placed(a), claimed.Load(), running.Load())
 		case <-time.After(10 * time.Millisecond):
@@ -242,13 +272,13 @@ func run(ctx context.Context, o options) error {
 	sinceDesire := time.Since(start)
 	if o.memProfile != "" {
 		if err := writeHeapProfile(o.memProfile); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	// Confirm from etcd, not just from the events.
 	resp, err := client.ListActualLRPs(ctx, &basinv1.ListActualLRPsRequest{Domain: "bench"})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	perLRP := map[string]map[string]int{}
 	n := 0
@@ -264,7 +294,7 @@ func run(ctx context.Context, o options) error {
 		perLRP[g][al.GetInstanceKey().GetCellId()]++
 	}
 	if n != total {
-		return fmt.Errorf("etcd holds %d RUNNING instances, want %d", n, total)
+		return nil, fmt.Errorf("etcd holds %d RUNNING instances, want %d", n, total)
 	}
 	maxDiff := 0
 	for _, perCell := range perLRP {
@@ -280,32 +310,39 @@ func run(ctx context.Context, o options) error {
 	}
 	if reg != nil {
 		if err := reg.Doubles(); err != nil {
-			return fmt.Errorf("an instance ran on two cells: %w", err)
+			return nil, fmt.Errorf("an instance ran on two cells: %w", err)
 		}
 	}
 	printStoreStats(srv.Registry())
 	if acceptedAt == 0 {
 		acceptedAt = elapsed
 	}
+	placements := float64(total) / sinceDesire.Seconds()
 	if o.overlap {
-		fmt.Printf("%d instances of %d LRPs on %d cells: desire to all RUNNING in %s, the auctioneer placing while the LRPs were desired\n",
-			total, o.lrps, o.cells, sinceDesire.Round(time.Millisecond))
+		fmt.Printf("%d instances of %d LRPs on %d cells: desire to all RUNNING in %s (%.0f/s), the auctioneer placing while the LRPs were desired\n",
+			total, o.lrps, o.cells, sinceDesire.Round(time.Millisecond), placements)
 		fmt.Printf("every instance placed by the auctioneer %s after the first desire (%.0f/s); the rest is the cells' claim and start through the BBS\n",
 			acceptedAt.Round(time.Millisecond), float64(total)/acceptedAt.Seconds())
-	} else {
-		fmt.Printf("%d instances of %d LRPs on %d cells: queue to all RUNNING in %s (desire to all RUNNING %s)\n",
-			total, o.lrps, o.cells, elapsed.Round(time.Millisecond), sinceDesire.Round(time.Millisecond))
-		fmt.Printf("every instance placed by the auctioneer %s after it started on the full queue (%.0f/s); the rest is the cells' claim and start through the BBS\n",
-			acceptedAt.Round(time.Millisecond), float64(total)/acceptedAt.Seconds())
-		fmt.Printf("RESULT queue_to_running_per_s %.0f\n", float64(total)/elapsed.Seconds())
+		fmt.Printf("raw etcd batched puts %.0f keys/s; max spread diff %d\n\n", raw, maxDiff)
+		return []string{
+			fmt.Sprintf("live_placements_per_s %.0f", placements),
+			fmt.Sprintf("live_max_spread_diff %d", maxDiff),
+		}, nil
 	}
+	fmt.Printf("%d instances of %d LRPs on %d cells: desire to all RUNNING in %s (%.0f/s): desire %s, then queue to all RUNNING %s\n",
+		total, o.lrps, o.cells, sinceDesire.Round(time.Millisecond), placements, desireTook.Round(time.Millisecond), elapsed.Round(time.Millisecond))
+	fmt.Printf("every instance placed by the auctioneer %s after it started on the full queue (%.0f/s); the rest is the cells' claim and start through the BBS\n",
+		acceptedAt.Round(time.Millisecond), float64(total)/acceptedAt.Seconds())
+	fmt.Printf("raw etcd batched puts %.0f keys/s; max spread diff %d\n\n", raw, maxDiff)
 	// placements_per_s is the figure: from the first desire to all
 	// RUNNING in etcd.
-	fmt.Printf("RESULT auction_placements_per_s %.0f\n", float64(total)/acceptedAt.Seconds())
-	fmt.Printf("RESULT placements_per_s %.0f\n", float64(total)/sinceDesire.Seconds())
-	fmt.Printf("RESULT raw_batched_keys_per_s %.0f\n", raw)
-	fmt.Printf("RESULT max_spread_diff %d\n", maxDiff)
-	return nil
+	return []string{
+		fmt.Sprintf("queue_to_running_per_s %.0f", float64(total)/elapsed.Seconds()),
+		fmt.Sprintf("auction_placements_per_s %.0f", float64(total)/acceptedAt.Seconds()),
+		fmt.Sprintf("placements_per_s %.0f", placements),
+		fmt.Sprintf("raw_batched_keys_per_s %.0f", raw),
+		fmt.Sprintf("max_spread_diff %d", maxDiff),
+	}, nil
 }
 
 // rawBatchedPuts is etcd's own rate for what placement costs at least: one
