@@ -46,6 +46,8 @@ func run() error {
 	fs.DurationVar(&cfg.LeaseTTL, "lease-ttl", 3*time.Second, "election lease TTL (whole seconds)")
 	fs.DurationVar(&cfg.BatchWindow, "batch-window", 50*time.Millisecond, "how long to gather work into one auction")
 	fs.IntVar(&cfg.MaxBatch, "max-batch", 5000, "most items in one auction")
+	fs.DurationVar(&cfg.BusyWindow, "busy-window", time.Second, "under sustained load, the longest wait between auctions (each waits twice as long as the last took)")
+	fs.DurationVar(&cfg.CellStateMaxAge, "cell-state-max-age", time.Second, "how long a cell's State answer serves later auctions, adjusted for what they placed")
 	fs.DurationVar(&cfg.CellStateTimeout, "cell-state-timeout", time.Second, "time a cell has to answer State")
 	fs.DurationVar(&cfg.PerformTimeout, "perform-timeout", 5*time.Second, "time a cell has to answer Perform")
 	fs.IntVar(&cfg.MaxAttempts, "max-attempts", 5, "auctions an item may fail before its placement error")
