@@ -274,6 +274,7 @@ func (t *term) loop(ctx context.Context) error {
 func (t *term) gather(ctx context.Context, d time.Duration) bool {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
+	var checked time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -281,8 +282,12 @@ func (t *term) gather(ctx context.Context, d time.Duration) bool {
 		case <-timer.C:
 			return true
 		case <-t.q.wake:
-			if n, _ := t.q.due(t.a.cfg.Now()); n >= t.a.cfg.MaxBatch {
-				return true
+			// Counting what is due walks the queue: not on every arrival.
+			if now := t.a.cfg.Now(); now.Sub(checked) >= t.a.cfg.BatchWindow {
+				checked = now
+				if n, _ := t.q.due(now); n >= t.a.cfg.MaxBatch {
+					return true
+				}
 			}
 		}
 	}
