@@ -221,8 +221,7 @@ func (t *term) loop(ctx context.Context) error {
 	for {
 		n, next := t.q.due(cfg.Now())
 		t.a.metrics.queued.Set(float64(t.q.len()))
-		if wait := min(2*lastTook, cfg.BusyWindow) - cfg.Now().Sub(lastEnd); n > 0 && n < cfg.MaxBatch && wait > 0 {
-			// Work arrived while the last auction ran: let more gather.
+		if wait := busyPause(n, cfg.MaxBatch, lastTook, cfg.Now().Sub(lastEnd), cfg.BusyWindow); wait > 0 {
 			if !t.gather(ctx, wait) {
 				return nil
 			}
@@ -268,6 +267,17 @@ func (t *term) loop(ctx context.Context) error {
 		lastEnd = cfg.Now()
 		lastTook = lastEnd.Sub(start)
 	}
+}
+
+// busyPause is how long to let work gather before the next auction when
+// due items are already waiting (they arrived while the last auction ran):
+// twice what the last auction took, at most busyWindow, less what has passed
+// since it ended; nothing when a full batch is due.
+func busyPause(due, maxBatch int, lastTook, sinceEnd, busyWindow time.Duration) time.Duration {
+	if due == 0 || due >= maxBatch {
+		return 0
+	}
+	return max(min(2*lastTook, busyWindow)-sinceEnd, 0)
 }
 
 // gather waits up to d, or until a full batch is due; false when ctx ended.

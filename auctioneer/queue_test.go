@@ -72,3 +72,26 @@ func TestReasonLabel(t *testing.T) {
 		}
 	}
 }
+
+func TestBusyPause(t *testing.T) {
+	const ms = time.Millisecond
+	for _, tc := range []struct {
+		name               string
+		due, maxBatch      int
+		lastTook, sinceEnd time.Duration
+		busyWindow, want   time.Duration
+	}{
+		{"nothing due: the idle path's window applies instead", 0, 100, 300 * ms, 0, time.Second, 0},
+		{"a full batch goes at once", 100, 100, 300 * ms, 0, time.Second, 0},
+		{"twice the last auction", 10, 100, 300 * ms, 0, time.Second, 600 * ms},
+		{"less what passed since it ended", 10, 100, 300 * ms, 250 * ms, time.Second, 350 * ms},
+		{"at most the busy window", 10, 100, 2 * time.Second, 0, time.Second, time.Second},
+		{"a quick auction adds little", 10, 100, 5 * ms, 0, time.Second, 10 * ms},
+		{"long past", 10, 100, 300 * ms, time.Second, time.Second, 0},
+		{"first auction of a term", 10, 100, 0, time.Hour, time.Second, 0},
+	} {
+		if got := busyPause(tc.due, tc.maxBatch, tc.lastTook, tc.sinceEnd, tc.busyWindow); got != tc.want {
+			t.Errorf("%s: busyPause = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
