@@ -450,6 +450,7 @@ func printStoreStats(reg prometheus.Gatherer) {
 		return
 	}
 	var batches, merged, splits, conflicts, txns, txnSecs float64
+	reads := map[string]float64{}
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
 			switch mf.GetName() {
@@ -461,11 +462,16 @@ func printStoreStats(reg prometheus.Gatherer) {
 				conflicts = m.GetCounter().GetValue()
 			case "basin_bbs_txn_seconds":
 				txns, txnSecs = float64(m.GetHistogram().GetSampleCount()), m.GetHistogram().GetSampleSum()
+			case "basin_bbs_desired_reads_at_revision_total":
+				for _, l := range m.GetLabel() {
+					reads[l.GetValue()] = m.GetCounter().GetValue()
+				}
 			}
 		}
 	}
 	fmt.Printf("BBS: %.0f merged transactions of %.1f writes on average, %.0f split, %.0f guard conflicts; %.0f etcd txns, %.1f ms mean\n",
 		batches, merged/max(batches, 1), splits, conflicts, txns, 1000*txnSecs/max(txns, 1))
+	fmt.Printf("BBS: cells' desired-LRP reads at the claim's revision: %.0f from the view, %.0f from etcd\n", reads["view"], reads["etcd"])
 	// The embedded etcd's own timings, from the default registry.
 	if mfs, err := prometheus.DefaultGatherer.Gather(); err == nil {
 		for _, mf := range mfs {
