@@ -40,6 +40,7 @@ type options struct {
 	cells, lrps, instances int
 	zones                  int
 	maxBatch               int
+	desirers               int
 	batchWindow, busyWin   time.Duration
 	timeout                time.Duration
 	txnWorkers             int
@@ -60,6 +61,7 @@ func main() {
 	flag.IntVar(&o.maxBatch, "max-batch", 20000, "auctioneer batch bound")
 	flag.DurationVar(&o.batchWindow, "batch-window", 0, "auctioneer batch window (0: its default)")
 	flag.DurationVar(&o.busyWin, "busy-window", 0, "auctioneer busy window (0: its default)")
+	flag.IntVar(&o.desirers, "desirers", 32, "clients desiring the LRPs at once")
 	flag.DurationVar(&o.timeout, "timeout", 5*time.Minute, "give up after this long")
 	flag.StringVar(&o.profile, "profile", "", "write a CPU profile of the placement phase to this file")
 	flag.StringVar(&o.memProfile, "memprofile", "", "write an allocation profile (whole run) to this file when all are RUNNING")
@@ -227,7 +229,7 @@ func run(ctx context.Context, o options) ([]string, error) {
 	}
 	start := time.Now()
 	g, gctx := errgroup.WithContext(ctx)
-	g.SetLimit(32)
+	g.SetLimit(o.desirers)
 	for l := range o.lrps {
 		g.Go(func() error {
 			_, err := client.DesireLRP(gctx, &basinv1.DesireLRPRequest{
