@@ -121,7 +121,7 @@ func CachedBookworm(ctx context.Context, opts BookwormOptions) (Rootfs, error) {
 		return Rootfs{}, fmt.Errorf("bookworm stack cache: %w", err)
 	}
 	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+	if err := lockFile(ctx, lock); err != nil {
 		return Rootfs{}, fmt.Errorf("lock bookworm stack cache: %w", err)
 	}
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
@@ -300,4 +300,22 @@ func emptyDir(dir string) error {
 		}
 	}
 	return nil
+}
+
+// lockFile takes an exclusive lock on f, waiting until another process
+// (a second dev up, a test run building the same stack) releases it or ctx
+// ends: a build takes minutes, and a waiting caller must stay
+// interruptible.
+func lockFile(ctx context.Context, f *os.File) error {
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("another process holds %s: %w", f.Name(), ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

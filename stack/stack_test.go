@@ -2,10 +2,13 @@ package stack
 
 import (
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/basinpaas/basin/cell/containerdproc"
 	"github.com/containerd/containerd/v2/client"
@@ -116,5 +119,37 @@ func TestImportOnce(t *testing.T) {
 	}
 	if err := c.SnapshotService(Snapshotter).Remove(nctx, name); err != nil {
 		t.Errorf("remove %s: %v", name, err)
+	}
+}
+
+// A caller waiting for another process's stack build gives up when its ctx
+// ends, and takes the lock once it is released.
+func TestLockFileWaitsInterruptibly(t *testing.T) {
+	path := filepath.Join(t.TempDir(), ".lock")
+	holder, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	if err := syscall.Flock(int(holder.Fd()), syscall.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	waiter, err := os.OpenFile(path, os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiter.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := lockFile(ctx, waiter); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("lock held elsewhere: got %v, want the ctx's deadline", err)
+	}
+	if err := syscall.Flock(int(holder.Fd()), syscall.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	if err := lockFile(ctx2, waiter); err != nil {
+		t.Fatalf("lock released: %v", err)
 	}
 }
