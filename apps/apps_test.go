@@ -466,6 +466,61 @@ func TestRoutesAndDelete(t *testing.T) {
 	}
 }
 
+func TestDeleteRoute(t *testing.T) {
+	e := newEnv(t, Config{})
+	a := e.pushed(t, "api", 1)
+	e.pushed(t, "admin", 1)
+	shared := &basinv1.Route{Host: "shared.example.com"}
+	for _, app := range []string{"api", "admin"} {
+		if _, err := e.svc.MapRoute(e.ctx, &basinv1.MapRouteRequest{Name: app, Route: shared}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := e.svc.DeleteRoute(e.ctx, &basinv1.DeleteRouteRequest{Route: shared})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.GetApps(); len(got) != 2 {
+		t.Errorf("unmapped from %v, want both apps", got)
+	}
+	for _, app := range []string{"api", "admin"} {
+		got, err := e.svc.GetApp(e.ctx, &basinv1.GetAppRequest{Name: app})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range got.GetApp().GetRoutes() {
+			if r.GetHost() == shared.GetHost() {
+				t.Errorf("app %s still has the deleted route", app)
+			}
+		}
+	}
+	if rs := e.lrp(t, current(a)).GetSchedule().GetRoutes(); len(rs) != 1 {
+		t.Errorf("running LRP routes %v, want only the app's own", rs)
+	}
+	rs, err := e.svc.ListRoutes(e.ctx, &basinv1.ListRoutesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range rs.GetRoutes() {
+		if b.GetRoute().GetHost() == shared.GetHost() {
+			t.Errorf("the route is still listed: %v", b)
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		route *basinv1.Route
+		want  error
+	}{
+		{"again", shared, bbs.ErrNotFound},
+		{"never existed", &basinv1.Route{Host: "nope.example.com"}, bbs.ErrNotFound},
+		{"invalid", &basinv1.Route{Host: "UPPER"}, bbs.ErrInvalid},
+	} {
+		if _, err := e.svc.DeleteRoute(e.ctx, &basinv1.DeleteRouteRequest{Route: tc.route}); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+	}
+}
+
 func countKeys(t *testing.T, prefix string) int {
 	t.Helper()
 	resp, err := testClient.Get(context.Background(), prefix, clientv3.WithPrefix(), clientv3.WithCountOnly())

@@ -735,6 +735,35 @@ func (s *Service) UnmapRoute(ctx context.Context, req *basinv1.UnmapRouteRequest
 	return &basinv1.UnmapRouteResponse{App: a}, nil
 }
 
+func (s *Service) DeleteRoute(ctx context.Context, req *basinv1.DeleteRouteRequest) (*basinv1.DeleteRouteResponse, error) {
+	r := req.GetRoute()
+	if err := bbs.CheckRoute("route", r); err != nil {
+		return nil, err
+	}
+	resp, err := s.etcd.Get(ctx, s.keys.route(r))
+	if err != nil {
+		return nil, fmt.Errorf("read route %s: %w", RouteString(r), err)
+	}
+	if len(resp.Kvs) == 0 {
+		return nil, fmt.Errorf("route %s: %w", RouteString(r), bbs.ErrNotFound)
+	}
+	b := &basinv1.RouteBinding{}
+	if err := proto.Unmarshal(resp.Kvs[0].Value, b); err != nil {
+		return nil, fmt.Errorf("decode route %s: %w", RouteString(r), err)
+	}
+	for _, app := range b.GetApps() {
+		// An app deleted or unmapped meanwhile has nothing left to unmap.
+		if _, err := s.changeRoute(ctx, app, r, false); err != nil && !errors.Is(err, bbs.ErrNotFound) {
+			return nil, err
+		}
+	}
+	// Removed unless an app mapped it again meanwhile.
+	if err := s.deleteRoute(ctx, r, ""); err != nil {
+		return nil, fmt.Errorf("delete route %s: %w", RouteString(r), err)
+	}
+	return &basinv1.DeleteRouteResponse{Apps: b.GetApps()}, nil
+}
+
 func (s *Service) ListRoutes(ctx context.Context, _ *basinv1.ListRoutesRequest) (*basinv1.ListRoutesResponse, error) {
 	rs, err := s.routes(ctx)
 	if err != nil {

@@ -307,20 +307,25 @@ applications:
 		}
 	})
 
+	t.Run("delete-route", func(t *testing.T) {
+		d.mustBasin(t, dir, "map-route", "e2e", "apps.localhost", "--hostname", "extra")
+		waitStatus(t, d, "extra.apps.localhost", http.StatusOK)
+		if out := d.mustBasin(t, dir, "delete-route", "apps.localhost", "--hostname", "extra", "-f"); !strings.Contains(out, "e2e") {
+			t.Errorf("delete-route does not say which apps it unmapped:\n%s", out)
+		}
+		waitStatus(t, d, "extra.apps.localhost", http.StatusNotFound)
+		if out := d.mustBasin(t, dir, "routes"); strings.Contains(out, "extra") {
+			t.Errorf("routes still lists the deleted route:\n%s", out)
+		}
+		if out := d.mustBasin(t, dir, "delete-route", "apps.localhost", "--hostname", "extra", "-f"); !strings.Contains(out, "does not exist") {
+			t.Errorf("deleting it again:\n%s", out)
+		}
+		waitStatus(t, d, "e2e.apps.localhost", http.StatusOK) // the app's own route stays
+	})
+
 	t.Run("delete -r", func(t *testing.T) {
 		d.mustBasin(t, dir, "delete", "e2e", "-f", "-r")
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		for {
-			code, _, err := d.routerGet(ctx, "e2e.apps.localhost")
-			if err == nil && code == http.StatusNotFound {
-				break
-			}
-			if ctx.Err() != nil {
-				t.Fatalf("route still served after delete -r: %d %v", code, err)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		waitStatus(t, d, "e2e.apps.localhost", http.StatusNotFound)
 		if out := d.mustBasin(t, dir, "routes"); strings.Contains(out, "e2e") {
 			t.Errorf("routes still lists e2e:\n%s", out)
 		}
@@ -402,5 +407,22 @@ func TestRollingDeploy(t *testing.T) {
 	out := d.mustBasin(t, dir, "events", "roll")
 	if !strings.Contains(out, "audit.app.deployment.finish") {
 		t.Errorf("events lack the deployments:\n%s", out)
+	}
+}
+
+// waitStatus waits up to 30 s for the router to answer host with code.
+func waitStatus(t *testing.T, d *devUp, host string, code int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		got, _, err := d.routerGet(ctx, host)
+		if err == nil && got == code {
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("%s: router answered %d (%v), want %d", host, got, err, code)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -6,6 +6,8 @@ import (
 
 	basinv1 "github.com/basinpaas/basin/proto/basin/v1"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -46,7 +48,55 @@ func newRouteCommands() []*cobra.Command {
 		},
 	}
 	asJSON = jsonFlag(routes)
-	return []*cobra.Command{routes, routeChange(true), routeChange(false)}
+	return []*cobra.Command{routes, routeChange(true), routeChange(false), deleteRoute()}
+}
+
+// deleteRoute removes a route, unmapping it from every app it is mapped
+// to, as cf's delete-route does; deleting a route that does not exist
+// succeeds.
+func deleteRoute() *cobra.Command {
+	var hostname, path string
+	var force bool
+	c := &cobra.Command{
+		Use:     "delete-route DOMAIN [--hostname HOST] [--path PATH] [-f]",
+		Short:   "Delete a route: unmap it from every app it is mapped to",
+		Example: "  basin delete-route apps.localhost --hostname www\n  basin delete-route example.com --path /api -f",
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			s, err := connect(cmd)
+			if err != nil {
+				return err
+			}
+			host := args[0]
+			if hostname != "" {
+				host = hostname + "." + host
+			}
+			host = strings.ToLower(host)
+			if !force && !confirm(cmd, fmt.Sprintf("Really delete the route %s? [yN]: ", host+path)) {
+				s.ui.Say("Delete cancelled")
+				return nil
+			}
+			s.ui.Say("Deleting route %s...", s.ui.Cyan(host+path))
+			resp, err := s.apps.DeleteRoute(cmd.Context(), &basinv1.DeleteRouteRequest{Route: &basinv1.Route{Host: host, Path: path}})
+			if status.Code(err) == codes.NotFound {
+				s.ui.Say("Route %s does not exist.", s.ui.Cyan(host+path))
+				s.ui.OK()
+				return nil
+			}
+			if err != nil {
+				return fmt.Errorf("delete-route %s: %w", host+path, err)
+			}
+			if apps := resp.GetApps(); len(apps) > 0 {
+				s.ui.Say("Unmapped from %s.", strings.Join(apps, ", "))
+			}
+			s.ui.OK()
+			return nil
+		},
+	}
+	c.Flags().StringVarP(&hostname, "hostname", "n", "", "host name before the domain")
+	c.Flags().StringVar(&path, "path", "", "context path, e.g. /api")
+	c.Flags().BoolVarP(&force, "force", "f", false, "do not ask for confirmation")
+	return c
 }
 
 func routeChange(add bool) *cobra.Command {

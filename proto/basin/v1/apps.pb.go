@@ -2309,6 +2309,95 @@ func (x *UnmapRouteResponse) GetApp() *App {
 	return nil
 }
 
+type DeleteRouteRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Route         *Route                 `protobuf:"bytes,1,opt,name=route,proto3" json:"route,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteRouteRequest) Reset() {
+	*x = DeleteRouteRequest{}
+	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteRouteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteRouteRequest) ProtoMessage() {}
+
+func (x *DeleteRouteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteRouteRequest.ProtoReflect.Descriptor instead.
+func (*DeleteRouteRequest) Descriptor() ([]byte, []int) {
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *DeleteRouteRequest) GetRoute() *Route {
+	if x != nil {
+		return x.Route
+	}
+	return nil
+}
+
+type DeleteRouteResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The apps it was unmapped from.
+	Apps          []string `protobuf:"bytes,1,rep,name=apps,proto3" json:"apps,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteRouteResponse) Reset() {
+	*x = DeleteRouteResponse{}
+	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteRouteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteRouteResponse) ProtoMessage() {}
+
+func (x *DeleteRouteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteRouteResponse.ProtoReflect.Descriptor instead.
+func (*DeleteRouteResponse) Descriptor() ([]byte, []int) {
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *DeleteRouteResponse) GetApps() []string {
+	if x != nil {
+		return x.Apps
+	}
+	return nil
+}
+
 // RouteBinding is a route and the apps it is mapped to, at
 // approutes/<host><escaped path>; it outlives its apps unless deleted.
 type RouteBinding struct {
@@ -2321,7 +2410,7 @@ type RouteBinding struct {
 
 func (x *RouteBinding) Reset() {
 	*x = RouteBinding{}
-	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	mi := &file_basin_v1_apps_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2333,7 +2422,7 @@ func (x *RouteBinding) String() string {
 func (*RouteBinding) ProtoMessage() {}
 
 func (x *RouteBinding) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[39]
+	mi := &file_basin_v1_apps_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2346,7 +2435,7 @@ func (x *RouteBinding) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteBinding.ProtoReflect.Descriptor instead.
 func (*RouteBinding) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{39}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *RouteBinding) GetRoute() *Route {
@@ -2371,7 +2460,7 @@ type ListRoutesRequest struct {
 
 func (x *ListRoutesRequest) Reset() {
 	*x = ListRoutesRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	mi := &file_basin_v1_apps_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2383,7 +2472,7 @@ func (x *ListRoutesRequest) String() string {
 func (*ListRoutesRequest) ProtoMessage() {}
 
 func (x *ListRoutesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[40]
+	mi := &file_basin_v1_apps_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2396,7 +2485,7 @@ func (x *ListRoutesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoutesRequest.ProtoReflect.Descriptor instead.
 func (*ListRoutesRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{40}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{42}
 }
 
 type ListRoutesResponse struct {
@@ -2408,7 +2497,7 @@ type ListRoutesResponse struct {
 
 func (x *ListRoutesResponse) Reset() {
 	*x = ListRoutesResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[41]
+	mi := &file_basin_v1_apps_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2420,7 +2509,7 @@ func (x *ListRoutesResponse) String() string {
 func (*ListRoutesResponse) ProtoMessage() {}
 
 func (x *ListRoutesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[41]
+	mi := &file_basin_v1_apps_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2433,7 +2522,7 @@ func (x *ListRoutesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListRoutesResponse.ProtoReflect.Descriptor instead.
 func (*ListRoutesResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{41}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *ListRoutesResponse) GetRoutes() []*RouteBinding {
@@ -2463,7 +2552,7 @@ type AppEvent struct {
 
 func (x *AppEvent) Reset() {
 	*x = AppEvent{}
-	mi := &file_basin_v1_apps_proto_msgTypes[42]
+	mi := &file_basin_v1_apps_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2475,7 +2564,7 @@ func (x *AppEvent) String() string {
 func (*AppEvent) ProtoMessage() {}
 
 func (x *AppEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[42]
+	mi := &file_basin_v1_apps_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2488,7 +2577,7 @@ func (x *AppEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppEvent.ProtoReflect.Descriptor instead.
 func (*AppEvent) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{42}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *AppEvent) GetType() string {
@@ -2549,7 +2638,7 @@ type ListAppEventsRequest struct {
 
 func (x *ListAppEventsRequest) Reset() {
 	*x = ListAppEventsRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[43]
+	mi := &file_basin_v1_apps_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2561,7 +2650,7 @@ func (x *ListAppEventsRequest) String() string {
 func (*ListAppEventsRequest) ProtoMessage() {}
 
 func (x *ListAppEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[43]
+	mi := &file_basin_v1_apps_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2574,7 +2663,7 @@ func (x *ListAppEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppEventsRequest.ProtoReflect.Descriptor instead.
 func (*ListAppEventsRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{43}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *ListAppEventsRequest) GetName() string {
@@ -2593,7 +2682,7 @@ type ListAppEventsResponse struct {
 
 func (x *ListAppEventsResponse) Reset() {
 	*x = ListAppEventsResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[44]
+	mi := &file_basin_v1_apps_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2605,7 +2694,7 @@ func (x *ListAppEventsResponse) String() string {
 func (*ListAppEventsResponse) ProtoMessage() {}
 
 func (x *ListAppEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[44]
+	mi := &file_basin_v1_apps_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2618,7 +2707,7 @@ func (x *ListAppEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppEventsResponse.ProtoReflect.Descriptor instead.
 func (*ListAppEventsResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{44}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *ListAppEventsResponse) GetEvents() []*AppEvent {
@@ -2642,7 +2731,7 @@ type RunTaskRequest struct {
 
 func (x *RunTaskRequest) Reset() {
 	*x = RunTaskRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[45]
+	mi := &file_basin_v1_apps_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2654,7 +2743,7 @@ func (x *RunTaskRequest) String() string {
 func (*RunTaskRequest) ProtoMessage() {}
 
 func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[45]
+	mi := &file_basin_v1_apps_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2667,7 +2756,7 @@ func (x *RunTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskRequest.ProtoReflect.Descriptor instead.
 func (*RunTaskRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{45}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *RunTaskRequest) GetName() string {
@@ -2715,7 +2804,7 @@ type RunTaskResponse struct {
 
 func (x *RunTaskResponse) Reset() {
 	*x = RunTaskResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[46]
+	mi := &file_basin_v1_apps_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2727,7 +2816,7 @@ func (x *RunTaskResponse) String() string {
 func (*RunTaskResponse) ProtoMessage() {}
 
 func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[46]
+	mi := &file_basin_v1_apps_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2740,7 +2829,7 @@ func (x *RunTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunTaskResponse.ProtoReflect.Descriptor instead.
 func (*RunTaskResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{46}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{48}
 }
 
 func (x *RunTaskResponse) GetTask() *Task {
@@ -2766,7 +2855,7 @@ type ListAppTasksRequest struct {
 
 func (x *ListAppTasksRequest) Reset() {
 	*x = ListAppTasksRequest{}
-	mi := &file_basin_v1_apps_proto_msgTypes[47]
+	mi := &file_basin_v1_apps_proto_msgTypes[49]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2778,7 +2867,7 @@ func (x *ListAppTasksRequest) String() string {
 func (*ListAppTasksRequest) ProtoMessage() {}
 
 func (x *ListAppTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[47]
+	mi := &file_basin_v1_apps_proto_msgTypes[49]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2791,7 +2880,7 @@ func (x *ListAppTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListAppTasksRequest) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{47}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{49}
 }
 
 func (x *ListAppTasksRequest) GetName() string {
@@ -2811,7 +2900,7 @@ type AppTask struct {
 
 func (x *AppTask) Reset() {
 	*x = AppTask{}
-	mi := &file_basin_v1_apps_proto_msgTypes[48]
+	mi := &file_basin_v1_apps_proto_msgTypes[50]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2823,7 +2912,7 @@ func (x *AppTask) String() string {
 func (*AppTask) ProtoMessage() {}
 
 func (x *AppTask) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[48]
+	mi := &file_basin_v1_apps_proto_msgTypes[50]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2836,7 +2925,7 @@ func (x *AppTask) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AppTask.ProtoReflect.Descriptor instead.
 func (*AppTask) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{48}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{50}
 }
 
 func (x *AppTask) GetTaskName() string {
@@ -2862,7 +2951,7 @@ type ListAppTasksResponse struct {
 
 func (x *ListAppTasksResponse) Reset() {
 	*x = ListAppTasksResponse{}
-	mi := &file_basin_v1_apps_proto_msgTypes[49]
+	mi := &file_basin_v1_apps_proto_msgTypes[51]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2874,7 +2963,7 @@ func (x *ListAppTasksResponse) String() string {
 func (*ListAppTasksResponse) ProtoMessage() {}
 
 func (x *ListAppTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_basin_v1_apps_proto_msgTypes[49]
+	mi := &file_basin_v1_apps_proto_msgTypes[51]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2887,7 +2976,7 @@ func (x *ListAppTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListAppTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListAppTasksResponse) Descriptor() ([]byte, []int) {
-	return file_basin_v1_apps_proto_rawDescGZIP(), []int{49}
+	return file_basin_v1_apps_proto_rawDescGZIP(), []int{51}
 }
 
 func (x *ListAppTasksResponse) GetTasks() []*AppTask {
@@ -3078,7 +3167,11 @@ const file_basin_v1_apps_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12%\n" +
 	"\x05route\x18\x02 \x01(\v2\x0f.basin.v1.RouteR\x05route\"5\n" +
 	"\x12UnmapRouteResponse\x12\x1f\n" +
-	"\x03app\x18\x01 \x01(\v2\r.basin.v1.AppR\x03app\"I\n" +
+	"\x03app\x18\x01 \x01(\v2\r.basin.v1.AppR\x03app\";\n" +
+	"\x12DeleteRouteRequest\x12%\n" +
+	"\x05route\x18\x01 \x01(\v2\x0f.basin.v1.RouteR\x05route\")\n" +
+	"\x13DeleteRouteResponse\x12\x12\n" +
+	"\x04apps\x18\x01 \x03(\tR\x04apps\"I\n" +
 	"\fRouteBinding\x12%\n" +
 	"\x05route\x18\x01 \x01(\v2\x0f.basin.v1.RouteR\x05route\x12\x12\n" +
 	"\x04apps\x18\x02 \x03(\tR\x04apps\"\x13\n" +
@@ -3118,7 +3211,7 @@ const file_basin_v1_apps_proto_rawDesc = "" +
 	"\bAppState\x12\x19\n" +
 	"\x15APP_STATE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11APP_STATE_STOPPED\x10\x01\x12\x15\n" +
-	"\x11APP_STATE_STARTED\x10\x022\xde\v\n" +
+	"\x11APP_STATE_STARTED\x10\x022\xaa\f\n" +
 	"\n" +
 	"AppService\x12>\n" +
 	"\aGetInfo\x12\x18.basin.v1.GetInfoRequest\x1a\x19.basin.v1.GetInfoResponse\x12D\n" +
@@ -3141,7 +3234,8 @@ const file_basin_v1_apps_proto_rawDesc = "" +
 	"\tUpdateEnv\x12\x1a.basin.v1.UpdateEnvRequest\x1a\x1b.basin.v1.UpdateEnvResponse\x12A\n" +
 	"\bMapRoute\x12\x19.basin.v1.MapRouteRequest\x1a\x1a.basin.v1.MapRouteResponse\x12G\n" +
 	"\n" +
-	"UnmapRoute\x12\x1b.basin.v1.UnmapRouteRequest\x1a\x1c.basin.v1.UnmapRouteResponse\x12G\n" +
+	"UnmapRoute\x12\x1b.basin.v1.UnmapRouteRequest\x1a\x1c.basin.v1.UnmapRouteResponse\x12J\n" +
+	"\vDeleteRoute\x12\x1c.basin.v1.DeleteRouteRequest\x1a\x1d.basin.v1.DeleteRouteResponse\x12G\n" +
 	"\n" +
 	"ListRoutes\x12\x1b.basin.v1.ListRoutesRequest\x1a\x1c.basin.v1.ListRoutesResponse\x12P\n" +
 	"\rListAppEvents\x12\x1e.basin.v1.ListAppEventsRequest\x1a\x1f.basin.v1.ListAppEventsResponse\x12>\n" +
@@ -3161,7 +3255,7 @@ func file_basin_v1_apps_proto_rawDescGZIP() []byte {
 }
 
 var file_basin_v1_apps_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_basin_v1_apps_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
+var file_basin_v1_apps_proto_msgTypes = make([]protoimpl.MessageInfo, 55)
 var file_basin_v1_apps_proto_goTypes = []any{
 	(AppState)(0),                      // 0: basin.v1.AppState
 	(*GetInfoRequest)(nil),             // 1: basin.v1.GetInfoRequest
@@ -3203,39 +3297,41 @@ var file_basin_v1_apps_proto_goTypes = []any{
 	(*MapRouteResponse)(nil),           // 37: basin.v1.MapRouteResponse
 	(*UnmapRouteRequest)(nil),          // 38: basin.v1.UnmapRouteRequest
 	(*UnmapRouteResponse)(nil),         // 39: basin.v1.UnmapRouteResponse
-	(*RouteBinding)(nil),               // 40: basin.v1.RouteBinding
-	(*ListRoutesRequest)(nil),          // 41: basin.v1.ListRoutesRequest
-	(*ListRoutesResponse)(nil),         // 42: basin.v1.ListRoutesResponse
-	(*AppEvent)(nil),                   // 43: basin.v1.AppEvent
-	(*ListAppEventsRequest)(nil),       // 44: basin.v1.ListAppEventsRequest
-	(*ListAppEventsResponse)(nil),      // 45: basin.v1.ListAppEventsResponse
-	(*RunTaskRequest)(nil),             // 46: basin.v1.RunTaskRequest
-	(*RunTaskResponse)(nil),            // 47: basin.v1.RunTaskResponse
-	(*ListAppTasksRequest)(nil),        // 48: basin.v1.ListAppTasksRequest
-	(*AppTask)(nil),                    // 49: basin.v1.AppTask
-	(*ListAppTasksResponse)(nil),       // 50: basin.v1.ListAppTasksResponse
-	nil,                                // 51: basin.v1.App.EnvEntry
-	nil,                                // 52: basin.v1.StringMap.ValuesEntry
-	nil,                                // 53: basin.v1.UpdateEnvRequest.SetEntry
-	(*Route)(nil),                      // 54: basin.v1.Route
-	(*HealthCheck)(nil),                // 55: basin.v1.HealthCheck
-	(ActualLRPState)(0),                // 56: basin.v1.ActualLRPState
-	(*RouteList)(nil),                  // 57: basin.v1.RouteList
-	(*Task)(nil),                       // 58: basin.v1.Task
+	(*DeleteRouteRequest)(nil),         // 40: basin.v1.DeleteRouteRequest
+	(*DeleteRouteResponse)(nil),        // 41: basin.v1.DeleteRouteResponse
+	(*RouteBinding)(nil),               // 42: basin.v1.RouteBinding
+	(*ListRoutesRequest)(nil),          // 43: basin.v1.ListRoutesRequest
+	(*ListRoutesResponse)(nil),         // 44: basin.v1.ListRoutesResponse
+	(*AppEvent)(nil),                   // 45: basin.v1.AppEvent
+	(*ListAppEventsRequest)(nil),       // 46: basin.v1.ListAppEventsRequest
+	(*ListAppEventsResponse)(nil),      // 47: basin.v1.ListAppEventsResponse
+	(*RunTaskRequest)(nil),             // 48: basin.v1.RunTaskRequest
+	(*RunTaskResponse)(nil),            // 49: basin.v1.RunTaskResponse
+	(*ListAppTasksRequest)(nil),        // 50: basin.v1.ListAppTasksRequest
+	(*AppTask)(nil),                    // 51: basin.v1.AppTask
+	(*ListAppTasksResponse)(nil),       // 52: basin.v1.ListAppTasksResponse
+	nil,                                // 53: basin.v1.App.EnvEntry
+	nil,                                // 54: basin.v1.StringMap.ValuesEntry
+	nil,                                // 55: basin.v1.UpdateEnvRequest.SetEntry
+	(*Route)(nil),                      // 56: basin.v1.Route
+	(*HealthCheck)(nil),                // 57: basin.v1.HealthCheck
+	(ActualLRPState)(0),                // 58: basin.v1.ActualLRPState
+	(*RouteList)(nil),                  // 59: basin.v1.RouteList
+	(*Task)(nil),                       // 60: basin.v1.Task
 }
 var file_basin_v1_apps_proto_depIdxs = []int32{
 	0,  // 0: basin.v1.App.state:type_name -> basin.v1.AppState
-	51, // 1: basin.v1.App.env:type_name -> basin.v1.App.EnvEntry
-	54, // 2: basin.v1.App.routes:type_name -> basin.v1.Route
-	55, // 3: basin.v1.App.health_check:type_name -> basin.v1.HealthCheck
-	56, // 4: basin.v1.AppInstance.state:type_name -> basin.v1.ActualLRPState
+	53, // 1: basin.v1.App.env:type_name -> basin.v1.App.EnvEntry
+	56, // 2: basin.v1.App.routes:type_name -> basin.v1.Route
+	57, // 3: basin.v1.App.health_check:type_name -> basin.v1.HealthCheck
+	58, // 4: basin.v1.AppInstance.state:type_name -> basin.v1.ActualLRPState
 	3,  // 5: basin.v1.CreateAppRequest.app:type_name -> basin.v1.App
 	3,  // 6: basin.v1.CreateAppResponse.app:type_name -> basin.v1.App
-	52, // 7: basin.v1.StringMap.values:type_name -> basin.v1.StringMap.ValuesEntry
+	54, // 7: basin.v1.StringMap.values:type_name -> basin.v1.StringMap.ValuesEntry
 	7,  // 8: basin.v1.UpdateAppRequest.buildpacks:type_name -> basin.v1.StringList
 	8,  // 9: basin.v1.UpdateAppRequest.env:type_name -> basin.v1.StringMap
-	55, // 10: basin.v1.UpdateAppRequest.health_check:type_name -> basin.v1.HealthCheck
-	57, // 11: basin.v1.UpdateAppRequest.routes:type_name -> basin.v1.RouteList
+	57, // 10: basin.v1.UpdateAppRequest.health_check:type_name -> basin.v1.HealthCheck
+	59, // 11: basin.v1.UpdateAppRequest.routes:type_name -> basin.v1.RouteList
 	3,  // 12: basin.v1.UpdateAppResponse.app:type_name -> basin.v1.App
 	3,  // 13: basin.v1.GetAppResponse.app:type_name -> basin.v1.App
 	4,  // 14: basin.v1.GetAppResponse.instances:type_name -> basin.v1.AppInstance
@@ -3248,65 +3344,68 @@ var file_basin_v1_apps_proto_depIdxs = []int32{
 	3,  // 21: basin.v1.RestartAppResponse.app:type_name -> basin.v1.App
 	3,  // 22: basin.v1.RollAppResponse.app:type_name -> basin.v1.App
 	3,  // 23: basin.v1.ScaleAppResponse.app:type_name -> basin.v1.App
-	53, // 24: basin.v1.UpdateEnvRequest.set:type_name -> basin.v1.UpdateEnvRequest.SetEntry
+	55, // 24: basin.v1.UpdateEnvRequest.set:type_name -> basin.v1.UpdateEnvRequest.SetEntry
 	3,  // 25: basin.v1.UpdateEnvResponse.app:type_name -> basin.v1.App
-	54, // 26: basin.v1.MapRouteRequest.route:type_name -> basin.v1.Route
+	56, // 26: basin.v1.MapRouteRequest.route:type_name -> basin.v1.Route
 	3,  // 27: basin.v1.MapRouteResponse.app:type_name -> basin.v1.App
-	54, // 28: basin.v1.UnmapRouteRequest.route:type_name -> basin.v1.Route
+	56, // 28: basin.v1.UnmapRouteRequest.route:type_name -> basin.v1.Route
 	3,  // 29: basin.v1.UnmapRouteResponse.app:type_name -> basin.v1.App
-	54, // 30: basin.v1.RouteBinding.route:type_name -> basin.v1.Route
-	40, // 31: basin.v1.ListRoutesResponse.routes:type_name -> basin.v1.RouteBinding
-	43, // 32: basin.v1.ListAppEventsResponse.events:type_name -> basin.v1.AppEvent
-	58, // 33: basin.v1.RunTaskResponse.task:type_name -> basin.v1.Task
-	58, // 34: basin.v1.AppTask.task:type_name -> basin.v1.Task
-	49, // 35: basin.v1.ListAppTasksResponse.tasks:type_name -> basin.v1.AppTask
-	1,  // 36: basin.v1.AppService.GetInfo:input_type -> basin.v1.GetInfoRequest
-	5,  // 37: basin.v1.AppService.CreateApp:input_type -> basin.v1.CreateAppRequest
-	9,  // 38: basin.v1.AppService.UpdateApp:input_type -> basin.v1.UpdateAppRequest
-	11, // 39: basin.v1.AppService.GetApp:input_type -> basin.v1.GetAppRequest
-	13, // 40: basin.v1.AppService.ListApps:input_type -> basin.v1.ListAppsRequest
-	16, // 41: basin.v1.AppService.DeleteApp:input_type -> basin.v1.DeleteAppRequest
-	18, // 42: basin.v1.AppService.SetPackage:input_type -> basin.v1.SetPackageRequest
-	20, // 43: basin.v1.AppService.SetDroplet:input_type -> basin.v1.SetDropletRequest
-	22, // 44: basin.v1.AppService.StartApp:input_type -> basin.v1.StartAppRequest
-	24, // 45: basin.v1.AppService.StopApp:input_type -> basin.v1.StopAppRequest
-	26, // 46: basin.v1.AppService.RestartApp:input_type -> basin.v1.RestartAppRequest
-	28, // 47: basin.v1.AppService.RollApp:input_type -> basin.v1.RollAppRequest
-	30, // 48: basin.v1.AppService.ScaleApp:input_type -> basin.v1.ScaleAppRequest
-	32, // 49: basin.v1.AppService.RestartAppInstance:input_type -> basin.v1.RestartAppInstanceRequest
-	34, // 50: basin.v1.AppService.UpdateEnv:input_type -> basin.v1.UpdateEnvRequest
-	36, // 51: basin.v1.AppService.MapRoute:input_type -> basin.v1.MapRouteRequest
-	38, // 52: basin.v1.AppService.UnmapRoute:input_type -> basin.v1.UnmapRouteRequest
-	41, // 53: basin.v1.AppService.ListRoutes:input_type -> basin.v1.ListRoutesRequest
-	44, // 54: basin.v1.AppService.ListAppEvents:input_type -> basin.v1.ListAppEventsRequest
-	46, // 55: basin.v1.AppService.RunTask:input_type -> basin.v1.RunTaskRequest
-	48, // 56: basin.v1.AppService.ListAppTasks:input_type -> basin.v1.ListAppTasksRequest
-	2,  // 57: basin.v1.AppService.GetInfo:output_type -> basin.v1.GetInfoResponse
-	6,  // 58: basin.v1.AppService.CreateApp:output_type -> basin.v1.CreateAppResponse
-	10, // 59: basin.v1.AppService.UpdateApp:output_type -> basin.v1.UpdateAppResponse
-	12, // 60: basin.v1.AppService.GetApp:output_type -> basin.v1.GetAppResponse
-	15, // 61: basin.v1.AppService.ListApps:output_type -> basin.v1.ListAppsResponse
-	17, // 62: basin.v1.AppService.DeleteApp:output_type -> basin.v1.DeleteAppResponse
-	19, // 63: basin.v1.AppService.SetPackage:output_type -> basin.v1.SetPackageResponse
-	21, // 64: basin.v1.AppService.SetDroplet:output_type -> basin.v1.SetDropletResponse
-	23, // 65: basin.v1.AppService.StartApp:output_type -> basin.v1.StartAppResponse
-	25, // 66: basin.v1.AppService.StopApp:output_type -> basin.v1.StopAppResponse
-	27, // 67: basin.v1.AppService.RestartApp:output_type -> basin.v1.RestartAppResponse
-	29, // 68: basin.v1.AppService.RollApp:output_type -> basin.v1.RollAppResponse
-	31, // 69: basin.v1.AppService.ScaleApp:output_type -> basin.v1.ScaleAppResponse
-	33, // 70: basin.v1.AppService.RestartAppInstance:output_type -> basin.v1.RestartAppInstanceResponse
-	35, // 71: basin.v1.AppService.UpdateEnv:output_type -> basin.v1.UpdateEnvResponse
-	37, // 72: basin.v1.AppService.MapRoute:output_type -> basin.v1.MapRouteResponse
-	39, // 73: basin.v1.AppService.UnmapRoute:output_type -> basin.v1.UnmapRouteResponse
-	42, // 74: basin.v1.AppService.ListRoutes:output_type -> basin.v1.ListRoutesResponse
-	45, // 75: basin.v1.AppService.ListAppEvents:output_type -> basin.v1.ListAppEventsResponse
-	47, // 76: basin.v1.AppService.RunTask:output_type -> basin.v1.RunTaskResponse
-	50, // 77: basin.v1.AppService.ListAppTasks:output_type -> basin.v1.ListAppTasksResponse
-	57, // [57:78] is the sub-list for method output_type
-	36, // [36:57] is the sub-list for method input_type
-	36, // [36:36] is the sub-list for extension type_name
-	36, // [36:36] is the sub-list for extension extendee
-	0,  // [0:36] is the sub-list for field type_name
+	56, // 30: basin.v1.DeleteRouteRequest.route:type_name -> basin.v1.Route
+	56, // 31: basin.v1.RouteBinding.route:type_name -> basin.v1.Route
+	42, // 32: basin.v1.ListRoutesResponse.routes:type_name -> basin.v1.RouteBinding
+	45, // 33: basin.v1.ListAppEventsResponse.events:type_name -> basin.v1.AppEvent
+	60, // 34: basin.v1.RunTaskResponse.task:type_name -> basin.v1.Task
+	60, // 35: basin.v1.AppTask.task:type_name -> basin.v1.Task
+	51, // 36: basin.v1.ListAppTasksResponse.tasks:type_name -> basin.v1.AppTask
+	1,  // 37: basin.v1.AppService.GetInfo:input_type -> basin.v1.GetInfoRequest
+	5,  // 38: basin.v1.AppService.CreateApp:input_type -> basin.v1.CreateAppRequest
+	9,  // 39: basin.v1.AppService.UpdateApp:input_type -> basin.v1.UpdateAppRequest
+	11, // 40: basin.v1.AppService.GetApp:input_type -> basin.v1.GetAppRequest
+	13, // 41: basin.v1.AppService.ListApps:input_type -> basin.v1.ListAppsRequest
+	16, // 42: basin.v1.AppService.DeleteApp:input_type -> basin.v1.DeleteAppRequest
+	18, // 43: basin.v1.AppService.SetPackage:input_type -> basin.v1.SetPackageRequest
+	20, // 44: basin.v1.AppService.SetDroplet:input_type -> basin.v1.SetDropletRequest
+	22, // 45: basin.v1.AppService.StartApp:input_type -> basin.v1.StartAppRequest
+	24, // 46: basin.v1.AppService.StopApp:input_type -> basin.v1.StopAppRequest
+	26, // 47: basin.v1.AppService.RestartApp:input_type -> basin.v1.RestartAppRequest
+	28, // 48: basin.v1.AppService.RollApp:input_type -> basin.v1.RollAppRequest
+	30, // 49: basin.v1.AppService.ScaleApp:input_type -> basin.v1.ScaleAppRequest
+	32, // 50: basin.v1.AppService.RestartAppInstance:input_type -> basin.v1.RestartAppInstanceRequest
+	34, // 51: basin.v1.AppService.UpdateEnv:input_type -> basin.v1.UpdateEnvRequest
+	36, // 52: basin.v1.AppService.MapRoute:input_type -> basin.v1.MapRouteRequest
+	38, // 53: basin.v1.AppService.UnmapRoute:input_type -> basin.v1.UnmapRouteRequest
+	40, // 54: basin.v1.AppService.DeleteRoute:input_type -> basin.v1.DeleteRouteRequest
+	43, // 55: basin.v1.AppService.ListRoutes:input_type -> basin.v1.ListRoutesRequest
+	46, // 56: basin.v1.AppService.ListAppEvents:input_type -> basin.v1.ListAppEventsRequest
+	48, // 57: basin.v1.AppService.RunTask:input_type -> basin.v1.RunTaskRequest
+	50, // 58: basin.v1.AppService.ListAppTasks:input_type -> basin.v1.ListAppTasksRequest
+	2,  // 59: basin.v1.AppService.GetInfo:output_type -> basin.v1.GetInfoResponse
+	6,  // 60: basin.v1.AppService.CreateApp:output_type -> basin.v1.CreateAppResponse
+	10, // 61: basin.v1.AppService.UpdateApp:output_type -> basin.v1.UpdateAppResponse
+	12, // 62: basin.v1.AppService.GetApp:output_type -> basin.v1.GetAppResponse
+	15, // 63: basin.v1.AppService.ListApps:output_type -> basin.v1.ListAppsResponse
+	17, // 64: basin.v1.AppService.DeleteApp:output_type -> basin.v1.DeleteAppResponse
+	19, // 65: basin.v1.AppService.SetPackage:output_type -> basin.v1.SetPackageResponse
+	21, // 66: basin.v1.AppService.SetDroplet:output_type -> basin.v1.SetDropletResponse
+	23, // 67: basin.v1.AppService.StartApp:output_type -> basin.v1.StartAppResponse
+	25, // 68: basin.v1.AppService.StopApp:output_type -> basin.v1.StopAppResponse
+	27, // 69: basin.v1.AppService.RestartApp:output_type -> basin.v1.RestartAppResponse
+	29, // 70: basin.v1.AppService.RollApp:output_type -> basin.v1.RollAppResponse
+	31, // 71: basin.v1.AppService.ScaleApp:output_type -> basin.v1.ScaleAppResponse
+	33, // 72: basin.v1.AppService.RestartAppInstance:output_type -> basin.v1.RestartAppInstanceResponse
+	35, // 73: basin.v1.AppService.UpdateEnv:output_type -> basin.v1.UpdateEnvResponse
+	37, // 74: basin.v1.AppService.MapRoute:output_type -> basin.v1.MapRouteResponse
+	39, // 75: basin.v1.AppService.UnmapRoute:output_type -> basin.v1.UnmapRouteResponse
+	41, // 76: basin.v1.AppService.DeleteRoute:output_type -> basin.v1.DeleteRouteResponse
+	44, // 77: basin.v1.AppService.ListRoutes:output_type -> basin.v1.ListRoutesResponse
+	47, // 78: basin.v1.AppService.ListAppEvents:output_type -> basin.v1.ListAppEventsResponse
+	49, // 79: basin.v1.AppService.RunTask:output_type -> basin.v1.RunTaskResponse
+	52, // 80: basin.v1.AppService.ListAppTasks:output_type -> basin.v1.ListAppTasksResponse
+	59, // [59:81] is the sub-list for method output_type
+	37, // [37:59] is the sub-list for method input_type
+	37, // [37:37] is the sub-list for extension type_name
+	37, // [37:37] is the sub-list for extension extendee
+	0,  // [0:37] is the sub-list for field type_name
 }
 
 func init() { file_basin_v1_apps_proto_init() }
@@ -3324,7 +3423,7 @@ func file_basin_v1_apps_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_basin_v1_apps_proto_rawDesc), len(file_basin_v1_apps_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   53,
+			NumMessages:   55,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -36,6 +36,7 @@ const (
 	AppService_UpdateEnv_FullMethodName          = "/basin.v1.AppService/UpdateEnv"
 	AppService_MapRoute_FullMethodName           = "/basin.v1.AppService/MapRoute"
 	AppService_UnmapRoute_FullMethodName         = "/basin.v1.AppService/UnmapRoute"
+	AppService_DeleteRoute_FullMethodName        = "/basin.v1.AppService/DeleteRoute"
 	AppService_ListRoutes_FullMethodName         = "/basin.v1.AppService/ListRoutes"
 	AppService_ListAppEvents_FullMethodName      = "/basin.v1.AppService/ListAppEvents"
 	AppService_RunTask_FullMethodName            = "/basin.v1.AppService/RunTask"
@@ -92,6 +93,9 @@ type AppServiceClient interface {
 	UpdateEnv(ctx context.Context, in *UpdateEnvRequest, opts ...grpc.CallOption) (*UpdateEnvResponse, error)
 	MapRoute(ctx context.Context, in *MapRouteRequest, opts ...grpc.CallOption) (*MapRouteResponse, error)
 	UnmapRoute(ctx context.Context, in *UnmapRouteRequest, opts ...grpc.CallOption) (*UnmapRouteResponse, error)
+	// DeleteRoute unmaps a route from every app it is mapped to and removes
+	// it (cf delete-route); NOT_FOUND when there is no such route.
+	DeleteRoute(ctx context.Context, in *DeleteRouteRequest, opts ...grpc.CallOption) (*DeleteRouteResponse, error)
 	ListRoutes(ctx context.Context, in *ListRoutesRequest, opts ...grpc.CallOption) (*ListRoutesResponse, error)
 	// ListAppEvents returns the app's recent history, oldest first: changes
 	// users made and instance crashes.
@@ -287,6 +291,16 @@ func (c *appServiceClient) UnmapRoute(ctx context.Context, in *UnmapRouteRequest
 	return out, nil
 }
 
+func (c *appServiceClient) DeleteRoute(ctx context.Context, in *DeleteRouteRequest, opts ...grpc.CallOption) (*DeleteRouteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DeleteRouteResponse)
+	err := c.cc.Invoke(ctx, AppService_DeleteRoute_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *appServiceClient) ListRoutes(ctx context.Context, in *ListRoutesRequest, opts ...grpc.CallOption) (*ListRoutesResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListRoutesResponse)
@@ -377,6 +391,9 @@ type AppServiceServer interface {
 	UpdateEnv(context.Context, *UpdateEnvRequest) (*UpdateEnvResponse, error)
 	MapRoute(context.Context, *MapRouteRequest) (*MapRouteResponse, error)
 	UnmapRoute(context.Context, *UnmapRouteRequest) (*UnmapRouteResponse, error)
+	// DeleteRoute unmaps a route from every app it is mapped to and removes
+	// it (cf delete-route); NOT_FOUND when there is no such route.
+	DeleteRoute(context.Context, *DeleteRouteRequest) (*DeleteRouteResponse, error)
 	ListRoutes(context.Context, *ListRoutesRequest) (*ListRoutesResponse, error)
 	// ListAppEvents returns the app's recent history, oldest first: changes
 	// users made and instance crashes.
@@ -443,6 +460,9 @@ func (UnimplementedAppServiceServer) MapRoute(context.Context, *MapRouteRequest)
 }
 func (UnimplementedAppServiceServer) UnmapRoute(context.Context, *UnmapRouteRequest) (*UnmapRouteResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method UnmapRoute not implemented")
+}
+func (UnimplementedAppServiceServer) DeleteRoute(context.Context, *DeleteRouteRequest) (*DeleteRouteResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DeleteRoute not implemented")
 }
 func (UnimplementedAppServiceServer) ListRoutes(context.Context, *ListRoutesRequest) (*ListRoutesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListRoutes not implemented")
@@ -776,6 +796,24 @@ func _AppService_UnmapRoute_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _AppService_DeleteRoute_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DeleteRouteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AppServiceServer).DeleteRoute(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: AppService_DeleteRoute_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AppServiceServer).DeleteRoute(ctx, req.(*DeleteRouteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _AppService_ListRoutes_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListRoutesRequest)
 	if err := dec(in); err != nil {
@@ -918,6 +956,10 @@ var AppService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "UnmapRoute",
 			Handler:    _AppService_UnmapRoute_Handler,
+		},
+		{
+			MethodName: "DeleteRoute",
+			Handler:    _AppService_DeleteRoute_Handler,
 		},
 		{
 			MethodName: "ListRoutes",
