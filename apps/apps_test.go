@@ -391,6 +391,57 @@ func TestCrashesAreRecordedOnce(t *testing.T) {
 	}
 }
 
+// A completed task moves into its app's history once, however many app
+// layers follow the BBS, and is resolved there; tasks keep listing it.
+func TestCompletedTasksAreKeptAndResolved(t *testing.T) {
+	e := newEnv(t, Config{})
+	other := New(testClient, e.api, e.store, e.cfg)
+	ctx, cancel := context.WithCancel(e.ctx)
+	var wg sync.WaitGroup
+	for _, s := range []*Service{e.svc, other} {
+		wg.Go(func() { s.Run(ctx) })
+	}
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	c := startCell(t, e, "cell-1")
+	e.pushed(t, "jobs", 1)
+	time.Sleep(50 * time.Millisecond) // both followers subscribed
+	run, err := e.svc.RunTask(e.ctx, &basinv1.RunTaskRequest{Name: "jobs", Command: "exit 3", TaskName: "migrate"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	guid := run.GetTask().GetTaskGuid()
+	if _, err := e.api.StartTask(e.ctx, &basinv1.StartTaskRequest{TaskGuid: guid, CellId: c.id, Fence: c.fence}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.api.CompleteTask(e.ctx, &basinv1.CompleteTaskRequest{TaskGuid: guid, CellId: c.id, Failed: true,
+		FailureReason: "exited with status 3", Fence: c.fence}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the task resolved in the BBS", func() bool {
+		_, err := e.api.GetTask(e.ctx, &basinv1.GetTaskRequest{TaskGuid: guid})
+		return errors.Is(err, bbs.ErrNotFound)
+	})
+	time.Sleep(100 * time.Millisecond) // the other replica has seen it too
+	r, err := e.svc.ListAppTasks(e.ctx, &basinv1.ListAppTasksRequest{Name: "jobs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.GetTasks()) != 1 {
+		t.Fatalf("%d tasks listed, want the completed one once: %v", len(r.GetTasks()), r.GetTasks())
+	}
+	got := r.GetTasks()[0]
+	if got.GetTaskName() != "migrate" || got.GetTask().GetState() != basinv1.TaskState_TASK_STATE_COMPLETED ||
+		!got.GetTask().GetFailed() || got.GetTask().GetFailureReason() != "exited with status 3" {
+		t.Errorf("listed %v", got)
+	}
+	if _, err := e.svc.DeleteApp(e.ctx, &basinv1.DeleteAppRequest{Name: "jobs"}); err != nil {
+		t.Fatal(err)
+	}
+	if n := countKeys(t, e.cfg.Prefix+"apptasks/"); n != 0 {
+		t.Errorf("%d kept tasks left after delete", n)
+	}
+}
+
 func TestEventsAreBounded(t *testing.T) {
 	e := newEnv(t, Config{MaxEvents: 5})
 	if _, err := e.svc.CreateApp(e.ctx, &basinv1.CreateAppRequest{App: &basinv1.App{Name: "web"}}); err != nil {

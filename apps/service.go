@@ -32,6 +32,7 @@ type LRPs interface {
 	CreateMissingActualLRPs(context.Context, *basinv1.CreateMissingActualLRPsRequest) (*basinv1.CreateMissingActualLRPsResponse, error)
 	DesireTask(context.Context, *basinv1.DesireTaskRequest) (*basinv1.DesireTaskResponse, error)
 	ListTasks(context.Context, *basinv1.ListTasksRequest) (*basinv1.ListTasksResponse, error)
+	ResolveTask(context.Context, *basinv1.ResolveTaskRequest) (*basinv1.ResolveTaskResponse, error)
 }
 
 var _ LRPs = (*bbs.API)(nil)
@@ -142,40 +143,74 @@ func (s *Service) Run(ctx context.Context) error {
 	}()
 	for ctx.Err() == nil {
 		sub := s.sub.Subscribe("")
-		err := s.recordCrashes(ctx, sub)
+		err := s.follow(ctx, sub)
 		sub.Close()
 		if ctx.Err() == nil {
-			s.log.Warn("app crash recorder resubscribes", "err", err)
+			s.log.Warn("app event recorder resubscribes", "err", err)
 		}
 	}
 	return nil
 }
 
-func (s *Service) recordCrashes(ctx context.Context, sub *bbs.Subscription) error {
+// follow records what the BBS reports of apps: crashes in their events, and
+// completed tasks in their task history, which it then resolves.
+func (s *Service) follow(ctx context.Context, sub *bbs.Subscription) error {
 	for {
 		ev, err := sub.Next(ctx)
 		if err != nil {
 			return err
 		}
-		c := ev.GetActualLrpCrashed()
-		if c == nil || c.GetKey().GetDomain() != Domain {
-			continue
+		if c := ev.GetActualLrpCrashed(); c != nil {
+			s.recordCrash(ctx, c, ev.GetRevision())
 		}
-		guid, ok := appGUIDOf(c.GetKey().GetProcessGuid())
-		if !ok {
-			continue
+		if t := ev.GetTaskChanged().GetAfter(); t.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+			s.keepCompleted(ctx, t)
 		}
-		reason := c.GetCrashReason()
-		short, _, _ := strings.Cut(reason, "; last output:")
-		aev := &basinv1.AppEvent{
-			Type: "app.crash", TimeUnixNano: c.GetSinceUnixNano(), Index: c.GetKey().GetIndex(),
-			ExitReason: reason, CrashCount: c.GetCrashCount(), ProcessGuid: c.GetKey().GetProcessGuid(),
-			Description: fmt.Sprintf("index: %d, reason: CRASHED, exit_description: %s", c.GetKey().GetIndex(), short),
+	}
+}
+
+func (s *Service) recordCrash(ctx context.Context, c *basinv1.ActualLRPCrashedEvent, rev int64) {
+	if c.GetKey().GetDomain() != Domain {
+		return
+	}
+	guid, ok := appGUIDOf(c.GetKey().GetProcessGuid())
+	if !ok {
+		return
+	}
+	reason := c.GetCrashReason()
+	short, _, _ := strings.Cut(reason, "; last output:")
+	aev := &basinv1.AppEvent{
+		Type: "app.crash", TimeUnixNano: c.GetSinceUnixNano(), Index: c.GetKey().GetIndex(),
+		ExitReason: reason, CrashCount: c.GetCrashCount(), ProcessGuid: c.GetKey().GetProcessGuid(),
+		Description: fmt.Sprintf("index: %d, reason: CRASHED, exit_description: %s", c.GetKey().GetIndex(), short),
+	}
+	key := s.keys.event(guid, c.GetSinceUnixNano(), fmt.Sprintf("crash-r%d", rev))
+	if err := s.record(ctx, guid, key, aev); err != nil && ctx.Err() == nil {
+		s.log.Warn("record crash", "process_guid", c.GetKey().GetProcessGuid(), "err", err)
+	}
+}
+
+// keepCompleted moves an app's completed task into the app's history and
+// resolves it in the BBS, where it would otherwise wait for the converger's
+// timeout and then vanish from tasks. A task already resolved (by another
+// replica) is fine.
+func (s *Service) keepCompleted(ctx context.Context, t *basinv1.Task) {
+	if t.GetDomain() != TaskDomain {
+		return
+	}
+	guid, _, ok := strings.Cut(t.GetTaskGuid(), "-task-")
+	if !ok {
+		return
+	}
+	if err := s.keepTask(ctx, guid, t); err != nil {
+		if ctx.Err() == nil {
+			s.log.Warn("keep completed task", "task", t.GetTaskGuid(), "err", err)
 		}
-		key := s.keys.event(guid, c.GetSinceUnixNano(), fmt.Sprintf("crash-r%d", ev.GetRevision()))
-		if err := s.record(ctx, guid, key, aev); err != nil && ctx.Err() == nil {
-			s.log.Warn("record crash", "process_guid", c.GetKey().GetProcessGuid(), "err", err)
-		}
+		return // left for the next replica, or the converger
+	}
+	if _, err := s.lrps.ResolveTask(ctx, &basinv1.ResolveTaskRequest{TaskGuid: t.GetTaskGuid()}); err != nil &&
+		!errors.Is(err, bbs.ErrNotFound) && ctx.Err() == nil {
+		s.log.Warn("resolve completed task", "task", t.GetTaskGuid(), "err", err)
 	}
 }
 
@@ -842,13 +877,26 @@ func (s *Service) ListAppTasks(ctx context.Context, req *basinv1.ListAppTasksReq
 	if err != nil {
 		return nil, err
 	}
+	// The BBS first: a task is kept in the history before it is resolved
+	// there, so one gone from the BBS's answer is in the later history
+	// read; one in both shows once, from the history.
 	ts, err := s.lrps.ListTasks(ctx, &basinv1.ListTasksRequest{Domain: TaskDomain})
+	if err != nil {
+		return nil, err
+	}
+	kept, err := s.taskHistory(ctx, a.GetGuid())
 	if err != nil {
 		return nil, err
 	}
 	out := &basinv1.ListAppTasksResponse{}
 	p := taskPrefix(a.GetGuid())
+	all := kept
 	for _, t := range ts.GetTasks() {
+		if !slices.ContainsFunc(kept, func(k *basinv1.Task) bool { return k.GetTaskGuid() == t.GetTaskGuid() }) {
+			all = append(all, t)
+		}
+	}
+	for _, t := range all {
 		rest, ok := strings.CutPrefix(t.GetTaskGuid(), p)
 		if !ok {
 			continue

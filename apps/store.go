@@ -11,6 +11,8 @@
 //	apps/<name>                        App
 //	appguids/<guid>                    the app's name (so a crash finds its app)
 //	appevents/<guid>/<nanos>-<kind>    AppEvent, the last MaxEvents kept
+//	apptasks/<guid>/<nanos>-<task>     Task, completed and resolved: the last
+//	                                   MaxEvents kept, for tasks and run-task --wait
 //	approutes/<host><escaped path>     RouteBinding
 package apps
 
@@ -33,6 +35,7 @@ func (k keys) appPrefix() string             { return k.prefix + "apps/" }
 func (k keys) app(name string) string        { return k.prefix + "apps/" + name }
 func (k keys) guid(guid string) string       { return k.prefix + "appguids/" + guid }
 func (k keys) events(guid string) string     { return k.prefix + "appevents/" + guid + "/" }
+func (k keys) tasks(guid string) string      { return k.prefix + "apptasks/" + guid + "/" }
 func (k keys) routePrefix() string           { return k.prefix + "approutes/" }
 func (k keys) route(r *basinv1.Route) string { return k.prefix + "approutes/" + routeID(r) }
 
@@ -147,13 +150,14 @@ func (s *Service) list(ctx context.Context) ([]*basinv1.App, error) {
 	return out, nil
 }
 
-// remove deletes the app, its guid index and its events, only while the app
-// is still the record read at rev.
+// remove deletes the app, its guid index, its events and its task history,
+// only while the app is still the record read at rev.
 func (s *Service) remove(ctx context.Context, a *basinv1.App) error {
 	k := s.keys.app(a.GetName())
 	resp, err := s.etcd.Txn(ctx).If(clientv3.Compare(clientv3.ModRevision(k), "=", a.GetRevision())).
 		Then(clientv3.OpDelete(k), clientv3.OpDelete(s.keys.guid(a.GetGuid())),
-			clientv3.OpDelete(s.keys.events(a.GetGuid()), clientv3.WithPrefix())).Commit()
+			clientv3.OpDelete(s.keys.events(a.GetGuid()), clientv3.WithPrefix()),
+			clientv3.OpDelete(s.keys.tasks(a.GetGuid()), clientv3.WithPrefix())).Commit()
 	if err != nil {
 		return fmt.Errorf("delete app %s: %w", a.GetName(), err)
 	}
@@ -177,13 +181,14 @@ func (s *Service) record(ctx context.Context, guid string, key string, ev *basin
 	if !resp.Succeeded {
 		return nil
 	}
-	return s.trim(ctx, guid)
+	return s.trim(ctx, s.keys.events(guid))
 }
 
-func (s *Service) trim(ctx context.Context, guid string) error {
-	resp, err := s.etcd.Get(ctx, s.keys.events(guid), clientv3.WithPrefix(), clientv3.WithKeysOnly())
+// trim deletes the oldest keys under prefix beyond MaxEvents.
+func (s *Service) trim(ctx context.Context, prefix string) error {
+	resp, err := s.etcd.Get(ctx, prefix, clientv3.WithPrefix(), clientv3.WithKeysOnly())
 	if err != nil {
-		return fmt.Errorf("list events of app %s: %w", guid, err)
+		return fmt.Errorf("list %s: %w", prefix, err)
 	}
 	extra := len(resp.Kvs) - s.cfg.MaxEvents
 	if extra <= 0 {
@@ -194,17 +199,51 @@ func (s *Service) trim(ctx context.Context, guid string) error {
 		ops = append(ops, clientv3.OpDelete(string(kv.Key)))
 		if len(ops) == 100 {
 			if _, err := s.etcd.Txn(ctx).Then(ops...).Commit(); err != nil {
-				return fmt.Errorf("trim events of app %s: %w", guid, err)
+				return fmt.Errorf("trim %s: %w", prefix, err)
 			}
 			ops = ops[:0]
 		}
 	}
 	if len(ops) > 0 {
 		if _, err := s.etcd.Txn(ctx).Then(ops...).Commit(); err != nil {
-			return fmt.Errorf("trim events of app %s: %w", guid, err)
+			return fmt.Errorf("trim %s: %w", prefix, err)
 		}
 	}
 	return nil
+}
+
+// keepTask adds a completed task to its app's history, only while the app
+// exists and only once (replicas see the same completion), then trims the
+// history.
+func (s *Service) keepTask(ctx context.Context, guid string, t *basinv1.Task) error {
+	key := fmt.Sprintf("%s%019d-%s", s.keys.tasks(guid), t.GetCreatedAtUnixNano(), t.GetTaskGuid())
+	resp, err := s.etcd.Txn(ctx).If(
+		clientv3.Compare(clientv3.CreateRevision(s.keys.guid(guid)), ">", 0),
+		clientv3.Compare(clientv3.CreateRevision(key), "=", 0),
+	).Then(clientv3.OpPut(key, string(marshal(t)))).Commit()
+	if err != nil {
+		return fmt.Errorf("keep task %s of app %s: %w", t.GetTaskGuid(), guid, err)
+	}
+	if !resp.Succeeded {
+		return nil
+	}
+	return s.trim(ctx, s.keys.tasks(guid))
+}
+
+// taskHistory is the app's completed tasks, oldest first.
+func (s *Service) taskHistory(ctx context.Context, guid string) ([]*basinv1.Task, error) {
+	resp, err := s.etcd.Get(ctx, s.keys.tasks(guid), clientv3.WithPrefix())
+	if err != nil {
+		return nil, fmt.Errorf("list tasks of app %s: %w", guid, err)
+	}
+	out := make([]*basinv1.Task, 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		t := &basinv1.Task{}
+		if proto.Unmarshal(kv.Value, t) == nil {
+			out = append(out, t)
+		}
+	}
+	return out, nil
 }
 
 // audit records a user's change; a failure to record is logged, not returned:

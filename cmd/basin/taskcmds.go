@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"strings"
 	"time"
@@ -61,7 +62,7 @@ if it failed.`,
 				s.ui.OK()
 				return nil
 			}
-			t, err := waitTask(cmd.Context(), s, resp.GetTask().GetTaskGuid(), 30*time.Minute)
+			t, err := waitAppTask(cmd.Context(), s, args[0], resp.GetTask().GetTaskGuid(), 30*time.Minute)
 			if err != nil {
 				return err
 			}
@@ -126,4 +127,33 @@ func parseMB(flag, v string) (int64, error) {
 		return 0, fmt.Errorf("%s: %w", flag, err)
 	}
 	return mb, nil
+}
+
+// waitAppTask polls the app's tasks until guid has completed: the app layer
+// moves a completed task into the app's history and resolves it in the BBS,
+// so the BBS alone may no longer know it.
+func waitAppTask(ctx context.Context, s *session, app, guid string, timeout time.Duration) (*basinv1.Task, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	state := "unknown"
+	for {
+		r, err := s.apps.ListAppTasks(ctx, &basinv1.ListAppTasksRequest{Name: app})
+		if err != nil {
+			return nil, fmt.Errorf("task %s: %w", guid, err)
+		}
+		for _, t := range r.GetTasks() {
+			if t.GetTask().GetTaskGuid() != guid {
+				continue
+			}
+			if t.GetTask().GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+				return t.GetTask(), nil
+			}
+			state = t.GetTask().GetState().String()
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("task %s still %s after %s: %w", guid, state, timeout, ctx.Err())
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
 }
