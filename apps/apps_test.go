@@ -678,6 +678,37 @@ func TestReconcileRepairsAppsAndLRPs(t *testing.T) {
 	e.lrp(t, pg)
 }
 
+// A completion no follower saw (here none runs) is kept by the reconciler.
+func TestReconcileKeepsMissedTaskCompletions(t *testing.T) {
+	e := newEnv(t, Config{})
+	c := startCell(t, e, "cell-1")
+	e.pushed(t, "jobs", 1)
+	run, err := e.svc.RunTask(e.ctx, &basinv1.RunTaskRequest{Name: "jobs", Command: "true"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	guid := run.GetTask().GetTaskGuid()
+	if _, err := e.api.StartTask(e.ctx, &basinv1.StartTaskRequest{TaskGuid: guid, CellId: c.id, Fence: c.fence}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.api.CompleteTask(e.ctx, &basinv1.CompleteTaskRequest{TaskGuid: guid, CellId: c.id, Fence: c.fence}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.svc.reconcile(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.api.GetTask(e.ctx, &basinv1.GetTaskRequest{TaskGuid: guid}); !errors.Is(err, bbs.ErrNotFound) {
+		t.Errorf("the completed task is still in the BBS: %v", err)
+	}
+	r, err := e.svc.ListAppTasks(e.ctx, &basinv1.ListAppTasksRequest{Name: "jobs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(r.GetTasks()) != 1 || r.GetTasks()[0].GetTask().GetState() != basinv1.TaskState_TASK_STATE_COMPLETED || r.GetTasks()[0].GetTask().GetFailed() {
+		t.Errorf("tasks %v, want the one that succeeded", r.GetTasks())
+	}
+}
+
 // TestRollStoppedApp: a rolling deploy of an app with no LRP running has no
 // old version to remove at the end.
 func TestRollStoppedApp(t *testing.T) {

@@ -394,6 +394,17 @@ func (s *Service) reconcile(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	// Completions the event stream missed (a resubscription) are kept and
+	// resolved here, before the converger's timeout deletes them.
+	ts, err := s.lrps.ListTasks(ctx, &basinv1.ListTasksRequest{Domain: TaskDomain})
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list app tasks: %w", err))
+	}
+	for _, t := range ts.GetTasks() {
+		if t.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+			s.keepCompleted(ctx, t)
+		}
+	}
 	return errors.Join(errs...)
 }
 
