@@ -353,10 +353,9 @@ func (e *env) running(t *testing.T, name string) (cur, all int) {
 	return cur, all
 }
 
-// TestCrashesAreRecordedOnce runs two app layers (two BBS replicas) on one
-// store: a crash shows up once in the app's events, with index and reason.
-func TestCrashesAreRecordedOnce(t *testing.T) {
-	e := newEnv(t, Config{})
+// runTwoReplicas runs e's app layer and a second one on the same store (two
+// BBS replicas) until the test ends.
+func (e *env) runTwoReplicas(t *testing.T) {
 	other := New(testClient, e.api, e.store, e.cfg)
 	ctx, cancel := context.WithCancel(e.ctx)
 	var wg sync.WaitGroup
@@ -364,6 +363,13 @@ func TestCrashesAreRecordedOnce(t *testing.T) {
 		wg.Go(func() { s.Run(ctx) })
 	}
 	t.Cleanup(func() { cancel(); wg.Wait() })
+}
+
+// TestCrashesAreRecordedOnce runs two app layers (two BBS replicas) on one
+// store: a crash shows up once in the app's events, with index and reason.
+func TestCrashesAreRecordedOnce(t *testing.T) {
+	e := newEnv(t, Config{})
+	e.runTwoReplicas(t)
 	c := startCell(t, e, "cell-1")
 	a := e.pushed(t, "crashy", 2)
 	waitFor(t, "2 running instances", func() bool { n, _ := e.running(t, "crashy"); return n == 2 })
@@ -395,13 +401,7 @@ func TestCrashesAreRecordedOnce(t *testing.T) {
 // layers follow the BBS, and is resolved there; tasks keep listing it.
 func TestCompletedTasksAreKeptAndResolved(t *testing.T) {
 	e := newEnv(t, Config{})
-	other := New(testClient, e.api, e.store, e.cfg)
-	ctx, cancel := context.WithCancel(e.ctx)
-	var wg sync.WaitGroup
-	for _, s := range []*Service{e.svc, other} {
-		wg.Go(func() { s.Run(ctx) })
-	}
-	t.Cleanup(func() { cancel(); wg.Wait() })
+	e.runTwoReplicas(t)
 	c := startCell(t, e, "cell-1")
 	e.pushed(t, "jobs", 1)
 	time.Sleep(50 * time.Millisecond) // both followers subscribed
