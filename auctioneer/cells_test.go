@@ -3,6 +3,7 @@ package auctioneer
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,12 +13,15 @@ import (
 
 func TestCellCache(t *testing.T) {
 	now := time.Unix(1000, 0)
+	var mu sync.Mutex // snapshot asks the cells in parallel
 	calls := map[string]int{}
 	down := map[string]bool{}
 	c := &cellCache{
 		maxAge: time.Second,
 		now:    func() time.Time { return now },
 		fetch: func(_ context.Context, p *basinv1.CellPresence) (placement.Cell, error) {
+			mu.Lock()
+			defer mu.Unlock()
 			calls[p.GetCellId()]++
 			if down[p.GetCellId()] {
 				return placement.Cell{}, errors.New("unreachable")
