@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -286,6 +287,29 @@ func removeNATRulesOf(ctx context.Context, network string) error {
 					_ = iptables(ctx, "-t", "nat", "-F", target)
 					_ = iptables(ctx, "-t", "nat", "-X", target)
 				}
+			}
+		}
+	}
+	// A per-container chain whose jump is already gone (a DEL or ADD cut
+	// short) is found by the network named in its own rules.
+	if out, err := exec.CommandContext(ctx, "iptables", "-w", "5", "-t", "nat", "-S").Output(); err == nil {
+		ours, jumpedTo := map[string]bool{}, map[string]bool{}
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != "-A" {
+				continue
+			}
+			if strings.HasPrefix(f[1], "CNI-") && !strings.HasPrefix(f[1], "CNI-HOSTPORT-") && strings.Contains(line, mark) {
+				ours[f[1]] = true
+			}
+			if j := slices.Index(f, "-j"); j >= 0 && j+1 < len(f) {
+				jumpedTo[f[j+1]] = true
+			}
+		}
+		for chain := range ours {
+			if !jumpedTo[chain] { // a running container's chain stays
+				_ = iptables(ctx, "-t", "nat", "-F", chain)
+				_ = iptables(ctx, "-t", "nat", "-X", chain)
 			}
 		}
 	}
