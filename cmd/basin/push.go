@@ -682,19 +682,32 @@ func stage(ctx context.Context, s *session, a *basinv1.App, bitsDigest string) e
 
 // waitTask polls a task until it completes.
 func waitTask(ctx context.Context, s *session, guid string, timeout time.Duration) (*basinv1.Task, error) {
+	return pollTask(ctx, guid, timeout, func(ctx context.Context) (*basinv1.Task, error) {
+		r, err := s.bbs.GetTask(ctx, &basinv1.GetTaskRequest{TaskGuid: guid})
+		return r.GetTask(), err
+	})
+}
+
+// pollTask calls get every 300 ms until it returns the task COMPLETED, fails,
+// or timeout passes; a nil task is one not listed yet.
+func pollTask(ctx context.Context, guid string, timeout time.Duration, get func(context.Context) (*basinv1.Task, error)) (*basinv1.Task, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	state := "unknown"
 	for {
-		r, err := s.bbs.GetTask(ctx, &basinv1.GetTaskRequest{TaskGuid: guid})
+		t, err := get(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("task %s: %w", guid, err)
 		}
-		if r.GetTask().GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
-			return r.GetTask(), nil
+		if t.GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
+			return t, nil
+		}
+		if t != nil {
+			state = t.GetState().String()
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("task %s still %s after %s: %w", guid, r.GetTask().GetState(), timeout, ctx.Err())
+			return nil, fmt.Errorf("task %s still %s after %s: %w", guid, state, timeout, ctx.Err())
 		case <-time.After(300 * time.Millisecond):
 		}
 	}

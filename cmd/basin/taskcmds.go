@@ -129,31 +129,17 @@ func parseMB(flag, v string) (int64, error) {
 	return mb, nil
 }
 
-// waitAppTask polls the app's tasks until guid has completed: the app layer
-// moves a completed task into the app's history and resolves it in the BBS,
-// so the BBS alone may no longer know it.
+// waitAppTask waits for the app's task guid: the app layer moves a
+// completed task into the app's history and resolves it in the BBS, so the
+// BBS alone may no longer know it.
 func waitAppTask(ctx context.Context, s *session, app, guid string, timeout time.Duration) (*basinv1.Task, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	state := "unknown"
-	for {
+	return pollTask(ctx, guid, timeout, func(ctx context.Context) (*basinv1.Task, error) {
 		r, err := s.apps.ListAppTasks(ctx, &basinv1.ListAppTasksRequest{Name: app})
-		if err != nil {
-			return nil, fmt.Errorf("task %s: %w", guid, err)
-		}
 		for _, t := range r.GetTasks() {
-			if t.GetTask().GetTaskGuid() != guid {
-				continue
+			if t.GetTask().GetTaskGuid() == guid {
+				return t.GetTask(), err
 			}
-			if t.GetTask().GetState() == basinv1.TaskState_TASK_STATE_COMPLETED {
-				return t.GetTask(), nil
-			}
-			state = t.GetTask().GetState().String()
 		}
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("task %s still %s after %s: %w", guid, state, timeout, ctx.Err())
-		case <-time.After(300 * time.Millisecond):
-		}
-	}
+		return nil, err
+	})
 }
